@@ -1,0 +1,136 @@
+"""The model bundle: the contract between the workstation that exports a model and the device.
+
+A bundle is a folder holding ``manifest.json`` and the model file(s) it lists. The device
+trusts nothing it cannot verify: the format version, the SHA-256 of every file, and (once
+an interpreter is open) that the tensors agree with what the manifest declares. Any
+mismatch is refused with one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from edge.errors import BundleError
+
+MANIFEST = "manifest.json"
+FORMAT = "leukoscope-model-bundle"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("labels", "positive_label", "input", "output", "preprocessing", "threshold", "models", "files")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle: the folder and its manifest, every file checked."""
+
+    root: Path
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def input_size(self) -> int:
+        return int(self.manifest["input"]["size"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.manifest["threshold"])
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest["labels"])
+
+    @property
+    def positive_label(self) -> str:
+        return str(self.manifest["positive_label"])
+
+    def model_path(self, variant: str = "cpu") -> Path:
+        models = self.manifest["models"]
+        if variant not in models:
+            have = ", ".join(sorted(models)) or "none"
+            hint = " (export with `quantize export --edgetpu` where edgetpu_compiler is installed)" if variant == "edgetpu" else ""
+            raise BundleError(f"bundle {self.root} has no '{variant}' model (it has: {have}){hint}")
+        return self.root / models[variant]
+
+
+def write_manifest(root: Path, manifest: Mapping[str, Any]) -> Path:
+    """Write ``manifest.json`` with the SHA-256 of every model file it names filled in."""
+    manifest = dict(manifest)
+    manifest["format"] = FORMAT
+    manifest["format_version"] = FORMAT_VERSION
+    manifest["files"] = {name: sha256_file(root / name) for name in sorted(set(manifest["models"].values()))}
+    path = root / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_bundle(root: str | Path) -> Bundle:
+    """Read and verify a bundle folder; ``BundleError`` with one line for anything wrong."""
+    root = Path(root)
+    manifest_path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"model bundle {root} does not exist; pass a folder made by `quantize export`")
+    if not manifest_path.is_file():
+        raise BundleError(f"model bundle {root} has no {MANIFEST}; re-export it with `quantize export`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{manifest_path} is not valid JSON ({error}); re-export the bundle") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{manifest_path} is not a leukoscope model bundle manifest; re-export the bundle")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{manifest_path} has bundle format version {version!r}; this leukoscope reads version "
+            f"{FORMAT_VERSION}: upgrade leukoscope or re-export the bundle"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise BundleError(f"{manifest_path} lacks {', '.join(missing)}; re-export the bundle")
+    if manifest["positive_label"] not in manifest["labels"]:
+        raise BundleError(f"{manifest_path}: positive_label is not one of labels; re-export the bundle")
+    for name in manifest["models"].values():
+        if name not in manifest["files"]:
+            raise BundleError(f"{manifest_path}: model file {name} has no checksum; re-export the bundle")
+    for name, expected in manifest["files"].items():
+        path = root / name
+        if Path(name).name != name:
+            raise BundleError(f"{manifest_path}: file name {name!r} points outside the bundle; re-export it")
+        if not path.is_file():
+            raise BundleError(f"model bundle {root} is missing {name}; copy the whole bundle folder again")
+        if sha256_file(path) != expected:
+            raise BundleError(
+                f"{path} does not match its SHA-256 in {MANIFEST} (corrupt or modified); copy the bundle again"
+            )
+    return Bundle(root=root, manifest=manifest)
+
+
+def check_tensors(bundle: Bundle, inputs: list[dict], outputs: list[dict]) -> None:
+    """Refuse a model whose tensors disagree with the manifest (interpreter details as given)."""
+    declared_in, declared_out = bundle.manifest["input"], bundle.manifest["output"]
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise BundleError(f"bundle {bundle.root}: model has {len(inputs)} inputs and {len(outputs)} outputs; expected 1 and 1")
+    shape = [int(d) for d in inputs[0]["shape"]]
+    size = bundle.input_size
+    if shape[1:] != [size, size, 3]:
+        raise BundleError(f"bundle {bundle.root}: model input shape {shape} disagrees with manifest size {size}x{size}x3")
+    for role, detail, declared in (("input", inputs[0], declared_in), ("output", outputs[0], declared_out)):
+        dtype = getattr(detail["dtype"], "__name__", str(detail["dtype"]))
+        if dtype != declared["dtype"]:
+            raise BundleError(f"bundle {bundle.root}: model {role} is {dtype} but the manifest says {declared['dtype']}")
+        quant = declared.get("quantization")
+        if quant:
+            scale, zero_point = detail.get("quantization", (0.0, 0))
+            if abs(scale - quant["scale"]) > 1e-6 * max(1.0, abs(quant["scale"])) or zero_point != quant["zero_point"]:
+                raise BundleError(
+                    f"bundle {bundle.root}: model {role} quantization ({scale}, {zero_point}) disagrees with the manifest"
+                )

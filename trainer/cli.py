@@ -1,0 +1,120 @@
+"""``trainer``: train and evaluate leukoscope models on C-NMC crops, split by patient."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from edge import DISCLAIMER
+from edge.console import run_command, setup_logging
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder of crops: DIR/{all,hem}/*.png, or the C-NMC download "
+                             "(C-NMC_Leukemia/training_data/fold_*/{all,hem}/*.bmp)")
+    parser.add_argument("--out", type=Path, required=True, help="run folder to write (created)")
+    parser.add_argument("--model", choices=["edge", "seed"], default="edge",
+                        help="edge: the small int8/Edge-TPU model (default); seed: the published 30.6M-parameter CNN, the baseline")
+    parser.add_argument("--epochs", type=int, default=40, help="maximum epochs; early stopping on validation AUC (default 40)")
+    parser.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: edge 128, seed 256)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for the split, initialisation and augmentation (default 0)")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of patients for validation (default 0.2)")
+    parser.add_argument("--patience", type=int, default=10, help="epochs without validation AUC gain before stopping (default 10)")
+    parser.add_argument("--steps-per-epoch", type=int, default=None, help="limit steps per epoch (smoke tests); default one pass over the data")
+    parser.add_argument("--allow-collapse", action="store_true",
+                        help="write the run even if the model gives one answer for everything (otherwise an error)")
+
+
+def _config(args: argparse.Namespace):
+    from trainer.fit import FitConfig
+
+    for name in ("epochs", "batch_size", "patience"):
+        if getattr(args, name) < 1:
+            raise_user(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.val_fraction < 0.5:
+        raise_user("--val-fraction must be between 0 and 0.5")
+    return FitConfig(model=args.model, epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
+                     seed=args.seed, val_fraction=args.val_fraction, test_fraction=getattr(args, "test_fraction", 0.0),
+                     patience=args.patience, steps_per_epoch=args.steps_per_epoch, allow_collapse=args.allow_collapse)
+
+
+def raise_user(message: str) -> None:
+    from edge.errors import UserError
+
+    raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainer",
+        description="Train leukoscope's ALL-vs-normal cell classifier with patient-disjoint splits. " + DISCLAIMER,
+        epilog="Example: trainer fit --data ../shared/data/cnmc-dev --out runs/edge",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    fit = commands.add_parser("fit", help="train one model on a patient split and write a run folder",
+                              description="Train on a patient-disjoint split; writes the model, metrics, plots and report.")
+    _add_training_options(fit)
+    fit.add_argument("--test-fraction", type=float, default=0.0,
+                     help="also hold out this share of patients as a test split never used for training or threshold (default 0)")
+
+    cv = commands.add_parser("cv", help="grouped k-fold cross-validation: estimate performance on new patients",
+                             description="Each fold leaves whole patients out and scores the model on them; "
+                                         "reports per-fold metrics and their spread in cv.json and cv_report.md.")
+    _add_training_options(cv)
+    cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+
+    evaluate = commands.add_parser("evaluate", help="metrics of a run's model on a data folder",
+                                   description="Score a run's saved model, at its stored threshold, on any data folder of the supported layouts.")
+    evaluate.add_argument("run", type=Path, help="run folder written by `trainer fit`")
+    evaluate.add_argument("--data", type=Path, required=True, help="data folder (same layouts as fit)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return parser
+
+
+def _print_metrics(result: dict) -> None:
+    for name in ("validation", "test"):
+        if name in result:
+            m = result[name]
+            print(f"{name:>10}: weighted F1 {m['weighted_f1']:.3f}  accuracy {m['accuracy']:.3f}  "
+                  f"sensitivity {m['sensitivity_all'] or 0:.3f}  specificity {m['specificity_all'] or 0:.3f}  "
+                  f"AUC {m['roc_auc'] or float('nan'):.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    def command() -> int:
+        from trainer import fit as F
+
+        if args.command == "fit":
+            result = F.fit(args.data, args.out, _config(args))
+            _print_metrics(result)
+            print(f"run written to {args.out} (report: {args.out / 'report.md'})")
+        elif args.command == "cv":
+            summary = F.cross_validate(args.data, args.out, _config(args), args.folds)
+            for key, v in summary["summary"].items():
+                print(f"{key:>16}: {v['mean']:.3f} +- {v['std']:.3f} (min {v['min']:.3f}, max {v['max']:.3f})")
+            print(f"cross-validation written to {args.out / 'cv.json'}")
+        else:
+            result = F.evaluate(args.run, args.data)
+            if args.json:
+                json.dump(result, sys.stdout)
+                print()
+            else:
+                _print_metrics({"test": result})
+        return 0
+
+    return run_command(command, "trainer")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Metrics the C-NMC challenge and a hematology lab ask for, from scores and labels.
+
+Weighted F1 is the C-NMC 2019 challenge metric; sensitivity and specificity are for ALL,
+the positive class. No TensorFlow here: the quantizer scores int8 models with the same code.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
+
+
+class CollapsedModel(Exception):
+    """The model gives (nearly) one answer for everything: a report would look fine and mean nothing."""
+
+
+def choose_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The threshold maximising Youden's J (sensitivity + specificity - 1) on validation.
+
+    Balanced on purpose: the classes are imbalanced per patient and per lab, and a screening
+    aid should not buy accuracy by calling everything ALL.
+    """
+    if len(np.unique(labels)) < 2:
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    best = int(np.argmax(tpr - fpr))
+    return float(np.clip(thresholds[best], 1e-6, 1 - 1e-6))
+
+
+def check_not_collapsed(scores: np.ndarray, threshold: float) -> None:
+    """Raise ``CollapsedModel`` when predictions carry no information."""
+    spread = float(np.percentile(scores, 95) - np.percentile(scores, 5))
+    positive = float(np.mean(scores >= threshold))
+    if spread < 0.02 or positive in (0.0, 1.0):
+        raise CollapsedModel(
+            f"model collapsed on validation: 90% of scores lie within {spread:.4f} and "
+            f"{positive:.0%} are called ALL; train longer, lower the learning rate or check the data "
+            "(--allow-collapse writes the run anyway)"
+        )
+
+
+def compute(labels: Sequence[int], scores: Sequence[float], threshold: float, patients: Sequence[str] | None = None) -> dict:
+    labels = np.asarray(labels, dtype=int)
+    scores = np.asarray(scores, dtype=float)
+    predicted = (scores >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
+    result = {
+        "images": int(len(labels)),
+        "threshold": float(threshold),
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "weighted_f1": float(f1_score(labels, predicted, average="weighted", zero_division=0)),
+        "sensitivity_all": float(tp / (tp + fn)) if tp + fn else None,
+        "specificity_all": float(tn / (tn + fp)) if tn + fp else None,
+        "roc_auc": float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else None,
+        "confusion": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
+    }
+    if patients is not None:
+        hits: dict[str, list[int]] = defaultdict(list)
+        for patient, truth, guess in zip(patients, labels, predicted):
+            hits[patient].append(int(truth == guess))
+        result["per_patient_accuracy"] = {p: round(float(np.mean(h)), 4) for p, h in sorted(hits.items())}
+    return result
+
+
+def summarize_folds(fold_metrics: list[dict]) -> dict:
+    """Mean, standard deviation, min and max across folds of each scalar metric."""
+    summary = {}
+    for key in ("accuracy", "weighted_f1", "sensitivity_all", "specificity_all", "roc_auc"):
+        values = [m[key] for m in fold_metrics if m.get(key) is not None]
+        if values:
+            summary[key] = {
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values)),
+                "min": float(np.min(values)),
+                "max": float(np.max(values)),
+            }
+    return summary

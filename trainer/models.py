@@ -1,0 +1,73 @@
+"""The two architectures: the published CNN (baseline) and the edge model (what ships).
+
+Both take uint8-range RGB (0..255, as ``edge.preprocessing`` makes it) and scale inside the
+model, so an int8 export with uint8 input consumes the device's bytes unchanged.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+SEED_INPUT_SIZE = 256
+SEED_PARAMETERS = 30_595_265
+
+
+def seed_model(input_size: int = SEED_INPUT_SIZE) -> keras.Model:
+    """The published 4-conv CNN, exactly (30,595,265 parameters at 256x256, RMSprop)."""
+    inputs = keras.Input((input_size, input_size, 3), name="crop")
+    x = layers.Rescaling(1 / 255)(inputs)
+    for _ in range(2):
+        x = layers.Conv2D(64, 3, activation="relu")(x)
+        x = layers.Conv2D(64, 3, activation="relu")(x)
+        x = layers.MaxPooling2D()(x)
+        x = layers.Dropout(0.5)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(128, activation="relu")(x)
+    x = layers.Dropout(0.5)(x)
+    outputs = layers.Dense(1, activation="sigmoid", name="p_all")(x)
+    return keras.Model(inputs, outputs, name="seed_cnn")
+
+
+def _conv_bn(x, filters: int, kernel: int, stride: int, name: str):
+    x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
+    return layers.ReLU(6.0, name=f"{name}_relu6")(x)
+
+
+def _separable(x, filters: int, stride: int, name: str):
+    """Depthwise 3x3 + pointwise 1x1, each followed by a batch norm that folds into it."""
+    x = layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False, name=f"{name}_dw")(x)
+    x = layers.BatchNormalization(momentum=0.9, name=f"{name}_dw_bn")(x)
+    x = layers.ReLU(6.0, name=f"{name}_dw_relu6")(x)
+    return _conv_bn(x, filters, 1, 1, f"{name}_pw")
+
+
+EDGE_WIDTHS = (32, 64, 64, 128, 128, 256, 256)
+EDGE_STRIDES = (1, 2, 1, 2, 1, 2, 1)
+
+
+def edge_model(input_size: int = 128, width: float = 1.0, dropout: float = 0.3) -> keras.Model:
+    """A MobileNet-style CNN built only from ops the Edge TPU compiler maps.
+
+    Conv/DepthwiseConv + folded batch norm + ReLU6, a global-average-pool head and one
+    sigmoid unit: ~140k parameters at width 1.0 (about 200 KB as int8), static shapes.
+    """
+    inputs = keras.Input((input_size, input_size, 3), name="crop")
+    x = layers.Rescaling(1 / 255, name="scale")(inputs)
+    x = _conv_bn(x, max(8, int(16 * width)), 3, 2, "stem")
+    for number, (filters, stride) in enumerate(zip(EDGE_WIDTHS, EDGE_STRIDES)):
+        x = _separable(x, max(8, int(filters * width)), stride, f"block{number}")
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(1, activation="sigmoid", name="p_all")(x)
+    return keras.Model(inputs, outputs, name="edge_cnn")
+
+
+def build(kind: str, input_size: int) -> tuple[keras.Model, keras.optimizers.Optimizer]:
+    """The model and the optimizer it is trained with."""
+    if kind == "seed":
+        return seed_model(input_size), keras.optimizers.RMSprop(learning_rate=1e-4)
+    if kind == "edge":
+        return edge_model(input_size), keras.optimizers.Adam(learning_rate=2e-3)
+    raise ValueError(f"unknown model kind {kind!r}")

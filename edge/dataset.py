@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 LABELS = ("hem", "all")  # index = class id; 1 = ALL (leukemic blast), the positive class
 POSITIVE_LABEL = "all"
-_NAME = re.compile(r"^UID_(?P<patient>H?\d+)_.*_(?P<label>all|hem)$", re.IGNORECASE)
+# The published download holds a few copies named like "UID_11_5_4_all (1).bmp".
+_NAME = re.compile(r"^UID_(?P<patient>H?\d+)_.*_(?P<label>all|hem)(?: \(\d+\))?$", re.IGNORECASE)
 #: Unreadable files tolerated (with a warning naming them) before loading fails.
 MAX_UNREADABLE_FRACTION = 0.01
 

@@ -54,8 +54,12 @@ def _one_fold(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int
             f"found {per_class_groups}"
         )
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    rest, held = next(folds.split(np.zeros(len(labels)), labels, groups))
-    return rest, held
+    # StratifiedGroupKFold's shuffle only breaks ties, so the seed also picks which fold is held out.
+    chosen = np.random.default_rng(seed).integers(n_splits)
+    for number, (rest, held) in enumerate(folds.split(np.zeros(len(labels)), labels, groups)):
+        if number == chosen:
+            return rest, held
+    raise AssertionError("unreachable")
 
 
 def _check_classes(samples: Sequence[Sample], indices: Sequence[int], name: str) -> None:

@@ -1,0 +1,60 @@
+"""Shared fixtures. Tests that need the real data in ../shared skip, saying why, when it is absent."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LEUKOSCOPE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+CNMC = SHARED_DATA / "cnmc-dev"
+BCCD = SHARED_DATA / "bccd"
+
+needs_cnmc = pytest.mark.skipif(not CNMC.is_dir(), reason=f"real C-NMC crops not found at {CNMC} (../shared is absent in a bare clone)")
+needs_bccd = pytest.mark.skipif(not BCCD.is_dir(), reason=f"real BCCD frames not found at {BCCD} (../shared is absent in a bare clone)")
+
+
+def cell_crop(rng: np.random.Generator, size: int = 96, blast: bool = False) -> np.ndarray:
+    """A stand-in C-NMC crop (BGR): a stained cell on black, for tests of file handling only."""
+    image = np.zeros((size, size, 3), np.uint8)
+    radius = int(size * (0.36 if blast else 0.28))
+    colour = (170, 60, 120) if blast else (150, 80, 140)
+    cv2.circle(image, (size // 2, size // 2), radius, tuple(int(c + rng.integers(-20, 20)) for c in colour), -1)
+    cv2.circle(image, (size // 2, size // 2), radius // 2, (120, 40, 90), -1)
+    return image
+
+
+def write_ours(root: Path, patients: dict[str, int], suffix: str = ".png", seed: int = 0) -> Path:
+    """Our layout: root/{all,hem}/UID_<p>_<i>_1_<label>.png; patient ids starting with H are hem."""
+    rng = np.random.default_rng(seed)
+    for patient, count in patients.items():
+        label = "hem" if patient.startswith("H") else "all"
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            cv2.imwrite(str(root / label / f"UID_{patient}_{i}_1_{label}{suffix}"), cell_crop(rng, blast=label == "all"))
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    """Real C-NMC crops (4 patients and 4 donors, 5 cells each) where ../shared exists, else stand-ins."""
+    root = tmp_path / "data"
+    if not CNMC.is_dir():
+        return write_ours(root, {**{str(p): 5 for p in (1, 2, 3, 4)}, **{f"H{d}": 5 for d in (1, 2, 3, 4)}})
+    for label in ("all", "hem"):
+        by_patient: dict[str, list[Path]] = defaultdict(list)
+        for path in sorted((CNMC / label).glob("*.png")):
+            by_patient[path.name.split("_")[1]].append(path)
+        target = root / label
+        target.mkdir(parents=True)
+        chosen = sorted(by_patient, key=lambda p: -len(by_patient[p]))[:4]
+        for patient in chosen:
+            for path in by_patient[patient][:5]:
+                shutil.copy(path, target / path.name)
+    return root

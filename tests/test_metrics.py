@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+
+from trainer.metrics import CollapsedModel, check_not_collapsed, choose_threshold, compute, summarize_folds
+
+
+def test_metrics_on_a_known_case():
+    labels = [1, 1, 1, 0, 0]
+    scores = [0.9, 0.8, 0.3, 0.2, 0.6]
+    m = compute(labels, scores, 0.5, ["1", "1", "2", "H1", "H1"])
+    assert m["confusion"] == {"tn": 1, "fp": 1, "fn": 1, "tp": 2}
+    assert m["sensitivity_all"] == pytest.approx(2 / 3) and m["specificity_all"] == pytest.approx(0.5)
+    assert m["roc_auc"] == pytest.approx(5 / 6)
+    assert m["per_patient_accuracy"] == {"1": 1.0, "2": 0.0, "H1": 0.5}
+
+
+def test_threshold_separates_when_it_can():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    scores = np.array([0.10, 0.12, 0.15, 0.18, 0.2, 0.3])
+    t = choose_threshold(labels, scores)
+    assert compute(labels, scores, t)["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("scores", [np.full(50, 0.31), np.linspace(0.500, 0.505, 50)])
+def test_collapse_is_detected(scores):
+    with pytest.raises(CollapsedModel, match="collapsed"):
+        check_not_collapsed(scores, 0.5)
+
+
+def test_informative_scores_pass():
+    check_not_collapsed(np.linspace(0.05, 0.95, 50), 0.5)
+
+
+def test_fold_summary():
+    s = summarize_folds([{"accuracy": 0.8}, {"accuracy": 0.6}])
+    assert s["accuracy"] == {"mean": pytest.approx(0.7), "std": pytest.approx(0.1), "min": 0.6, "max": 0.8}

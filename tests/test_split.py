@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from edge.dataset import Sample
+from edge.errors import DataError
+from trainer.split import assert_disjoint, grouped_folds, patient_split
+
+
+def make_samples(all_sizes: list[int], hem_sizes: list[int]) -> list[Sample]:
+    samples = []
+    for number, size in enumerate(all_sizes):
+        samples += [Sample(Path(f"UID_{number}_{i}_1_all.png"), 1, str(number)) for i in range(size)]
+    for number, size in enumerate(hem_sizes):
+        samples += [Sample(Path(f"UID_H{number}_{i}_1_hem.png"), 0, f"H{number}") for i in range(size)]
+    return samples
+
+
+patients = st.lists(st.integers(1, 40), min_size=6, max_size=30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(all_sizes=patients, hem_sizes=patients, seed=st.integers(0, 10_000))
+def test_no_patient_in_two_splits(all_sizes, hem_sizes, seed):
+    samples = make_samples(all_sizes, hem_sizes)
+    split = patient_split(samples, val_fraction=0.2, test_fraction=0.2, seed=seed)
+    sides = [{samples[i].patient for i in part} for part in (split.train, split.validation, split.test)]
+    assert not (sides[0] & sides[1]) and not (sides[0] & sides[2]) and not (sides[1] & sides[2])
+    assert sorted(split.train + split.validation + split.test) == list(range(len(samples)))
+    for part in (split.train, split.validation, split.test):
+        assert {samples[i].label for i in part} == {0, 1}
+
+
+@settings(max_examples=30, deadline=None)
+@given(all_sizes=patients, hem_sizes=patients, seed=st.integers(0, 10_000))
+def test_grouped_folds_leave_whole_patients_out(all_sizes, hem_sizes, seed):
+    samples = make_samples(all_sizes, hem_sizes)
+    folds = grouped_folds(samples, folds=3, val_fraction=0.25, seed=seed)
+    tested = sorted(i for fold in folds for i in fold.test)
+    assert tested == list(range(len(samples)))  # every cell scored exactly once, by a model that never saw its patient
+    for fold in folds:
+        assert_disjoint(samples, fold.train, fold.validation, fold.test)
+
+
+def test_split_is_reproducible_from_seed():
+    samples = make_samples([5, 8, 3, 9, 4, 7], [6, 2, 9, 4, 5, 3])
+    assert patient_split(samples, seed=3) == patient_split(samples, seed=3)
+    assert any(patient_split(samples, seed=3) != patient_split(samples, seed=s) for s in range(4, 10))
+
+
+def test_assert_disjoint_catches_overlap():
+    samples = make_samples([2, 2], [2, 2])
+    with pytest.raises(AssertionError, match="patient 0 appears in two splits"):
+        assert_disjoint(samples, [0], [1])
+
+
+def test_too_few_patients_is_a_clear_error():
+    with pytest.raises(DataError, match="at least 2 patients"):
+        patient_split(make_samples([10], [3, 4]))

@@ -72,6 +72,13 @@ def _check(path: Path, folder_label: str, stem: str) -> Sample:
     return Sample(path=path, label=LABELS.index(folder_label), patient=patient)
 
 
+def sample_for(path: str | Path) -> Sample:
+    """The sample a recorded file path stands for (a run's split lists files by path)."""
+    path = Path(path)
+    folder = path.parent.name.lower()
+    return _check(path, folder if folder in LABELS else parse_name(path.stem)[1], path.stem)
+
+
 def _labelled_csv_samples(csv_path: Path) -> list[Sample]:
     samples = []
     with csv_path.open(newline="") as handle:

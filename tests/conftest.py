@@ -41,10 +41,8 @@ def write_ours(root: Path, patients: dict[str, int], suffix: str = ".png", seed:
     return root
 
 
-@pytest.fixture
-def tiny_data(tmp_path: Path) -> Path:
+def make_tiny_data(root: Path) -> Path:
     """Real C-NMC crops (4 patients and 4 donors, 5 cells each) where ../shared exists, else stand-ins."""
-    root = tmp_path / "data"
     if not CNMC.is_dir():
         return write_ours(root, {**{str(p): 5 for p in (1, 2, 3, 4)}, **{f"H{d}": 5 for d in (1, 2, 3, 4)}})
     for label in ("all", "hem"):
@@ -58,3 +56,31 @@ def tiny_data(tmp_path: Path) -> Path:
             for path in by_patient[patient][:5]:
                 shutil.copy(path, target / path.name)
     return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    return make_tiny_data(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(data, run): a 32-px edge model trained for a few steps; complete, not useful."""
+    from trainer.cli import main
+
+    base = tmp_path_factory.mktemp("tiny_run")
+    data = make_tiny_data(base / "data")
+    run = base / "run"
+    assert main(["fit", "--data", str(data), "--out", str(run), "--epochs", "2", "--steps-per-epoch", "3",
+                 "--batch-size", "8", "--image-size", "32", "--val-fraction", "0.34", "--allow-collapse"]) == 0
+    return data, run
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run exported as an int8 bundle (parity limits waived: the model is barely trained)."""
+    from quantize.cli import main
+
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    assert main(["export", str(tiny_run[1]), "--out", str(out), "--samples", "16", "--accept-parity-loss", "--float-twin"]) == 0
+    return out

@@ -29,17 +29,20 @@ def seed_model(input_size: int = SEED_INPUT_SIZE) -> keras.Model:
     return keras.Model(inputs, outputs, name="seed_cnn")
 
 
+ACTIVATION_CAP = None  # ReLU (no cap); see _conv_bn
+
+
 def _conv_bn(x, filters: int, kernel: int, stride: int, name: str):
     x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
     x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
-    return layers.ReLU(6.0, name=f"{name}_relu6")(x)
+    return layers.ReLU(ACTIVATION_CAP, name=f"{name}_relu")(x)
 
 
 def _separable(x, filters: int, stride: int, name: str):
     """Depthwise 3x3 + pointwise 1x1, each followed by a batch norm that folds into it."""
     x = layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False, name=f"{name}_dw")(x)
     x = layers.BatchNormalization(momentum=0.9, name=f"{name}_dw_bn")(x)
-    x = layers.ReLU(6.0, name=f"{name}_dw_relu6")(x)
+    x = layers.ReLU(ACTIVATION_CAP, name=f"{name}_dw_relu")(x)
     return _conv_bn(x, filters, 1, 1, f"{name}_pw")
 
 

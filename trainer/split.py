@@ -31,7 +31,7 @@ class Split:
             indices = getattr(self, name)
             record[name] = {
                 "patients": sorted({samples[i].patient for i in indices}),
-                "files": [str(samples[i].path) for i in indices],
+                "files": [str(samples[i].path.resolve()) for i in indices],
             }
         return record
 

@@ -1,0 +1,85 @@
+"""Cell classification with a verified model bundle: crops in, P(ALL) out.
+
+The interpreter is created once. Crops of a frame run as one batch when the model allows
+it (CPU); the Edge TPU runs batch 1. Quantization is read from the model's own tensors,
+which ``check_tensors`` has matched against the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from edge.bundle import Bundle, check_tensors, load_bundle
+from edge.errors import UserError
+from edge.interpreter import open_interpreter
+
+log = logging.getLogger(__name__)
+
+
+class Classifier:
+    def __init__(self, bundle: Bundle | str | Path, *, num_threads: int = 2, edgetpu: bool = False,
+                 cpu_fallback: bool = True, max_batch: int = 32, runtime: str | None = None) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.edgetpu = edgetpu
+        if edgetpu:
+            try:
+                self.interpreter = open_interpreter(str(self.bundle.model_path("edgetpu")), num_threads=num_threads,
+                                                    edgetpu=True, runtime=runtime)
+            except UserError as error:
+                if not cpu_fallback:
+                    raise
+                log.warning("%s; falling back to the CPU model", error)
+                self.edgetpu = False
+        if not self.edgetpu:
+            self.interpreter = open_interpreter(str(self.bundle.model_path("cpu")), num_threads=num_threads, runtime=runtime)
+        check_tensors(self.bundle, self.interpreter.get_input_details(), self.interpreter.get_output_details())
+        self._input = self.interpreter.get_input_details()[0]
+        self._output = self.interpreter.get_output_details()[0]
+        self.max_batch = 1 if self.edgetpu else max(1, max_batch)
+        self._batch = int(self._input["shape"][0])
+        self.size = self.bundle.input_size
+        self.threshold = self.bundle.threshold
+
+    def _resize(self, batch: int) -> None:
+        if batch != self._batch:
+            self.interpreter.resize_tensor_input(self._input["index"], [batch, self.size, self.size, 3])
+            self.interpreter.allocate_tensors()
+            self._batch = batch
+
+    def _quantize(self, crops: np.ndarray) -> np.ndarray:
+        dtype = self._input["dtype"]
+        scale, zero_point = self._input["quantization"]
+        if dtype == np.float32:
+            return crops.astype(np.float32)
+        if (scale, zero_point) == (1.0, 0) and dtype == np.uint8:
+            return crops
+        info = np.iinfo(dtype)
+        return np.clip(np.round(crops / scale + zero_point), info.min, info.max).astype(dtype)
+
+    def _dequantize(self, raw: np.ndarray) -> np.ndarray:
+        scale, zero_point = self._output["quantization"]
+        if self._output["dtype"] == np.float32 or scale == 0:
+            return raw.astype(np.float32).reshape(-1)
+        return ((raw.astype(np.float32) - zero_point) * scale).reshape(-1)
+
+    def scores(self, crops: np.ndarray) -> np.ndarray:
+        """P(ALL) for N crops given as N x S x S x 3 uint8 RGB (``edge.preprocessing`` output)."""
+        if len(crops) == 0:
+            return np.zeros(0, np.float32)
+        if crops.shape[1:] != (self.size, self.size, 3):
+            raise ValueError(f"crops have shape {crops.shape[1:]}, the model needs {(self.size, self.size, 3)}")
+        out = []
+        for start in range(0, len(crops), self.max_batch):
+            chunk = crops[start:start + self.max_batch]
+            self._resize(len(chunk))
+            self.interpreter.set_tensor(self._input["index"], self._quantize(chunk))
+            self.interpreter.invoke()
+            out.append(self._dequantize(self.interpreter.get_tensor(self._output["index"])))
+        return np.concatenate(out)
+
+    def labels(self, scores: np.ndarray) -> list[str]:
+        negative, positive = (l for l in sorted(self.bundle.labels, key=lambda l: l == self.bundle.positive_label))
+        return [positive if s >= self.threshold else negative for s in scores]

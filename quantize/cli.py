@@ -1,0 +1,132 @@
+"""``quantize``: export, inspect and evaluate int8 model bundles for the leukoscope device."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from edge import DISCLAIMER
+from edge.console import run_command, setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantize", description="Turn a trained run into a verified int8 model bundle for the device. " + DISCLAIMER)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    export = commands.add_parser("export", help="full-integer int8 TFLite bundle from a run, parity measured",
+                                 description="Quantize a `trainer fit` run to int8 (uint8 in/out), measure float-vs-int8 parity "
+                                             "on the run's validation patients, and write a bundle the device verifies.")
+    export.add_argument("run", type=Path, help="run folder written by `trainer fit`")
+    export.add_argument("--out", type=Path, required=True, help="bundle folder to create (must not exist or be empty)")
+    export.add_argument("--calibration", type=Path, help="data folder for calibration (default: the run's training patients)")
+    export.add_argument("--samples", type=int, default=300, help="calibration crops, stratified by class and patient (default 300)")
+    export.add_argument("--eval", dest="eval_data", type=Path, help="data folder for parity (default: the run's validation patients)")
+    export.add_argument("--edgetpu", action="store_true", help="check Edge TPU rules and compile with edgetpu_compiler if installed")
+    export.add_argument("--min-agreement", type=float, default=0.98, help="least float-vs-int8 decision agreement (default 0.98)")
+    export.add_argument("--max-auc-drop", type=float, default=0.01, help="largest allowed AUC loss from int8 (default 0.01)")
+    export.add_argument("--accept-parity-loss", action="store_true", help="write the bundle even if parity is below the limits")
+    export.add_argument("--float-twin", action="store_true", help="also write model_float.tflite (not part of the verified bundle) for benchmarks")
+
+    inspect = commands.add_parser("inspect", help="manifest, tensors, operators and Edge TPU verdict of a bundle")
+    inspect.add_argument("bundle", type=Path)
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+
+    evaluate = commands.add_parser("evaluate", help="metrics of a bundle's int8 model on a data folder (the device's interpreter code)")
+    evaluate.add_argument("bundle", type=Path)
+    evaluate.add_argument("--data", type=Path, required=True, help="data folder in the trainer's layouts")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    evaluate.add_argument("--num-threads", type=int, default=2)
+    return parser
+
+
+def inspect_bundle(path: Path) -> dict:
+    from edge.bundle import load_bundle
+    from edge.interpreter import open_interpreter
+    from quantize import edgetpu
+
+    bundle = load_bundle(path)
+    interpreter = open_interpreter(str(bundle.model_path("cpu")), plain_ops=True)
+    verdict = edgetpu.check(interpreter)
+    tensors = {role: [{"name": d["name"], "shape": [int(x) for x in d["shape"]], "dtype": getattr(d["dtype"], "__name__", str(d["dtype"])),
+                       "quantization": list(d["quantization"])} for d in details]
+               for role, details in (("inputs", interpreter.get_input_details()), ("outputs", interpreter.get_output_details()))}
+    return {"bundle": str(path), "manifest": bundle.manifest, "tensors": tensors,
+            "ops": [op["op_name"] for op in interpreter._get_ops_details()], "edgetpu_check": verdict,
+            "size_bytes": {name: (path / name).stat().st_size for name in bundle.manifest["files"]}}
+
+
+def evaluate_bundle(path: Path, data: Path, num_threads: int) -> dict:
+    from edge.classifier import Classifier
+    from edge.dataset import load_arrays, scan
+    from trainer import metrics as M
+    import numpy as np
+
+    classifier = Classifier(path, num_threads=num_threads)
+    images, samples = load_arrays(scan(data), classifier.size)
+    from tqdm import tqdm
+
+    scores = np.concatenate([classifier.scores(images[i:i + 64]) for i in tqdm(range(0, len(images), 64), desc="evaluate", unit="batch")])
+    result = M.compute([s.label for s in samples], scores, classifier.threshold, [s.patient for s in samples])
+    result.update({"bundle": str(path), "data": str(data)})
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    def command() -> int:
+        if args.command == "export":
+            from quantize.export import ExportOptions, export
+
+            manifest = export(args.run, args.out, ExportOptions(
+                calibration=args.calibration, samples=args.samples, eval_data=args.eval_data, edgetpu=args.edgetpu,
+                min_agreement=args.min_agreement, max_auc_drop=args.max_auc_drop, accept_parity_loss=args.accept_parity_loss))
+            if args.float_twin:
+                import keras
+
+                from quantize.export import convert_float
+
+                (args.out / "model_float.tflite").write_bytes(convert_float(keras.models.load_model(args.run / "model.keras"), manifest["input"]["size"]))
+            p = manifest["metrics"]["parity"]
+            print(f"bundle written to {args.out} ({(args.out / 'model_int8.tflite').stat().st_size / 1024:.0f} KiB int8)")
+            print(f"parity on {p['images']} cells: decision agreement {p['decision_agreement']:.4f}, "
+                  f"AUC float {p['float']['roc_auc'] or float('nan'):.3f} vs int8 {p['int8']['roc_auc'] or float('nan'):.3f}"
+                  + ("" if p["passed"] else "  (BELOW LIMITS, accepted by --accept-parity-loss)"))
+            tpu = manifest["edgetpu"]
+            print(f"Edge TPU: {'compatible' if tpu['compatible'] else 'NOT compatible: ' + '; '.join(tpu['problems'])}; "
+                  + (f"compiled {tpu['file']} ({tpu['ops_on_edgetpu']} ops on the Edge TPU)" if tpu.get("compiled") else tpu["reason"]))
+        elif args.command == "inspect":
+            info = inspect_bundle(args.bundle)
+            if args.json:
+                print(json.dumps(info))
+            else:
+                m = info["manifest"]
+                print(f"bundle {args.bundle}: format v{m['format_version']}, {m['provenance']['model_kind']} model, labels {m['labels']} (positive {m['positive_label']})")
+                print(f"input  {info['tensors']['inputs'][0]['shape']} {info['tensors']['inputs'][0]['dtype']} q={info['tensors']['inputs'][0]['quantization']}, "
+                      f"preprocessing {m['preprocessing']['name']}, {m['input']['color_order']}")
+                print(f"output {info['tensors']['outputs'][0]['shape']} {info['tensors']['outputs'][0]['dtype']} q={info['tensors']['outputs'][0]['quantization']}, threshold {m['threshold']:.3f}")
+                print("files  " + ", ".join(f"{k} ({v / 1024:.0f} KiB)" for k, v in info["size_bytes"].items()))
+                print("ops    " + ", ".join(f"{k} x{v}" for k, v in info["edgetpu_check"]["op_counts"].items()))
+                verdict = info["edgetpu_check"]
+                print("Edge TPU: " + ("compatible" if verdict["compatible"] else "; ".join(verdict["problems"])))
+        else:
+            result = evaluate_bundle(args.bundle, args.data, args.num_threads)
+            if args.json:
+                print(json.dumps(result))
+            else:
+                print(f"{result['images']} cells: weighted F1 {result['weighted_f1']:.3f}  accuracy {result['accuracy']:.3f}  "
+                      f"sensitivity {result['sensitivity_all'] or 0:.3f}  specificity {result['specificity_all'] or 0:.3f}  "
+                      f"AUC {result['roc_auc'] or float('nan'):.3f}")
+        return 0
+
+    return run_command(command, "quantize")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""quantize export / inspect / evaluate on a tiny trained run, with the real LiteRT interpreter."""
+
+import json
+
+import numpy as np
+import pytest
+
+from edge.bundle import load_bundle
+from edge.classifier import Classifier
+from edge.dataset import load_arrays, sample_for
+from edge.interpreter import open_interpreter
+from quantize import edgetpu
+from quantize.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_export_is_all_int8_and_matches_the_float_model_within_recorded_parity(tiny_run, tiny_bundle):
+    import keras
+
+    from trainer import pipeline
+
+    interpreter = open_interpreter(str(tiny_bundle / "model_int8.tflite"), plain_ops=True)
+    assert interpreter.get_input_details()[0]["dtype"] == np.uint8
+    assert interpreter.get_output_details()[0]["dtype"] == np.uint8
+    float_tensors = [t["name"] for t in interpreter.get_tensor_details()
+                     if t["dtype"] == np.float32 and t["quantization"] == (0.0, 0) and t["shape"].size]
+    # Every activation and weight is 8-bit (int32 biases aside); no float op anywhere.
+    assert all(np.dtype(t["dtype"]) in (np.int8, np.uint8, np.int32) for t in interpreter.get_tensor_details()), float_tensors
+    assert "DEQUANTIZE" not in {op["op_name"] for op in interpreter._get_ops_details()}
+
+    manifest = load_bundle(tiny_bundle).manifest
+    recorded = manifest["metrics"]["parity"]
+    split = json.loads((tiny_run[1] / "split.json").read_text())
+    images, _ = load_arrays([sample_for(f) for f in split["validation"]["files"]], 32, progress=False)
+    float_scores = pipeline.predict(keras.models.load_model(tiny_run[1] / "model.keras"), images)
+    int8_scores = Classifier(tiny_bundle).scores(images)
+    threshold = manifest["threshold"]
+    agreement = float(np.mean((float_scores >= threshold) == (int8_scores >= threshold)))
+    assert agreement == pytest.approx(recorded["decision_agreement"])
+    assert np.max(np.abs(float_scores - int8_scores)) == pytest.approx(recorded["max_abs_score_difference"], abs=1e-6)
+    assert np.max(np.abs(float_scores - int8_scores)) < 0.1  # int8 tracks float even on a barely trained model
+
+
+def test_parity_below_limits_refuses_the_export(tiny_run, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    code = main(["export", str(tiny_run[1]), "--out", str(out), "--samples", "8", "--min-agreement", "1.01"])
+    assert code == 2
+    assert "int8 parity too low" in capsys.readouterr().err
+    assert not out.exists()  # nothing half-written is left behind
+
+
+def test_inspect_and_evaluate_json(tiny_run, tiny_bundle, capsys):
+    assert main(["inspect", str(tiny_bundle), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tensors"]["inputs"][0]["shape"] == [1, 32, 32, 3]
+    assert info["edgetpu_check"]["compatible"] is True
+    assert "CONV_2D" in info["ops"] and "DEPTHWISE_CONV_2D" in info["ops"]
+    assert main(["inspect", str(tiny_bundle)]) == 0
+    assert "Edge TPU: compatible" in capsys.readouterr().out
+
+    assert main(["evaluate", str(tiny_bundle), "--data", str(tiny_run[0]), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 40 and 0 <= result["weighted_f1"] <= 1
+
+
+def test_edgetpu_checker_flags_an_unsupported_op(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    inputs = keras.Input((16, 16, 3), batch_size=1)
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    x = keras.layers.LeakyReLU(0.1)(x)  # TFLite has an int8 LEAKY_RELU; the Edge TPU does not map it
+    outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(x))
+    converter = tf.lite.TFLiteConverter.from_keras_model(keras.Model(inputs, outputs))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([np.random.rand(1, 16, 16, 3).astype(np.float32) * 255] for _ in range(8))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.uint8
+    path = tmp_path / "leaky.tflite"
+    path.write_bytes(converter.convert())
+    verdict = edgetpu.check(open_interpreter(str(path), plain_ops=True))
+    assert verdict["compatible"] is False
+    assert verdict["first_cpu_op"].startswith("LEAKY_RELU")
+
+
+def test_edgetpu_compile_is_never_claimed_without_the_compiler(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no edgetpu_compiler here
+    record = edgetpu.compile_model(tiny_bundle / "model_int8.tflite", tmp_path)
+    assert record["compiled"] is False and "apt-get install edgetpu-compiler" in record["reason"]
+
+
+def test_export_of_an_incomplete_run_is_one_line(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not a complete training run" in err and len(err.splitlines()) == 1

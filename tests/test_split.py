@@ -44,7 +44,7 @@ def test_grouped_folds_leave_whole_patients_out(all_sizes, hem_sizes, seed):
 
 
 def test_split_is_reproducible_from_seed():
-    samples = make_samples([5, 8, 3, 9, 4, 7], [6, 2, 9, 4, 5, 3])
+    samples = make_samples([5, 8, 3, 9, 4, 7, 5, 6, 2, 8, 3, 5], [6, 2, 9, 4, 5, 3, 4, 4, 7, 2, 3, 6])
     assert patient_split(samples, seed=3) == patient_split(samples, seed=3)
     assert any(patient_split(samples, seed=3) != patient_split(samples, seed=s) for s in range(4, 10))
 

@@ -1,0 +1,177 @@
+"""Find white cells in bright-field stained smear frames (and single cells on black, C-NMC style).
+
+Why colour: in Wright/Giemsa-stained smears a white cell's nucleus is the only large blue-violet
+object. Blue excess (B - R) separates it from pink red cells and the pale background across
+stains better than hue alone; platelets are also violet but small, so size removes them. Lobed
+nuclei (neutrophils) are merged by a closing sized to the cell; touching cells are split by a
+distance-transform watershed. Detection runs on a reduced copy of the frame (OpenCV's basic steps
+on a full 1080p frame already cost ~20 ms on a 2-core x86); masks are mapped back to full size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from edge.errors import UserError
+
+
+@dataclass(frozen=True)
+class SegmentationSettings:
+    #: Typical white-cell diameter in frame pixels (or set microns_per_pixel instead).
+    cell_diameter_px: float = 180.0
+    microns_per_pixel: float | None = None
+    cell_diameter_um: float = 12.0
+    #: Frames wider than this are searched at reduced scale.
+    detect_width: int = 480
+    #: Blue excess (B - R, 0..255) a nucleus pixel must exceed.
+    blue_threshold: int = 35
+    #: Accepted nucleus areas relative to a disc of the typical cell diameter.
+    min_area_fraction: float = 0.08
+    max_area_fraction: float = 1.6
+    min_solidity: float = 0.55
+    #: Pixels darker than this in every channel count as C-NMC black background.
+    black_level: int = 12
+    border_margin_px: int = 2
+
+    def diameter(self) -> float:
+        if self.microns_per_pixel:
+            return self.cell_diameter_um / self.microns_per_pixel
+        return self.cell_diameter_px
+
+
+@dataclass(frozen=True)
+class Cell:
+    bbox: tuple[int, int, int, int]  # x, y, width, height in frame pixels
+    area: int  # cell mask area in frame pixels
+    mask: np.ndarray  # bool, frame-sized view is not kept: bbox-sized
+    pre_cropped: bool = False
+
+    def full_mask(self, shape: tuple[int, int]) -> np.ndarray:
+        full = np.zeros(shape, bool)
+        x, y, w, h = self.bbox
+        full[y:y + h, x:x + w] = self.mask
+        return full
+
+
+def _is_black_background(frame: np.ndarray, level: int) -> bool:
+    small = frame[::8, ::8]
+    return float(np.mean(small.max(axis=2) <= level)) > 0.3
+
+
+def _solidity(mask: np.ndarray) -> float:
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    hull_area = cv2.contourArea(cv2.convexHull(np.vstack(contours)))
+    return float(mask.sum() / hull_area) if hull_area else 0.0
+
+
+def _group_fragments(stats: np.ndarray, centroids: np.ndarray, keep: list[int], disc: float, diameter: float) -> list[list[int]]:
+    """Lobes of one nucleus (eosinophils, neutrophils) often survive the closing as separate
+    pieces: join pieces smaller than half a nucleus whose centres lie within 0.6 diameters."""
+    parent = {i: i for i in keep}
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    fragments = [i for i in keep if stats[i, cv2.CC_STAT_AREA] < 0.45 * disc]
+    for n, i in enumerate(fragments):
+        for j in fragments[n + 1:]:
+            if np.linalg.norm(centroids[i] - centroids[j]) < 0.6 * diameter:
+                parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in keep:
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+def _split_touching(component: np.ndarray, diameter: float) -> list[np.ndarray]:
+    """Touching cells separated by a watershed on the distance transform (one mask per cell)."""
+    distance = cv2.distanceTransform(component, cv2.DIST_L2, 5)
+    peaks = (distance > 0.5 * distance.max()).astype(np.uint8)
+    count, markers = cv2.connectedComponents(peaks)
+    if count <= 2:
+        return [component]
+    markers = markers + 1
+    markers[(component > 0) & (peaks == 0)] = 0
+    markers[component == 0] = 1
+    relief = cv2.cvtColor((255 * (1 - distance / max(float(distance.max()), 1.0))).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    labels = cv2.watershed(relief, markers.astype(np.int32))
+    return [(labels == k).astype(np.uint8) for k in range(2, count + 1) if np.any(labels == k)]
+
+
+def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = SegmentationSettings()) -> list[Cell]:
+    """White cells in an RGB frame, skipping those cut by the frame border."""
+    if frame_rgb is None or frame_rgb.size == 0 or frame_rgb.ndim != 3:
+        raise UserError("empty frame: the camera or file delivered no pixels; check the source")
+    if _is_black_background(frame_rgb, settings.black_level):
+        return _find_on_black(frame_rgb, settings)
+    height, width = frame_rgb.shape[:2]
+    scale = min(1.0, settings.detect_width / width)
+    small = cv2.resize(frame_rgb, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA) if scale < 1 else frame_rgb
+    diameter = settings.diameter() * scale
+    red, _, blue = cv2.split(small)
+    nucleus = (cv2.subtract(blue, red) > settings.blue_threshold).astype(np.uint8)
+    nucleus = cv2.morphologyEx(nucleus, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    close = max(3, int(diameter * 0.14) | 1)
+    nucleus = cv2.morphologyEx(nucleus, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (close, close)))
+    disc = np.pi * (diameter / 2) ** 2
+    count, labels, stats, centroids = cv2.connectedComponentsWithStats(nucleus, connectivity=8)
+    keep = [i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= 0.04 * disc]  # platelets are smaller
+    margin = settings.border_margin_px
+    cells = []
+    for group in _group_fragments(stats, centroids, keep, disc, diameter):
+        x0 = min(stats[i, 0] for i in group)
+        y0 = min(stats[i, 1] for i in group)
+        x1 = max(stats[i, 0] + stats[i, 2] for i in group)
+        y1 = max(stats[i, 1] + stats[i, 3] for i in group)
+        if x0 <= margin or y0 <= margin or x1 >= small.shape[1] - margin or y1 >= small.shape[0] - margin:
+            continue  # cut by the frame border: half a cell is no evidence
+        component = np.isin(labels[y0:y1, x0:x1], group).astype(np.uint8)
+        area = int(component.sum())
+        parts = _split_touching(component, diameter) if area > 1.2 * disc else [component]
+        for part in parts:
+            part_area = int(part.sum())
+            if not settings.min_area_fraction * disc <= part_area <= settings.max_area_fraction * disc:
+                continue
+            if len(group) == 1 and _solidity(part) < settings.min_solidity:
+                continue
+            cells.append(_cell_from_nucleus(part, (x0, y0), scale, 0.12 * diameter, (height, width)))
+    return cells
+
+
+def _cell_from_nucleus(component: np.ndarray, offset: tuple[int, int], scale: float, rim: float,
+                       shape: tuple[int, int]) -> Cell:
+    """The cell at full resolution: the nucleus' convex hull grown by a rim of cytoplasm."""
+    contours, _ = cv2.findContours(component, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    hull = cv2.convexHull(np.vstack(contours)).reshape(-1, 2).astype(np.float32) + np.float32(offset)
+    centre = hull.mean(axis=0)
+    radius = np.maximum(np.linalg.norm(hull - centre, axis=1, keepdims=True), 1.0)
+    grown = (centre + (hull - centre) * (radius + rim) / radius) / scale
+    grown[:, 0] = grown[:, 0].clip(0, shape[1] - 1)
+    grown[:, 1] = grown[:, 1].clip(0, shape[0] - 1)
+    points = grown.round().astype(np.int32)
+    x, y, w, h = cv2.boundingRect(points)
+    mask = np.zeros((h, w), np.uint8)
+    cv2.fillConvexPoly(mask, points - [x, y], 1)
+    return Cell(bbox=(x, y, w, h), area=int(mask.sum()), mask=mask.astype(bool))
+
+
+def _find_on_black(frame_rgb: np.ndarray, settings: SegmentationSettings) -> list[Cell]:
+    """A cell already segmented onto black (C-NMC format): the largest foreground object."""
+    foreground = (frame_rgb.max(axis=2) > settings.black_level).astype(np.uint8)
+    foreground = cv2.morphologyEx(foreground, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
+    if count <= 1:
+        return []
+    index = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    x, y, w, h, area = (int(v) for v in stats[index])
+    if area < 0.01 * frame_rgb.shape[0] * frame_rgb.shape[1]:
+        return []
+    mask = labels[y:y + h, x:x + w] == index
+    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8)).astype(bool)
+    return [Cell(bbox=(x, y, w, h), area=int(mask.sum()), mask=mask, pre_cropped=True)]

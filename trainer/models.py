@@ -48,6 +48,11 @@ def _separable(x, filters: int, stride: int, name: str):
 
 EDGE_WIDTHS = (32, 64, 64, 128, 128, 256, 256)
 EDGE_STRIDES = (1, 2, 1, 2, 1, 2, 1)
+#: Blocks built as full 3x3 convolutions instead of depthwise-separable ones. Measured: with
+#: separable blocks from the start, the int8 model drifted 15-20% (relative) from float after the
+#: first two blocks (few channels, per-channel depthwise scales) and disagreed on 3-6% of
+#: decisions; full convolutions there quantize far better for ~35M extra MACs at 128 px.
+EDGE_FULL_CONV_BLOCKS = 2
 
 
 def edge_model(input_size: int = 128, width: float = 1.0, dropout: float = 0.3) -> keras.Model:
@@ -60,7 +65,10 @@ def edge_model(input_size: int = 128, width: float = 1.0, dropout: float = 0.3) 
     x = layers.Rescaling(1 / 255, name="scale")(inputs)
     x = _conv_bn(x, max(8, int(16 * width)), 3, 2, "stem")
     for number, (filters, stride) in enumerate(zip(EDGE_WIDTHS, EDGE_STRIDES)):
-        x = _separable(x, max(8, int(filters * width)), stride, f"block{number}")
+        if number < EDGE_FULL_CONV_BLOCKS:
+            x = _conv_bn(x, max(8, int(filters * width)), 3, stride, f"block{number}")
+        else:
+            x = _separable(x, max(8, int(filters * width)), stride, f"block{number}")
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(1, activation="sigmoid", name="p_all")(x)

@@ -1,0 +1,100 @@
+"""One frame in, one result out: segment, crop in the training distribution, classify.
+
+The model is the slow part per cell and the segmentation per frame; both are timed per
+stage in every result so a slow device shows where its time goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge.classifier import Classifier
+from edge.preprocessing import CNMC_CELL_FRACTION, crop_cell
+from edge.results import frame_result
+from edge.segmentation import Cell, SegmentationSettings, find_cells
+from edge.sources import Frame
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    def __init__(self, classifier: Classifier, segmentation: SegmentationSettings = SegmentationSettings(),
+                 device_id: str = "replay") -> None:
+        self.classifier = classifier
+        self.segmentation = segmentation
+        self.device_id = device_id
+        self.window = int(round(segmentation.diameter() / CNMC_CELL_FRACTION))
+        self.sequence = 0
+
+    def crops(self, image: np.ndarray, cells: list[Cell]) -> np.ndarray:
+        size = self.classifier.size
+        batch = np.empty((len(cells), size, size, 3), np.uint8)
+        for i, cell in enumerate(cells):
+            window = max(image.shape[:2]) if cell.pre_cropped else self.window
+            x, y, w, h = cell.bbox
+            local = np.zeros(image.shape[:2], bool)
+            local[y:y + h, x:x + w] = cell.mask
+            batch[i] = crop_cell(image, local, cell.bbox, window, size)
+        return batch
+
+    def process(self, frame: Frame, sample_id: str | None = None) -> tuple[dict, list[Cell], np.ndarray]:
+        """(result payload, cells found, model inputs) for a readable frame."""
+        assert frame.image is not None
+        started = time.perf_counter()
+        cells = find_cells(frame.image, self.segmentation)
+        segmented = time.perf_counter()
+        batch = self.crops(frame.image, cells)
+        cropped = time.perf_counter()
+        scores = self.classifier.scores(batch)
+        classified = time.perf_counter()
+        labels = self.classifier.labels(scores)
+        self.sequence += 1
+        result = frame_result(
+            device_id=self.device_id, sequence=self.sequence, sample_id=sample_id, source=frame.name,
+            cells=[{"bbox": list(cell.bbox), "area": cell.area, "p_all": round(float(score), 4), "label": label}
+                   for cell, score, label in zip(cells, scores, labels)],
+            timings_ms={"segment": 1000 * (segmented - started), "crop": 1000 * (cropped - segmented),
+                        "classify": 1000 * (classified - cropped), "total": 1000 * (classified - started)},
+            captured_at=frame.timestamp, positive_label=self.classifier.bundle.positive_label,
+        )
+        return result, cells, batch
+
+
+class ReviewWriter:
+    """Annotated frames and flagged crops for a person to review, bounded on disk (oldest go first)."""
+
+    def __init__(self, folder: Path, positive_label: str, max_files: int = 500) -> None:
+        self.folder = folder
+        self.positive_label = positive_label
+        self.max_files = max_files
+        (folder / "flagged").mkdir(parents=True, exist_ok=True)
+
+    def write(self, image: np.ndarray, result: dict, crops: np.ndarray) -> Path:
+        canvas = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        thickness = max(2, image.shape[1] // 400)
+        for cell, crop in zip(result["cells"], crops):
+            x, y, w, h = cell["bbox"]
+            flagged = cell["label"] == self.positive_label
+            colour = (40, 40, 230) if flagged else (60, 170, 60)
+            cv2.rectangle(canvas, (x, y), (x + w, y + h), colour, thickness)
+            cv2.putText(canvas, f"{cell['label']} {cell['p_all']:.2f}", (x, max(12, y - 6)), cv2.FONT_HERSHEY_SIMPLEX,
+                        0.5 * thickness, colour, thickness)
+            if flagged:
+                stem = Path(result["source"]).stem.replace("#", "_").replace(":", "_")
+                cv2.imwrite(str(self.folder / "flagged" / f"{result['sequence']:06d}_{stem}_{x}_{y}.png"), crop[..., ::-1])
+        stem = Path(result["source"]).stem.replace("#", "_").replace(":", "_")
+        path = self.folder / f"{result['sequence']:06d}_{stem}.jpg"
+        cv2.imwrite(str(path), canvas, [cv2.IMWRITE_JPEG_QUALITY, 85])
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        for folder in (self.folder, self.folder / "flagged"):
+            files = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+            for old in files[:-self.max_files] if len(files) > self.max_files else []:
+                old.unlink(missing_ok=True)

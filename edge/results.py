@@ -1,0 +1,78 @@
+"""Result payloads and per-sample tallies: what subscribers code against.
+
+Every payload carries ``schema`` and ``schema_version`` (documented as JSON Schema in
+``edge/schemas/``) and a unique ``message_id``, so a subscriber can drop the duplicates that
+QoS 1 may deliver after a reconnect.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+
+SCHEMA_VERSION = 1
+FRAME_SCHEMA = "leukoscope/frame-result"
+SAMPLE_SCHEMA = "leukoscope/sample-summary"
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion; sound at small counts and at 0 or 100%."""
+    if total == 0:
+        return 0.0, 1.0
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    spread = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - spread), min(1.0, centre + spread)
+
+
+def frame_result(*, device_id: str, sequence: int, sample_id: str | None, source: str, cells: list[dict],
+                 timings_ms: dict[str, float], captured_at: float, positive_label: str) -> dict:
+    blasts = sum(1 for c in cells if c["label"] == positive_label)
+    return {
+        "schema": FRAME_SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "message_id": str(uuid.uuid4()),
+        "device_id": device_id,
+        "sequence": sequence,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(captured_at)) + f".{int(captured_at % 1 * 1000):03d}Z",
+        "sample_id": sample_id,
+        "source": source,
+        "cells": cells,
+        "counts": {"cells": len(cells), "blasts": blasts},
+        "timings_ms": {k: round(v, 2) for k, v in timings_ms.items()},
+    }
+
+
+@dataclass
+class SampleTally:
+    sample_id: str | None
+    started: float = field(default_factory=time.time)
+    frames: int = 0
+    cells: int = 0
+    blasts: int = 0
+    unreadable_frames: int = 0
+
+    def add(self, result: dict) -> None:
+        self.frames += 1
+        self.cells += result["counts"]["cells"]
+        self.blasts += result["counts"]["blasts"]
+
+    def summary(self, device_id: str, *, final: bool = False) -> dict:
+        low, high = wilson_interval(self.blasts, self.cells)
+        return {
+            "schema": SAMPLE_SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "message_id": str(uuid.uuid4()),
+            "device_id": device_id,
+            "sample_id": self.sample_id,
+            "final": final,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "frames": self.frames,
+            "unreadable_frames": self.unreadable_frames,
+            "cells": self.cells,
+            "blasts": self.blasts,
+            "blast_fraction": self.blasts / self.cells if self.cells else None,
+            "blast_fraction_ci95": [low, high] if self.cells else None,
+        }

@@ -1,0 +1,110 @@
+"""The edge pipeline end to end: real frames, the real LiteRT interpreter, `edge replay`."""
+
+import json
+import shutil
+
+import cv2
+import jsonschema
+import numpy as np
+import pytest
+
+from edge.classifier import Classifier
+from edge.cli import DEFAULT_BUNDLE, main
+from edge.pipeline import Pipeline
+from edge.preprocessing import load_crop, read_rgb
+from edge.results import SampleTally, wilson_interval
+from edge.sources import Frame
+from tests.conftest import BCCD, CNMC, ROOT, needs_bccd, needs_cnmc
+
+SCHEMAS = ROOT / "edge" / "schemas"
+FRAME_SCHEMA = json.loads((SCHEMAS / "frame-result.schema.json").read_text())
+SAMPLE_SCHEMA = json.loads((SCHEMAS / "sample-summary.schema.json").read_text())
+
+
+@pytest.fixture
+def frames(tmp_path):
+    """A few real frames where ../shared exists (BCCD smears and a C-NMC crop), plus a corrupt file."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    if BCCD.is_dir():
+        for name in ("BloodImage_00000.jpg", "BloodImage_00003.jpg", "BloodImage_00010.jpg"):
+            shutil.copy(BCCD / "JPEGImages" / name, folder / name)
+    if CNMC.is_dir():
+        shutil.copy(sorted((CNMC / "all").glob("*.png"))[0], folder / "cnmc_cell.png")
+    if not any(folder.iterdir()):
+        shutil.copytree(ROOT / "samples" / "frames", folder, dirs_exist_ok=True)
+    (folder / "zz_corrupt.png").write_bytes(b"\x89PNG broken")
+    return folder
+
+
+def test_replay_json_lines_end_to_end(tiny_bundle, frames, tmp_path, capsys):
+    annotate = tmp_path / "review"
+    assert main(["replay", "--bundle", str(tiny_bundle), "--source", str(frames), "--json", "--annotate", str(annotate)]) == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    *results, summary = lines
+    readable = sorted(p.name for p in frames.iterdir() if p.name != "zz_corrupt.png")
+    assert [r["source"] for r in results] == readable
+    for result in results:
+        jsonschema.validate(result, FRAME_SCHEMA)
+        assert result["counts"]["cells"] == len(result["cells"])
+    jsonschema.validate(summary, SAMPLE_SCHEMA)
+    assert summary["frames"] == len(readable) and summary["unreadable_frames"] == 1
+    assert summary["cells"] == sum(r["counts"]["cells"] for r in results) >= 1
+    assert "skipped zz_corrupt.png" in captured.err and "Traceback" not in captured.err
+    assert len(list(annotate.glob("*.jpg"))) == len(readable)
+
+
+def test_replay_table_and_tally(tiny_bundle, frames, capsys):
+    assert main(["replay", "--bundle", str(tiny_bundle), "--source", str(frames)]) == 0
+    out = capsys.readouterr().out
+    assert "blast fraction" in out and "not a diagnostic device" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--source", "/nonexistent"], "does not exist"),
+    (["--bundle", "/nonexistent"], "model bundle /nonexistent does not exist"),
+])
+def test_replay_bad_input_is_one_line(tiny_bundle, frames, args, message, capsys):
+    base = {"--bundle": str(tiny_bundle), "--source": str(frames)}
+    base.update(dict(zip(args[::2], args[1::2])))
+    assert main(["replay", *[x for pair in base.items() for x in pair]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+@needs_cnmc
+def test_recropped_cnmc_cells_get_the_same_decision():
+    """Segmenting a C-NMC crop and cutting it again reproduces the model's decision on the original."""
+    classifier = Classifier(DEFAULT_BUNDLE)
+    pipeline = Pipeline(classifier)
+    paths = sorted((CNMC / "all").glob("*.png"))[::60] + sorted((CNMC / "hem").glob("*.png"))[::30]
+    same = []
+    for path in paths:
+        original = classifier.scores(load_crop(path, classifier.size)[None])[0]
+        result, _, _ = pipeline.process(Frame(image=read_rgb(path), name=path.name))
+        assert result["counts"]["cells"] == 1
+        same.append((original >= classifier.threshold) == (result["cells"][0]["p_all"] >= classifier.threshold))
+    print(f"\nre-cropped C-NMC decisions equal to the original's: {np.mean(same):.3f} of {len(same)}")
+    assert np.mean(same) >= 0.95
+
+
+def test_batched_and_one_by_one_scores_agree(tiny_bundle):
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 255, (7, 32, 32, 3), dtype=np.uint8)
+    batched = Classifier(tiny_bundle, max_batch=32).scores(crops)
+    single = Classifier(tiny_bundle, max_batch=1).scores(crops)
+    assert np.allclose(batched, single, atol=1e-6)
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(0, 10)
+    assert low == 0 and 0.27 < high < 0.31
+    low, high = wilson_interval(50, 100)
+    assert 0.40 < low < 0.41 and 0.59 < high < 0.60
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    tally = SampleTally("s1")
+    tally.add({"counts": {"cells": 4, "blasts": 1}})
+    summary = tally.summary("dev")
+    jsonschema.validate(summary, SAMPLE_SCHEMA)
+    assert summary["blast_fraction"] == 0.25

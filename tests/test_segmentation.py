@@ -1,0 +1,106 @@
+"""White-cell segmentation on real frames: BCCD smears (found vs annotated boxes) and C-NMC crops."""
+
+import xml.etree.ElementTree as ET
+
+import cv2
+import numpy as np
+import pytest
+
+from edge.errors import UserError
+from edge.preprocessing import CNMC_CELL_FRACTION, read_rgb
+from edge.segmentation import find_cells
+from tests.conftest import BCCD, CNMC, needs_bccd, needs_cnmc
+
+BORDER = 5  # an annotated box this close to the edge is a cell cut by the border, which is skipped by design
+
+
+def _boxes(xml_path, kind="WBC"):
+    boxes = []
+    for obj in ET.parse(xml_path).findall("object"):
+        if obj.findtext("name") == kind:
+            b = obj.find("bndbox")
+            boxes.append([int(float(b.findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax")])
+    return boxes
+
+
+def _iou(a, b):
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@needs_bccd
+def test_white_cells_found_on_bccd_frames():
+    found_true = found_false = missed = 0
+    for xml_path in sorted((BCCD / "Annotations").glob("*.xml")):
+        image = read_rgb(BCCD / "JPEGImages" / (xml_path.stem + ".jpg"))
+        truth = _boxes(xml_path)
+        height, width = image.shape[:2]
+        inner = [k for k, t in enumerate(truth) if t[0] > BORDER and t[1] > BORDER and t[2] < width - BORDER and t[3] < height - BORDER]
+        matched = set()
+        for cell in find_cells(image):
+            x, y, w, h = cell.bbox
+            hits = [k for k, t in enumerate(truth) if k not in matched and _iou([x, y, x + w, y + h], t) > 0.3]
+            if hits:
+                matched.add(hits[0])
+                found_true += 1
+            else:
+                found_false += 1
+        missed += len([k for k in inner if k not in matched])
+    recall = found_true / (found_true + missed)
+    precision = found_true / (found_true + found_false)
+    print(f"\nBCCD white cells: recall {recall:.3f}, precision {precision:.3f} "
+          f"({found_true} found, {found_false} false, {missed} missed; IoU > 0.3)")
+    assert recall >= 0.98 and precision >= 0.95
+
+
+@needs_bccd
+def test_red_cells_and_platelets_are_not_white_cells():
+    reported = 0
+    for xml_path in sorted((BCCD / "Annotations").glob("*.xml"))[:120]:
+        image = read_rgb(BCCD / "JPEGImages" / (xml_path.stem + ".jpg"))
+        others = _boxes(xml_path, "RBC") + _boxes(xml_path, "Platelets")
+        wbcs = _boxes(xml_path)
+        for cell in find_cells(image):
+            x, y, w, h = cell.bbox
+            box = [x, y, x + w, y + h]
+            if not any(_iou(box, t) > 0.3 for t in wbcs) and any(_iou(box, t) > 0.5 for t in others):
+                reported += 1
+    assert reported <= 1
+
+
+@needs_cnmc
+def test_cnmc_crop_round_trip_gives_back_the_cell():
+    ious = []
+    for path in sorted((CNMC / "all").glob("*.png"))[::40] + sorted((CNMC / "hem").glob("*.png"))[::40]:
+        image = read_rgb(path)
+        cells = find_cells(image)
+        assert len(cells) == 1, path.name
+        truth = image.max(axis=2) > 12
+        found = cells[0].full_mask(truth.shape)
+        ious.append((truth & found).sum() / (truth | found).sum())
+    print(f"\nC-NMC mask IoU: mean {np.mean(ious):.3f}, min {np.min(ious):.3f} over {len(ious)} cells")
+    assert np.mean(ious) > 0.95 and np.min(ious) > 0.85
+
+
+def test_a_synthetic_smear_cell_and_border_cells():
+    """A violet nucleus on a pale background is found; the same cell cut by the border is not."""
+    frame = np.full((480, 640, 3), (215, 210, 200), np.uint8)  # RGB, pale background
+    cv2.circle(frame, (320, 240), 80, (205, 180, 195), -1)  # cytoplasm
+    cv2.circle(frame, (320, 240), 55, (120, 80, 190), -1)  # nucleus: blue well above red
+    cv2.circle(frame, (630, 100), 55, (120, 80, 190), -1)  # a nucleus cut by the right border
+    cv2.circle(frame, (100, 400), 8, (150, 90, 200), -1)  # a platelet
+    cells = find_cells(frame)
+    assert len(cells) == 1
+    x, y, w, h = cells[0].bbox
+    assert abs(x + w / 2 - 320) < 10 and abs(y + h / 2 - 240) < 10
+
+
+def test_empty_frame_is_a_clear_error():
+    with pytest.raises(UserError, match="empty frame"):
+        find_cells(np.zeros((0, 0, 3), np.uint8))
+
+
+def test_cell_fraction_constant_matches_the_data():
+    assert 0.4 < CNMC_CELL_FRACTION < 0.6

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from edge.classifier import Classifier
-from edge.preprocessing import CNMC_CELL_FRACTION, crop_cell
+from edge.preprocessing import CNMC_CELL_FRACTION, crop_cell, to_model_input
 from edge.results import frame_result
 from edge.segmentation import Cell, SegmentationSettings, find_cells
 from edge.sources import Frame
@@ -35,11 +35,13 @@ class Pipeline:
         size = self.classifier.size
         batch = np.empty((len(cells), size, size, 3), np.uint8)
         for i, cell in enumerate(cells):
-            window = max(image.shape[:2]) if cell.pre_cropped else self.window
-            x, y, w, h = cell.bbox
-            local = np.zeros(image.shape[:2], bool)
-            local[y:y + h, x:x + w] = cell.mask
-            batch[i] = crop_cell(image, local, cell.bbox, window, size)
+            if cell.pre_cropped:  # already a C-NMC-style crop, centred by its maker: keep its framing
+                x, y, w, h = cell.bbox
+                kept = np.zeros_like(image)
+                kept[y:y + h, x:x + w][cell.mask] = image[y:y + h, x:x + w][cell.mask]
+                batch[i] = to_model_input(kept, size)
+            else:
+                batch[i] = crop_cell(image, cell.mask, cell.bbox, self.window, size)
         return batch
 
     def process(self, frame: Frame, sample_id: str | None = None) -> tuple[dict, list[Cell], np.ndarray]:

@@ -69,17 +69,11 @@ CNMC_CELL_FRACTION = 0.51
 
 
 def crop_cell(frame_rgb: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int, int], window: int, size: int) -> np.ndarray:
-    """A C-NMC-style model input for one cell: the cell (``mask``, frame-sized bool or uint8, only
-    the bbox region is read) on black, centred in a ``window`` x ``window`` field, resized to ``size``."""
+    """A C-NMC-style model input for one cell: the cell's pixels (``mask``: bool, bbox-sized) on
+    black, centred in a ``window`` x ``window`` field (at least the bbox), resized to ``size``."""
     x, y, w, h = bbox
-    cx, cy = x + w // 2, y + h // 2
     window = max(window, w, h)
-    half = window // 2
-    x0, y0 = cx - half, cy - half
+    left, top = (window - w) // 2, (window - h) // 2
     out = np.zeros((window, window, 3), np.uint8)
-    fx0, fy0 = max(x0, 0), max(y0, 0)
-    fx1, fy1 = min(x0 + window, frame_rgb.shape[1]), min(y0 + window, frame_rgb.shape[0])
-    region = frame_rgb[fy0:fy1, fx0:fx1]
-    keep = mask[fy0:fy1, fx0:fx1].astype(bool)
-    out[fy0 - y0:fy1 - y0, fx0 - x0:fx1 - x0][keep] = region[keep]
+    out[top:top + h, left:left + w][mask] = frame_rgb[y:y + h, x:x + w][mask]
     return to_model_input(out, size)

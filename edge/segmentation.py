@@ -46,7 +46,7 @@ class SegmentationSettings:
 class Cell:
     bbox: tuple[int, int, int, int]  # x, y, width, height in frame pixels
     area: int  # cell mask area in frame pixels
-    mask: np.ndarray  # bool, frame-sized view is not kept: bbox-sized
+    mask: np.ndarray  # bool, bbox-sized
     pre_cropped: bool = False
 
     def full_mask(self, shape: tuple[int, int]) -> np.ndarray:

@@ -227,6 +227,7 @@ def export(run: Path, out: Path, options: ExportOptions) -> dict:
         write_manifest(staging, manifest)
         (staging / "MODEL_CARD.md").write_text(model_card(manifest, config, meta))
         load_bundle(staging)  # what we hand over must verify
+        staging.chmod(0o755)  # mkdtemp makes it private; a service user must be able to read the bundle
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             out.rmdir()
@@ -273,7 +274,9 @@ Split by patient: no patient's cells are on both the training and the validation
 | --- | --- | --- | --- | --- | --- |
 {rows}
 
-Float-vs-int8 decision agreement {p['decision_agreement']:.4f}; AUC drop {_fmt(p['auc_drop'])}.
+Float-vs-int8 decision agreement {p['decision_agreement']:.4f}; AUC drop {_fmt(p['auc_drop'])}. Parity limits
+(agreement >= {p['limits']['min_agreement']}, AUC drop <= {p['limits']['max_auc_drop']}): {"met" if p["passed"] else
+"NOT met; exported with --accept-parity-loss (decisions that flip are those of cells scored close to the threshold)"}.
 These numbers come from a single patient-disjoint validation split with few donors; `trainer cv` estimates the
 spread on new patients. They are not a clinical performance claim.
 

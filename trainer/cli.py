@@ -26,6 +26,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of patients for validation (default 0.2)")
     parser.add_argument("--patience", type=int, default=10, help="epochs without validation AUC gain before stopping (default 10)")
     parser.add_argument("--steps-per-epoch", type=int, default=None, help="limit steps per epoch (smoke tests); default one pass over the data")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="MIN",
+                        help="stop after the epoch that crosses this many minutes (compare models at equal training time)")
     parser.add_argument("--allow-collapse", action="store_true",
                         help="write the run even if the model gives one answer for everything (otherwise an error)")
 
@@ -40,7 +42,8 @@ def _config(args: argparse.Namespace):
         raise_user("--val-fraction must be between 0 and 0.5")
     return FitConfig(model=args.model, epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
                      seed=args.seed, val_fraction=args.val_fraction, test_fraction=getattr(args, "test_fraction", 0.0),
-                     patience=args.patience, steps_per_epoch=args.steps_per_epoch, allow_collapse=args.allow_collapse)
+                     patience=args.patience, steps_per_epoch=args.steps_per_epoch, allow_collapse=args.allow_collapse,
+                     time_budget_min=args.time_budget)
 
 
 def raise_user(message: str) -> None:

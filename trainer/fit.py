@@ -41,6 +41,7 @@ class FitConfig:
     test_fraction: float = 0.0
     patience: int = 10
     steps_per_epoch: int | None = None  # None: one pass over the training images
+    time_budget_min: float | None = None  # stop after the epoch that crosses this many minutes
     allow_collapse: bool = False
 
     def resolved_size(self) -> int:
@@ -79,6 +80,25 @@ def _class_weights(labels: np.ndarray) -> dict[int, float]:
     return {c: float(len(labels) / (2 * counts[c])) for c in range(2) if counts[c]}
 
 
+def _time_budget_callback():
+    import keras
+
+    class TimeBudget(keras.callbacks.Callback):
+        """Stop after the epoch that uses up the budget: compare models at equal training time."""
+
+        def __init__(self, seconds: float) -> None:
+            super().__init__()
+            self.seconds = seconds
+            self.started = time.monotonic()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if time.monotonic() - self.started > self.seconds:
+                log.info("time budget of %.0f s used after epoch %d; stopping", self.seconds, epoch + 1)
+                self.model.stop_training = True
+
+    return TimeBudget
+
+
 def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, out: Path, config: FitConfig,
                    data_dir: Path) -> dict:
     """Train, select the threshold, measure, plot and report; returns metrics.json's content."""
@@ -88,6 +108,7 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     from trainer import pipeline
     from trainer.models import build
 
+    TimeBudget = _time_budget_callback()
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
     labels = np.array([s.label for s in samples])
@@ -108,6 +129,8 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
         keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.5, patience=max(2, config.patience // 3)),
         keras.callbacks.CSVLogger(out / "history.csv"),
     ]
+    if config.time_budget_min:
+        callbacks.append(TimeBudget(config.time_budget_min * 60))
     started = time.monotonic()
     history = model.fit(
         pipeline.dataset(images[train], labels[train], batch_size=config.batch_size, training=True, seed=config.seed),

@@ -1,0 +1,343 @@
+"""The agent: camera -> bounded queue -> pipeline -> durable outbox -> MQTT, unattended for months.
+
+Threads: capture (reads the source, reopens it with backoff when it fails), inference (one
+frame at a time through the pipeline), the publisher's sender and paho's network thread; the
+main thread supervises (watchdog, stats, signals). When the camera outpaces inference, the
+oldest waiting frame is dropped and counted: fresh frames matter more than old ones at a
+microscope.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+from edge import DISCLAIMER
+from edge.classifier import Classifier
+from edge.config import AgentConfig, load_config
+from edge.errors import UserError
+from edge.notify import notify, watchdog_interval
+from edge.outbox import Outbox
+from edge.pipeline import Pipeline, ReviewWriter
+from edge.results import SampleTally
+from edge.sources import Frame, resilient
+
+log = logging.getLogger(__name__)
+SAMPLE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+SUMMARY_EVERY = 10  # frames between retained per-sample summaries
+
+
+def open_frames(config: AgentConfig, stop, on_failure):
+    source = config.source
+    if source.type == "folder":
+        from edge.sources.folder import open_source
+    elif source.type == "opencv":
+        from edge.sources.opencv import open_source
+    else:
+        from edge.sources.picamera2 import open_source
+    return resilient(lambda: open_source(source), name=f"source {source.type}", stop=stop, on_failure=on_failure)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.device_id = config.device.id
+        self.outbox = Outbox(config.outbox.path, max_messages=config.outbox.max_messages, when_full=config.outbox.when_full)
+        self.classifier = self._classifier(config.classifier.bundle)
+        self.pipeline = Pipeline(self.classifier, config.segmentation.settings(), self.device_id)
+        self.review = ReviewWriter(config.review.folder, self.classifier.bundle.positive_label, config.review.max_files) \
+            if config.review.folder else None
+        self.publisher = None
+        if config.mqtt.enabled:
+            from edge.publisher import Publisher
+
+            self.publisher = Publisher(config.mqtt, self.outbox, self.device_id, self.handle_command)
+        self.frames: queue.Queue[Frame] = queue.Queue(maxsize=config.pipeline.queue_size)
+        self.stop_event = threading.Event()
+        self.source_done = threading.Event()
+        self.lock = threading.Lock()
+        self.tally = SampleTally(config.pipeline.sample_id)
+        self.snapshot_requested = False
+        self.counters = {"frames_captured": 0, "frames_dropped": 0, "frames_processed": 0, "frames_unreadable": 0,
+                         "source_failures": 0, "results_refused_outbox_full": 0, "commands": 0, "command_errors": 0}
+        self.stage_ms: dict[str, float] = {}
+        self.last_progress = time.monotonic()
+        self.started = time.monotonic()
+
+    def _classifier(self, bundle: Path) -> Classifier:
+        c = self.config.classifier
+        return Classifier(bundle, num_threads=c.num_threads, edgetpu=c.edgetpu, cpu_fallback=c.cpu_fallback, max_batch=c.max_batch)
+
+    @property
+    def base(self) -> str:
+        return f"{self.config.mqtt.topic_prefix}/{self.device_id}"
+
+    # -- threads ----------------------------------------------------------------------------
+    def _capture(self) -> None:
+        def failed(reason: str) -> None:
+            self.counters["source_failures"] += 1
+
+        try:
+            for frame in open_frames(self.config, self.stop_event.is_set, failed):
+                self.counters["frames_captured"] += 1
+                while True:
+                    try:
+                        self.frames.put_nowait(frame)
+                        break
+                    except queue.Full:
+                        try:
+                            self.frames.get_nowait()  # drop the oldest waiting frame
+                            self.counters["frames_dropped"] += 1
+                        except queue.Empty:
+                            pass
+                if self.config.source.type == "folder" and not self.config.source.fps:
+                    # Replaying files: wait for room instead of dropping, so every file is analysed.
+                    while self.frames.full() and not self.stop_event.is_set():
+                        time.sleep(0.002)
+        except UserError as error:
+            log.error("%s", error)
+            self.stop_event.set()
+        finally:
+            self.source_done.set()
+
+    def _inference(self) -> None:
+        while True:
+            try:
+                frame = self.frames.get(timeout=0.1)
+            except queue.Empty:
+                if self.source_done.is_set() or self.stop_event.is_set():
+                    return
+                continue
+            self._process(frame)
+
+    def _process(self, frame: Frame) -> None:
+        if frame.image is None:
+            self.counters["frames_unreadable"] += 1
+            self.tally.unreadable_frames += 1
+            log.warning("skipped %s: %s", frame.name, frame.error)
+            return
+        try:
+            with self.lock:
+                result, _, crops = self.pipeline.process(frame, self.tally.sample_id)
+        except UserError as error:
+            self.counters["frames_unreadable"] += 1
+            log.warning("skipped %s: %s", frame.name, error)
+            return
+        self.tally.add(result)
+        self.counters["frames_processed"] += 1
+        self.last_progress = time.monotonic()
+        for stage, ms in result["timings_ms"].items():
+            self.stage_ms[stage] = 0.9 * self.stage_ms.get(stage, ms) + 0.1 * ms
+        if self.review and (self.snapshot_requested or result["counts"]["blasts"]):
+            self.review.write(frame.image, result, crops)
+            self.snapshot_requested = False
+        if self.outbox.put(f"{self.base}/results", json.dumps(result).encode()) is None:
+            self.counters["results_refused_outbox_full"] += 1
+        if self.tally.frames % SUMMARY_EVERY == 0:
+            self._summary(final=False)
+        if self.config.pipeline.log_results:
+            log.info("%s: %d cells, %d flagged as ALL blasts", frame.name, result["counts"]["cells"], result["counts"]["blasts"])
+        if self.publisher:
+            self.publisher.notify()
+
+    def _summary(self, *, final: bool) -> dict:
+        summary = self.tally.summary(self.device_id, final=final)
+        name = self.tally.sample_id or "unassigned"
+        self.outbox.put(f"{self.base}/samples/{name}", json.dumps(summary).encode(), retain=True)
+        if self.publisher:
+            self.publisher.notify()
+        return summary
+
+    # -- commands ---------------------------------------------------------------------------
+    def handle_command(self, topic: str, payload: bytes) -> None:
+        """``<base>/cmd/<name>`` with an optional JSON object; the reply goes to ``reply_to`` or ``<base>/reply/<name>``."""
+        name = topic[len(f"{self.base}/cmd/"):] if topic.startswith(f"{self.base}/cmd/") else topic
+        self.counters["commands"] += 1
+        reply_to = f"reply/{re.sub(r'[^A-Za-z0-9._-]', '_', name)[:64] or 'unknown'}"
+        request_id = None
+        try:
+            try:
+                body = json.loads(payload.decode("utf-8")) if payload.strip() else {}
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise ValueError("payload is not valid UTF-8 JSON; send an object such as {\"sample_id\": \"S1\"}") from None
+            if not isinstance(body, dict):
+                raise ValueError("payload must be a JSON object")
+            request_id = body.get("request_id")
+            if isinstance(body.get("reply_to"), str) and SAMPLE_ID.fullmatch(body["reply_to"].replace("/", "_")):
+                reply_to = f"reply/{body['reply_to']}"
+            answer = self._run_command(name, body)
+            reply = {"ok": True, "command": name, "request_id": request_id, **answer}
+        except (ValueError, TypeError, UserError) as error:
+            self.counters["command_errors"] += 1
+            log.warning("command %r refused: %s", name[:64], error)
+            reply = {"ok": False, "command": name[:64], "request_id": request_id if isinstance(request_id, (str, int)) else None,
+                     "error": str(error)}
+        if self.publisher:
+            self.publisher.publish_now(reply_to, json.dumps(reply, default=str).encode())
+
+    def _run_command(self, name: str, body: dict) -> dict:
+        if name == "ping":
+            return {"pong": time.time()}
+        if name == "start_sample":
+            sample_id = body.get("sample_id")
+            if not isinstance(sample_id, str) or not SAMPLE_ID.fullmatch(sample_id):
+                raise ValueError("start_sample needs sample_id: 1-64 letters, digits, '.', '_' or '-'")
+            with self.lock:
+                if self.tally.sample_id is not None or self.tally.frames:
+                    self._summary(final=True)
+                self.tally = SampleTally(sample_id)
+            return {"sample_id": sample_id}
+        if name == "stop_sample":
+            with self.lock:
+                summary = self._summary(final=True)
+                self.tally = SampleTally(None)
+            return {"summary": summary}
+        if name == "snapshot":
+            if not self.review:
+                raise ValueError("snapshots need review.folder set in the config")
+            self.snapshot_requested = True
+            return {"folder": str(self.config.review.folder)}
+        if name == "reload_model":
+            bundle = body.get("bundle", str(self.config.classifier.bundle))
+            if not isinstance(bundle, str):
+                raise ValueError("bundle must be a path string")
+            classifier = self._classifier(Path(bundle))  # verified before it replaces the running one
+            with self.lock:
+                self.classifier = classifier
+                self.pipeline.classifier = classifier
+            return {"bundle": bundle, "sha256": classifier.bundle.manifest["files"]}
+        raise ValueError(f"unknown command {name[:64]!r}; use ping, start_sample, stop_sample, snapshot or reload_model")
+
+    # -- supervision ------------------------------------------------------------------------
+    def stats(self) -> dict:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return {
+            "device_id": self.device_id,
+            "uptime_s": round(elapsed, 1),
+            "fps": round(self.counters["frames_processed"] / elapsed, 2),
+            "stage_ms": {k: round(v, 2) for k, v in self.stage_ms.items()},
+            "queue_depth": self.frames.qsize(),
+            "outbox_backlog": len(self.outbox),
+            "outbox_dropped": self.outbox.dropped,
+            "mqtt_connected": bool(self.publisher and self.publisher.connected.is_set()),
+            "mqtt_inflight": self.publisher.inflight() if self.publisher else 0,
+            **self.counters,
+        }
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stop_event.set())
+        log.info("%s", DISCLAIMER)
+        if self.publisher:
+            self.publisher.start()
+        threads = [threading.Thread(target=self._capture, name="capture", daemon=True),
+                   threading.Thread(target=self._inference, name="inference", daemon=True)]
+        for thread in threads:
+            thread.start()
+        notify("READY=1")
+        notify(f"STATUS=analysing frames from {self.config.source.type} source")
+        watchdog = watchdog_interval()
+        next_watchdog = next_stats = time.monotonic()
+        while not self.stop_event.is_set() and threads[1].is_alive():
+            now = time.monotonic()
+            if self.publisher and self.publisher.fatal:
+                log.error("%s", self.publisher.fatal)
+                self.stop_event.set()
+                break
+            stalled = now - self.last_progress > self.config.pipeline.watchdog_stall_s
+            if watchdog and now >= next_watchdog and not stalled:
+                notify("WATCHDOG=1")  # only while frames are being analysed: a stuck pipeline gets restarted
+                next_watchdog = now + watchdog
+            if self.publisher and now >= next_stats:
+                self.publisher.publish_now("stats", json.dumps(self.stats()).encode(), qos=0)
+                next_stats = now + self.config.mqtt.stats_interval_s
+            time.sleep(0.1)
+        notify("STOPPING=1")
+        self.stop_event.set()
+        threads[1].join(timeout=30)  # the frame in hand is finished and stored
+        summary = self._summary(final=True)
+        if self.publisher:
+            if self.publisher.fatal:
+                self.publisher.stop(offline=False)
+                raise UserError(self.publisher.fatal)
+            drained = self.publisher.wait_drained(timeout=10)
+            if not drained:
+                log.warning("%d result(s) not yet acknowledged stay in the outbox for the next start", len(self.outbox))
+            self.publisher.publish_now("stats", json.dumps(self.stats()).encode(), qos=0)
+            self.publisher.stop()
+        self.outbox.close()
+        fraction = summary["blast_fraction"]
+        log.info("sample %s: %d frames, %d cells, %d flagged as ALL blasts (%s)", summary["sample_id"], summary["frames"],
+                 summary["cells"], summary["blasts"], "n/a" if fraction is None else f"{fraction:.1%}")
+        return 0
+
+
+def run(config_path: Path) -> int:
+    return Agent(load_config(config_path)).run()
+
+
+def check(config_path: Path) -> int:
+    """Self-test; one line per failure, exit status 1 if any."""
+    failures: list[str] = []
+    try:
+        config = load_config(config_path)
+    except UserError as error:
+        print(f"FAIL config: {error}")
+        return 1
+    print(f"ok   config {config_path}")
+    try:
+        classifier = Classifier(config.classifier.bundle, num_threads=config.classifier.num_threads,
+                                edgetpu=config.classifier.edgetpu, cpu_fallback=config.classifier.cpu_fallback)
+        print(f"ok   model bundle {config.classifier.bundle} ({'Edge TPU' if classifier.edgetpu else 'CPU'})")
+    except UserError as error:
+        failures.append(f"model: {error}")
+    stop = threading.Event()
+    try:
+        frame = next(iter(open_frames(config, stop.is_set, lambda reason: (failures.append(f"camera: {reason}"), stop.set()))), None)
+        if frame is not None and frame.image is not None:
+            print(f"ok   source {config.source.type}: {frame.image.shape[1]}x{frame.image.shape[0]} frame")
+        elif not any(f.startswith("camera") for f in failures):
+            failures.append(f"camera: source {config.source.type} delivered no readable frame")
+    except UserError as error:
+        failures.append(f"camera: {error}")
+    if config.mqtt.enabled:
+        failures.extend(_check_broker(config))
+    try:
+        Outbox(config.outbox.path, max_messages=config.outbox.max_messages).close()
+        print(f"ok   outbox {config.outbox.path}")
+    except UserError as error:
+        failures.append(f"outbox: {error}")
+    for failure in failures:
+        print(f"FAIL {failure}")
+    return 1 if failures else 0
+
+
+def _check_broker(config: AgentConfig) -> list[str]:
+    from edge.publisher import Publisher
+
+    try:
+        probe = Publisher(config.mqtt.model_copy(update={"client_id": f"leukoscope-check-{config.device.id}"}),
+                          Outbox(":memory:"), config.device.id)
+    except UserError as error:
+        return [f"broker: {error}"]
+    probe.client.on_connect_fail = lambda client, userdata: setattr(probe, "last_error", "connection failed")
+    try:
+        probe.client.connect(config.mqtt.host, config.mqtt.port, keepalive=10)
+    except (OSError, ValueError) as error:
+        return [f"broker: cannot reach {config.mqtt.host}:{config.mqtt.port} ({error}); is the broker running and the port open?"]
+    probe.client.loop_start()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not probe.connected.is_set() and not probe.last_error:
+        time.sleep(0.05)
+    connected = probe.connected.is_set()
+    probe.stop(offline=False)
+    if not connected:
+        return [f"broker: {probe.fatal or probe.last_error or f'no answer from {config.mqtt.host}:{config.mqtt.port} within 5 s'}"]
+    print(f"ok   broker {config.mqtt.host}:{config.mqtt.port}")
+    return []

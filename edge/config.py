@@ -1,0 +1,182 @@
+"""The agent's configuration: one validated schema, defaults in code, one TOML file on the device.
+
+Unknown keys are errors (a typo must not silently fall back to a default), and every problem
+is reported as one line naming the key and what would fix it. ``firmware_config/leukoscope.toml``
+is the documented example; the tests load and validate it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edge.errors import UserError
+from edge.segmentation import SegmentationSettings
+from edge.sources.folder import FolderSourceSettings
+from edge.sources.opencv import OpenCVSourceSettings
+from edge.sources.picamera2 import Picamera2SourceSettings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeviceConfig(Strict):
+    id: str = Field(default_factory=lambda: socket.gethostname(), description="device id used in MQTT topics")
+
+    @field_validator("id")
+    @classmethod
+    def _topic_safe(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+            raise ValueError("use 1-64 letters, digits, '.', '_' or '-' (it becomes part of MQTT topics)")
+        return value
+
+
+class ClassifierConfig(Strict):
+    bundle: Path = Path(__file__).resolve().parent.parent / "models" / "default"
+    num_threads: int = Field(2, ge=1, le=16)
+    edgetpu: bool = False
+    cpu_fallback: bool = Field(True, description="run on the CPU if the Edge TPU cannot be used")
+    max_batch: int = Field(32, ge=1, le=256)
+
+
+class SegmentationConfig(Strict):
+    cell_diameter_px: float = Field(SegmentationSettings.cell_diameter_px, gt=0)
+    microns_per_pixel: float | None = Field(None, gt=0)
+    cell_diameter_um: float = Field(SegmentationSettings.cell_diameter_um, gt=0)
+    detect_width: int = Field(SegmentationSettings.detect_width, ge=64)
+    blue_threshold: int = Field(SegmentationSettings.blue_threshold, ge=0, le=255)
+    min_area_fraction: float = Field(SegmentationSettings.min_area_fraction, gt=0)
+    max_area_fraction: float = Field(SegmentationSettings.max_area_fraction, gt=0)
+
+    def settings(self) -> SegmentationSettings:
+        return SegmentationSettings(**self.model_dump())
+
+
+class TLSConfig(Strict):
+    ca_file: Path | None = Field(None, description="CA certificate (PEM); unset: the system's CAs")
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure_skip_verify: bool = False
+
+
+class MQTTConfig(Strict):
+    enabled: bool = True
+    host: str = "localhost"
+    port: int = Field(1883, ge=1, le=65535)
+    topic_prefix: str = "leukoscope"
+    username: str | None = None
+    password_file: Path | None = Field(None, description="file holding the password; a bare name is looked up in $CREDENTIALS_DIRECTORY")
+    tls: TLSConfig | None = None
+    keepalive_s: int = Field(30, ge=5)
+    client_id: str | None = None
+    max_inflight: int = Field(100, ge=1, le=65535)
+    reconnect_max_s: float = Field(30.0, gt=0)
+    stats_interval_s: float = Field(30.0, gt=0)
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value or any(c in value for c in "+#") or value.startswith("/") or value.endswith("/"):
+            raise ValueError("use a plain topic path such as 'lab1/leukoscope' (no +, #, or leading/trailing /)")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> "MQTTConfig":
+        if self.password_file and not self.username:
+            raise ValueError("password_file is set but username is not; set mqtt.username")
+        return self
+
+    def password(self) -> str | None:
+        """Read the password (never logged). A relative name is looked up in systemd's credentials directory."""
+        if not self.password_file:
+            return None
+        path = self.password_file
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not path.is_absolute() and credentials and (Path(credentials) / path).is_file():
+            path = Path(credentials) / path
+        try:
+            return path.read_text().rstrip("\r\n")
+        except OSError as error:
+            raise UserError(f"mqtt.password_file {self.password_file} cannot be read ({error.strerror}); "
+                            "check the path or the LoadCredential= line of the unit") from None
+
+
+class OutboxConfig(Strict):
+    path: Path = Field(Path(os.environ.get("STATE_DIRECTORY", "/var/lib/leukoscope")) / "outbox.sqlite3")
+    max_messages: int = Field(500_000, ge=10, description="bound on stored results (about 1 KB each)")
+    when_full: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+
+
+class PipelineConfig(Strict):
+    queue_size: int = Field(4, ge=1, le=256, description="frames waiting for inference; when full the oldest is dropped")
+    sample_id: str | None = Field(None, description="sample to start with; normally set by cmd/start_sample")
+    watchdog_stall_s: float = Field(60.0, gt=0, description="no frame processed for this long: stop feeding the watchdog")
+    log_results: bool = Field(False, description="log one line per frame (demo); the service publishes instead")
+
+
+class ReviewConfig(Strict):
+    folder: Path | None = Field(None, description="save annotated frames and flagged crops here; unset: off")
+    max_files: int = Field(500, ge=1)
+
+
+Source = Annotated[Union[FolderSourceSettings, OpenCVSourceSettings, Picamera2SourceSettings], Field(discriminator="type")]
+
+
+class AgentConfig(Strict):
+    device: DeviceConfig = Field(default_factory=DeviceConfig)
+    source: Source
+    segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    mqtt: MQTTConfig = Field(default_factory=MQTTConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-after"))
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key; remove it or check its spelling (see firmware_config/leukoscope.toml)"
+    if kind == "missing":
+        return f"{key}: required; add it to the config"
+    if kind == "union_tag_invalid":
+        return f"{key}: unknown source type {error['input'].get('type')!r}; use 'folder', 'opencv' or 'picamera2'"
+    if kind == "union_tag_not_found":
+        return f"{key}: needs type = 'folder', 'opencv' or 'picamera2'"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}: {message} (got {error.get('input')!r})" if "input" in error and not isinstance(error["input"], dict) else f"{key}: {message}"
+
+
+def parse_config(data: dict, origin: str = "config") -> AgentConfig:
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as error:
+        problems = [_describe(e) for e in error.errors()]
+        raise UserError(f"{origin}: " + "; ".join(problems)) from None
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist; copy firmware_config/leukoscope.toml there and edit it") from None
+    except OSError as error:
+        raise UserError(f"config file {path} cannot be read ({error.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{path}: not valid TOML ({error})") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,201 @@
+"""MQTT publishing from the durable outbox (paho-mqtt 2.x, QoS 1, TLS, credentials).
+
+The publisher never holds the only copy of a result: it reads rows from the outbox, publishes
+them, and deletes a row only when the broker's PUBACK for it arrives. While connected, paho
+retransmits unacknowledged messages itself after a reconnect; after a restart of the process
+the outbox still holds every unacknowledged row and they are sent again, oldest first
+(subscribers drop duplicates by ``message_id``).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from typing import Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge.config import MQTTConfig
+from edge.errors import UserError
+from edge.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+#: CONNACK reasons that retrying cannot fix: stop and tell the user.
+FATAL_REASONS = {"Bad user name or password", "Not authorized", "Client identifier not valid", "Banned"}
+
+
+class Publisher:
+    def __init__(self, config: MQTTConfig, outbox: Outbox, device_id: str,
+                 on_command: Callable[[str, bytes], None] = lambda topic, payload: None) -> None:
+        self.config = config
+        self.outbox = outbox
+        self.base = f"{config.topic_prefix}/{device_id}"
+        self.on_command = on_command
+        self.connected = threading.Event()
+        self.fatal: str | None = None
+        self.last_error: str | None = None
+        self.published = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox id
+        self._early: set[int] = set()  # PUBACKs that arrived before their mid was recorded
+        self._acked: list[int] = []
+        self._cursor = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.client = self._make_client(device_id)
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _make_client(self, device_id: str) -> mqtt.Client:
+        c = self.config
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=c.client_id or f"leukoscope-{device_id}",
+                             protocol=mqtt.MQTTv311, clean_session=True)
+        client.will_set(f"{self.base}/status", b"offline", qos=1, retain=True)
+        if c.username:
+            client.username_pw_set(c.username, c.password())
+        if c.tls:
+            try:
+                client.tls_set(ca_certs=str(c.tls.ca_file) if c.tls.ca_file else None,
+                               certfile=str(c.tls.cert_file) if c.tls.cert_file else None,
+                               keyfile=str(c.tls.key_file) if c.tls.key_file else None,
+                               cert_reqs=ssl.CERT_NONE if c.tls.insecure_skip_verify else ssl.CERT_REQUIRED)
+            except (OSError, ssl.SSLError) as error:
+                raise UserError(f"mqtt.tls: certificate files cannot be loaded ({error}); check ca_file, cert_file and key_file") from None
+            client.tls_insecure_set(c.tls.insecure_skip_verify)
+        client.reconnect_delay_set(1, int(max(1, c.reconnect_max_s)))
+        client.max_inflight_messages_set(c.max_inflight)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    # -- paho callbacks (network thread) --------------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            reason = str(reason_code)
+            self.last_error = f"broker {self.config.host}:{self.config.port} refused the connection: {reason}"
+            if reason in FATAL_REASONS:
+                self.fatal = self.last_error + " (check mqtt.username and the password file)"
+                log.error("%s", self.fatal)
+                client.disconnect()
+            else:
+                log.warning("%s", self.last_error)
+            return
+        log.info("connected to %s:%d", self.config.host, self.config.port)
+        self.last_error = None
+        client.publish(f"{self.base}/status", b"online", qos=1, retain=True)
+        client.subscribe(f"{self.base}/cmd/#", qos=1)
+        with self._wake:
+            self.connected.set()
+            self._wake.notify_all()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if not self._stopping:
+            self.last_error = f"disconnected from {self.config.host}:{self.config.port} ({reason_code})"
+            log.warning("%s; reconnecting with backoff", self.last_error)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._wake:
+            row = self._inflight.pop(mid, None)
+            if row is None:
+                self._early.add(mid)
+            else:
+                self._acked.append(row)
+            self._wake.notify_all()
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            self.on_command(message.topic, message.payload)
+        except Exception:  # a bad command must never take the network thread down
+            log.exception("command handler failed on %s", message.topic)
+
+    # -- sending (our thread) ---------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            self.client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive_s)
+        except (OSError, ValueError) as error:
+            raise UserError(f"mqtt.host {self.config.host!r} cannot be used ({error})") from None
+        self.client.loop_start()
+        self._thread = threading.Thread(target=self._send_loop, name="publisher", daemon=True)
+        self._thread.start()
+
+    def notify(self) -> None:
+        """A new row is in the outbox."""
+        with self._wake:
+            self._wake.notify_all()
+
+    def _flush_acks(self) -> None:
+        with self._wake:
+            acked, self._acked = self._acked, []
+        if acked:
+            self.outbox.ack(acked)
+            self.published += len(acked)
+
+    def _send_loop(self) -> None:
+        window = max(1, self.config.max_inflight)
+        while not self._stopping:
+            self._flush_acks()
+            with self._wake:
+                if not self.connected.is_set() or len(self._inflight) >= window:
+                    self._wake.wait(0.05)
+                    continue
+                room = window - len(self._inflight)
+                cursor = self._cursor
+            batch = self.outbox.pending(limit=room, after=cursor)
+            if not batch:
+                with self._wake:
+                    if not self._acked:
+                        self._wake.wait(0.05)
+                continue
+            for message in batch:
+                info = self.client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+                if info.rc == mqtt.MQTT_ERR_NO_CONN and not self.connected.is_set():
+                    pass  # paho holds it and sends it once the connection is back
+                with self._wake:
+                    if info.mid in self._early:
+                        self._early.discard(info.mid)
+                        self._acked.append(message.id)
+                    else:
+                        self._inflight[info.mid] = message.id
+                    self._cursor = message.id
+
+    def publish_now(self, subtopic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
+        """Fire-and-forget for things that are not results (status, stats, command replies)."""
+        self.client.publish(f"{self.base}/{subtopic}", payload, qos=qos, retain=retain)
+
+    def inflight(self) -> int:
+        with self._wake:
+            return len(self._inflight)
+
+    def wait_drained(self, timeout: float) -> bool:
+        """Wait until the outbox is empty and everything is acknowledged (or the timeout passes)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._flush_acks()
+            if len(self.outbox) == 0:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self, *, offline: bool = True) -> None:
+        if offline and self.connected.is_set():
+            info = self.client.publish(f"{self.base}/status", b"offline", qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=2)
+            except (RuntimeError, ValueError):
+                pass
+        self._stopping = True
+        with self._wake:
+            self._wake.notify_all()
+        if self._thread:
+            self._thread.join(timeout=2)
+        self._flush_acks()
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -11,7 +11,18 @@ from edge.errors import UserError
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Plain ``level name: message`` lines; under systemd the journal adds its own timestamps."""
+    """Plain ``level name: message`` lines; under systemd the journal adds its own timestamps.
+
+    SIGUSR1 dumps every thread's stack to stderr (the journal), for a device that seems stuck.
+    """
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        try:
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
+        except (ValueError, OSError, AttributeError):  # stderr without a file descriptor (captured in tests)
+            pass
     under_journal = bool(os.environ.get("JOURNAL_STREAM"))
     fmt = "%(levelname)s %(name)s: %(message)s" if under_journal else "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr, force=True)

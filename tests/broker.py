@@ -1,0 +1,81 @@
+"""A real MQTT broker for the tests: mosquitto on a free loopback port, or amqtt where mosquitto is absent."""
+
+from __future__ import annotations
+
+import getpass
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"broker did not open port {port}")
+
+
+class Broker:
+    """Start, stop and restart a broker; state persists across restarts (like a real deployment)."""
+
+    def __init__(self, folder: Path, *, password_file: Path | None = None, tls: dict | None = None) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.password_file = password_file
+        self.tls = tls
+        self.process: subprocess.Popen | None = None
+        self.kind = "mosquitto" if MOSQUITTO else "amqtt"
+        if self.kind == "amqtt" and (password_file or tls):
+            raise RuntimeError("credentials and TLS tests need mosquitto (apt-get install mosquitto)")
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _mosquitto_config(self) -> Path:
+        lines = [f"listener {self.port} 127.0.0.1", f"user {getpass.getuser()}", "persistence true", f"persistence_location {self.folder}/",
+                 "autosave_interval 1", f"log_dest file {self.folder / 'broker.log'}", "max_queued_messages 100000"]
+        if self.password_file:
+            lines += ["allow_anonymous false", f"password_file {self.password_file}"]
+        else:
+            lines += ["allow_anonymous true"]
+        if self.tls:
+            lines += [f"cafile {self.tls['ca']}", f"certfile {self.tls['cert']}", f"keyfile {self.tls['key']}"]
+        path = self.folder / "mosquitto.conf"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def _amqtt_config(self) -> Path:
+        path = self.folder / "amqtt.yaml"
+        path.write_text(f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{self.port}\n"
+                        "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n")
+        return path
+
+    def start(self) -> "Broker":
+        if self.kind == "mosquitto":
+            command = [MOSQUITTO, "-c", str(self._mosquitto_config())]
+        else:
+            command = [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(self._amqtt_config())]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()  # mosquitto saves its persistence file on SIGTERM
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.process = None

@@ -1,0 +1,315 @@
+"""The edge agent against a real broker: nothing lost across broker restarts and SIGKILL, last will,
+credentials, TLS, and a storm of malformed commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.broker import MOSQUITTO, Broker
+from tests.conftest import BCCD, ROOT
+
+pytestmark = pytest.mark.slow
+needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="credentials/TLS tests need mosquitto (apt-get install mosquitto)")
+
+
+@pytest.fixture
+def frames(tmp_path) -> Path:
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    sources = sorted((BCCD / "JPEGImages").glob("*.jpg"))[:12] if BCCD.is_dir() else sorted((ROOT / "samples" / "frames").iterdir())
+    for number, path in enumerate(sources * 3):  # 36 frames (or more) to give the run some length
+        shutil.copy(path, folder / f"{number:03d}_{path.name}")
+    return folder
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
+def write_config(path: Path, *, port: int, frames: Path, outbox: Path, fps: float | None = None, loop: bool = False,
+                 extra: str = "", device: str = "t1") -> Path:
+    source = f'[source]\ntype = "folder"\npath = "{frames}"\nloop = {str(loop).lower()}\n' + (f"fps = {fps}\n" if fps else "")
+    path.write_text(f'[device]\nid = "{device}"\n{source}'
+                    f'[classifier]\nbundle = "{ROOT / "models" / "default"}"\nnum_threads = 1\n'
+                    f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nkeepalive_s = 5\nstats_interval_s = 1\nreconnect_max_s = 2\n{extra}\n'
+                    f'[outbox]\npath = "{outbox}"\n[pipeline]\nsample_id = "S1"\n')
+    return path
+
+
+class Agent(subprocess.Popen):
+    """``edge run`` in a child process; its log goes to a file (a full pipe would block the agent)."""
+
+    def __init__(self, config: Path) -> None:
+        self.log_path = config.with_suffix(".log")
+        self._log = self.log_path.open("w")
+        super().__init__([sys.executable, "-m", "edge.cli", "run", "--config", str(config)], cwd=ROOT,
+                         stdout=self._log, stderr=subprocess.STDOUT, text=True)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+
+def start_agent(config: Path) -> Agent:
+    return Agent(config)
+
+
+class Subscriber:
+    """A real paho subscriber with a persistent session, so the broker queues for it while it is away."""
+
+    def __init__(self, port: int, topic: str = "leukoscope/#", client_id: str = "test-subscriber") -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.2, 1)
+        self.client.connect_async("127.0.0.1", port)
+        self.client.loop_start()
+        self.wait_for(lambda: self.client.is_connected(), 5)
+
+    def _on_message(self, client, userdata, message) -> None:
+        with self.lock:
+            self.messages.append((message.topic, message.payload, message.retain))
+
+    def wait_for(self, condition, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return True
+            time.sleep(0.05)
+        return False
+
+    def results(self) -> dict[str, dict]:
+        with self.lock:
+            return {json.loads(p)["message_id"]: json.loads(p) for t, p, _ in self.messages if t.endswith("/results")}
+
+    def payloads(self, suffix: str) -> list[bytes]:
+        with self.lock:
+            return [p for t, p, _ in self.messages if t.endswith(suffix)]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def pending_results(outbox: Path) -> dict[str, dict]:
+    with sqlite3.connect(outbox) as db:
+        rows = db.execute("SELECT topic, payload FROM outbox").fetchall()
+    return {json.loads(p)["message_id"]: json.loads(p) for t, p in rows if t.endswith("/results")}
+
+
+def test_results_arrive_with_status_and_summary(broker, frames, tmp_path):
+    sub = Subscriber(broker.port)
+    config = write_config(tmp_path / "a.toml", port=broker.port, frames=frames, outbox=tmp_path / "outbox.db")
+    agent = start_agent(config)
+    assert agent.wait(timeout=120) == 0, agent.log()
+    count = len(list(frames.iterdir()))
+    assert sub.wait_for(lambda: len(sub.results()) == count, 10)
+    assert sorted(r["sequence"] for r in sub.results().values()) == list(range(1, count + 1))
+    assert sub.wait_for(lambda: b"offline" in sub.payloads("/status"), 5)
+    assert sub.payloads("/status")[0] == b"online"
+    final = [json.loads(p) for p in sub.payloads("/samples/S1") if json.loads(p)["final"]]
+    assert final and final[-1]["frames"] == count
+    assert any(json.loads(p)["frames_processed"] for p in sub.payloads("/stats"))
+    assert len(pending_results(tmp_path / "outbox.db")) == 0  # acknowledged rows are gone
+    sub.close()
+
+
+def test_broker_restart_mid_run_loses_nothing(broker, frames, tmp_path):
+    sub = Subscriber(broker.port)
+    config = write_config(tmp_path / "a.toml", port=broker.port, frames=frames, outbox=tmp_path / "outbox.db", fps=12)
+    agent = start_agent(config)
+    time.sleep(1.0)
+    broker.stop()
+    time.sleep(1.5)
+    broker.start()
+    assert agent.wait(timeout=120) == 0, agent.log()
+    count = len(list(frames.iterdir()))
+    assert sub.wait_for(lambda: len({r["sequence"] for r in sub.results().values()}) == count, 15)
+    assert {r["sequence"] for r in sub.results().values()} == set(range(1, count + 1))
+    sub.close()
+
+
+def test_sigkill_mid_run_loses_nothing(broker, frames, tmp_path):
+    sub = Subscriber(broker.port)
+    outbox = tmp_path / "outbox.db"
+    agent = start_agent(write_config(tmp_path / "a.toml", port=broker.port, frames=frames, outbox=outbox, fps=12))
+    time.sleep(2.0)
+    agent.send_signal(signal.SIGKILL)
+    agent.wait()
+    stored = pending_results(outbox)  # written durably, not yet acknowledged
+    seen = sub.results()
+    produced = {r["sequence"] for r in list(stored.values()) + list(seen.values())}
+    assert produced == set(range(1, max(produced) + 1)), "a result vanished between the pipeline and the outbox"
+
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(next(frames.iterdir()), one)
+    again = start_agent(write_config(tmp_path / "b.toml", port=broker.port, frames=one, outbox=outbox))
+    assert again.wait(timeout=120) == 0, again.log()
+    assert sub.wait_for(lambda: set(stored) <= set(sub.results()), 15)
+    sub.close()
+
+
+def test_last_will_marks_the_device_offline(broker, frames, tmp_path):
+    sub = Subscriber(broker.port, topic="leukoscope/+/status")
+    agent = start_agent(write_config(tmp_path / "a.toml", port=broker.port, frames=frames, outbox=tmp_path / "o.db",
+                                     fps=5, loop=True))
+    assert sub.wait_for(lambda: b"online" in sub.payloads("/status"), 30)
+    agent.send_signal(signal.SIGKILL)  # no goodbye: only the broker's last will can say it
+    agent.wait()
+    assert sub.wait_for(lambda: sub.payloads("/status")[-1] == b"offline", 15)
+    sub.close()
+
+
+def test_malformed_commands_are_answered_not_fatal(broker, frames, tmp_path):
+    agent = start_agent(write_config(tmp_path / "a.toml", port=broker.port, frames=frames, outbox=tmp_path / "o.db",
+                                     fps=5, loop=True))
+    sub = Subscriber(broker.port, topic="leukoscope/t1/reply/#", client_id="replies")
+    base = "leukoscope/t1/cmd/"
+    assert sub.wait_for(lambda: _ping(broker.port, base, sub, "warm-up"), 30)
+    rng = random.Random(7)
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fuzzer")
+    sender.connect("127.0.0.1", broker.port)
+    sender.loop_start()
+    names = ["ping", "start_sample", "stop_sample", "snapshot", "reload_model", "", "x" * 300, "ünïcode", "a/b/c"]
+    for _ in range(1000):
+        kind = rng.randrange(6)
+        if kind == 0:
+            payload = bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
+        elif kind == 1:
+            payload = json.dumps(rng.choice([[], 1, "s", None, 3.5, {"sample_id": rng.randrange(10**6)}])).encode()
+        elif kind == 2:
+            payload = json.dumps({"sample_id": "".join(rng.choice("ab/#+ \n") for _ in range(rng.randrange(90)))}).encode()
+        elif kind == 3:
+            payload = json.dumps({"bundle": rng.choice(["/nonexistent", 5, "", "/etc"]), "reply_to": rng.choice(["x", 5, "#"])}).encode()
+        elif kind == 4:
+            payload = b"{" * rng.randrange(1, 2000)
+        else:
+            payload = json.dumps({"request_id": rng.randrange(99), "deep": [[[[]]]] * 50}).encode()
+        sender.publish(base + rng.choice(names), payload, qos=rng.choice([0, 1]))
+    sender.loop_stop()
+    sender.disconnect()
+    alive = sub.wait_for(lambda: _ping(broker.port, base, sub, "after-storm"), 60)
+    if not alive:
+        agent.kill()
+        pytest.fail(f"no answer after the storm; agent log:\n{agent.log()[-3000:]}")
+    assert agent.poll() is None, "the agent died"
+    errors = [json.loads(p) for p in sub.payloads("") if not json.loads(p)["ok"]]
+    assert errors and all(e["error"] for e in errors)
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=60) == 0
+    sub.close()
+
+
+def _ping(port: int, base: str, sub: Subscriber, request_id: str) -> bool:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"ping-{request_id}")
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.publish(base + "ping", json.dumps({"request_id": request_id}).encode(), qos=1).wait_for_publish(5)
+    client.loop_stop()
+    client.disconnect()
+    return sub.wait_for(lambda: any(json.loads(p).get("request_id") == request_id and json.loads(p)["ok"]
+                                    for p in sub.payloads("/reply/ping")), 3)
+
+
+def test_start_and_stop_sample_commands(broker, frames, tmp_path):
+    agent = start_agent(write_config(tmp_path / "a.toml", port=broker.port, frames=frames, outbox=tmp_path / "o.db",
+                                     fps=10, loop=True))
+    sub = Subscriber(broker.port, client_id="samples")
+    base = "leukoscope/t1/cmd/"
+    assert sub.wait_for(lambda: _ping(broker.port, base, sub, "ready"), 30)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="operator")
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    client.publish(base + "start_sample", json.dumps({"sample_id": "BM-42"}).encode(), qos=1).wait_for_publish(5)
+    assert sub.wait_for(lambda: any(r["sample_id"] == "BM-42" for r in sub.results().values()), 20)
+    client.publish(base + "stop_sample", b"", qos=1).wait_for_publish(5)
+    assert sub.wait_for(lambda: any(json.loads(p)["final"] for p in sub.payloads("/samples/BM-42")), 20)
+    client.loop_stop()
+    client.disconnect()
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=60) == 0
+    sub.close()
+
+
+@needs_mosquitto
+def test_wrong_credentials_give_a_clear_message(tmp_path, frames):
+    passwords = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "scope", "right"], check=True, capture_output=True)
+    passwords.chmod(0o600)
+    broker = Broker(tmp_path / "broker", password_file=passwords).start()
+    try:
+        secret = tmp_path / "secret"
+        secret.write_text("wrong\n")
+        config = write_config(tmp_path / "a.toml", port=broker.port, frames=frames, outbox=tmp_path / "o.db",
+                              extra=f'username = "scope"\npassword_file = "{secret}"')
+        agent = start_agent(config)
+        assert agent.wait(timeout=60) == 2
+        err = agent.log()
+        assert "refused the connection" in err and ("Not authorized" in err or "Bad user name or password" in err)
+        assert "wrong" not in err  # the password is never logged
+        check = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config", str(config)], cwd=ROOT,
+                               capture_output=True, text=True, timeout=60)
+        assert check.returncode == 1 and "FAIL broker" in check.stdout
+        secret.write_text("right\n")
+        check = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config", str(config)], cwd=ROOT,
+                               capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, check.stdout
+    finally:
+        broker.stop()
+
+
+def _certificates(folder: Path, name: str) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, cert = (folder / f"{name}-{n}" for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt"))
+    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca), "-days", "2", "-subj", f"/CN={name} test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+    ext = folder / f"{name}-ext.cnf"
+    ext.write_text("subjectAltName = IP:127.0.0.1\n")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-out", str(cert),
+        "-days", "2", "-extfile", str(ext))
+    return {"ca": ca, "cert": cert, "key": key}
+
+
+@needs_mosquitto
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="TLS test makes its certificates with openssl")
+def test_tls_with_right_and_wrong_ca(tmp_path, frames):
+    good = _certificates(tmp_path / "pki", "good")
+    other = _certificates(tmp_path / "pki", "other")
+    broker = Broker(tmp_path / "broker", tls=good).start()
+    try:
+        for ca, expected in ((good["ca"], 0), (other["ca"], 1)):
+            config = write_config(tmp_path / "a.toml", port=broker.port, frames=frames, outbox=tmp_path / "o.db",
+                                  extra=f'[mqtt.tls]\nca_file = "{ca}"')
+            check = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config", str(config)], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=60)
+            assert check.returncode == expected, check.stdout + check.stderr
+            if expected:
+                assert "FAIL broker" in check.stdout and "certificate verify failed" in check.stdout
+        config = write_config(tmp_path / "b.toml", port=broker.port, frames=frames, outbox=tmp_path / "o.db",
+                              extra=f'[mqtt.tls]\nca_file = "{tmp_path / "missing.crt"}"')
+        agent = start_agent(config)
+        assert agent.wait(timeout=60) == 2
+        assert "certificate files cannot be loaded" in agent.log()
+    finally:
+        broker.stop()

@@ -1,0 +1,33 @@
+"""The unit passes systemd's own checks where systemd-analyze is available."""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+UNIT = ROOT / "systemd" / "leukoscope-edge.service"
+needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+
+
+@needs_analyze
+def test_unit_security_exposure_is_low():
+    out = subprocess.run(["systemd-analyze", "security", "--offline=true", str(UNIT)], capture_output=True, text=True)
+    level = float(re.search(r"Overall exposure level for .*: ([0-9.]+)", out.stdout).group(1))
+    print(f"\nsystemd-analyze security exposure: {level}")
+    assert level <= 2.0
+
+
+@needs_analyze
+def test_unit_has_no_unknown_keys():
+    out = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True)
+    assert "Unknown key" not in out.stderr and "Unknown section" not in out.stderr, out.stderr
+
+
+def test_unit_is_a_notify_service_with_watchdog_and_credentials():
+    text = UNIT.read_text()
+    for line in ("Type=notify", "WatchdogSec=", "StateDirectory=leukoscope", "LoadCredential=mqtt-password:", "User=leukoscope",
+                 "RestartPreventExitStatus=2"):
+        assert line in text

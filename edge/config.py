@@ -57,6 +57,7 @@ class SegmentationConfig(Strict):
     cell_diameter_um: float = Field(SegmentationSettings.cell_diameter_um, gt=0)
     detect_width: int = Field(SegmentationSettings.detect_width, ge=64)
     blue_threshold: int = Field(SegmentationSettings.blue_threshold, ge=0, le=255)
+    dark_level: int = Field(SegmentationSettings.dark_level, ge=0, le=255)
     min_area_fraction: float = Field(SegmentationSettings.min_area_fraction, gt=0)
     max_area_fraction: float = Field(SegmentationSettings.max_area_fraction, gt=0)
 

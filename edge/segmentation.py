@@ -28,6 +28,8 @@ class SegmentationSettings:
     detect_width: int = 480
     #: Blue excess (B - R, 0..255) a nucleus pixel must exceed.
     blue_threshold: int = 35
+    #: Or: darker than this in every channel and not red (heavily stained or stain-normalised nuclei).
+    dark_level: int = 130
     #: Accepted nucleus areas relative to a disc of the typical cell diameter.
     min_area_fraction: float = 0.08
     max_area_fraction: float = 1.6
@@ -54,6 +56,13 @@ class Cell:
         x, y, w, h = self.bbox
         full[y:y + h, x:x + w] = self.mask
         return full
+
+
+def _stained(rgb: np.ndarray, blue_threshold: float, dark_level: int) -> np.ndarray:
+    """uint8 mask of stained pixels: blue well above red, or dark and not red."""
+    red, green, blue = cv2.split(rgb)
+    dark = (cv2.max(cv2.max(red, green), blue) < dark_level) & (cv2.add(blue, 10) >= red)
+    return ((cv2.subtract(blue, red) > blue_threshold) | dark).astype(np.uint8)
 
 
 def _is_black_background(frame: np.ndarray, level: int) -> bool:
@@ -114,8 +123,7 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
     scale = min(1.0, settings.detect_width / width)
     small = cv2.resize(frame_rgb, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA) if scale < 1 else frame_rgb
     diameter = settings.diameter() * scale
-    red, _, blue = cv2.split(small)
-    nucleus = (cv2.subtract(blue, red) > settings.blue_threshold).astype(np.uint8)
+    nucleus = _stained(small, settings.blue_threshold, settings.dark_level)
     nucleus = cv2.morphologyEx(nucleus, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     close = max(3, int(diameter * 0.14) | 1)
     nucleus = cv2.morphologyEx(nucleus, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (close, close)))
@@ -140,7 +148,8 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
                 continue
             if len(group) == 1 and _solidity(part) < settings.min_solidity:
                 continue
-            cells.append(_cell_from_nucleus(part, (x0, y0), scale, 0.12 * diameter, (height, width)))
+            cell = _cell_from_nucleus(part, (x0, y0), scale, 0.12 * diameter, (height, width))
+            cells.append(_keep_stained(frame_rgb, cell, settings))
     return cells
 
 
@@ -159,6 +168,20 @@ def _cell_from_nucleus(component: np.ndarray, offset: tuple[int, int], scale: fl
     mask = np.zeros((h, w), np.uint8)
     cv2.fillConvexPoly(mask, points - [x, y], 1)
     return Cell(bbox=(x, y, w, h), area=int(mask.sum()), mask=mask.astype(bool))
+
+
+def _keep_stained(frame_rgb: np.ndarray, cell: Cell, settings: SegmentationSettings) -> Cell:
+    """Trim the hull to the cell's stained pixels (nucleus and violet cytoplasm), so that pale
+    background and red cells around it do not enter the model's crop, which in training showed
+    a cell on black."""
+    x, y, w, h = cell.bbox
+    stained = _stained(frame_rgb[y:y + h, x:x + w], settings.blue_threshold * 0.4, settings.dark_level)
+    close = max(3, int(min(w, h) * 0.06) | 1)
+    stained = cv2.morphologyEx(stained, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (close, close)))
+    mask = cell.mask & stained.astype(bool)
+    if mask.sum() < 0.3 * cell.mask.sum():  # pale cytoplasm and a faint stain: keep the hull
+        return cell
+    return Cell(bbox=cell.bbox, area=int(mask.sum()), mask=mask)
 
 
 def _find_on_black(frame_rgb: np.ndarray, settings: SegmentationSettings) -> list[Cell]:

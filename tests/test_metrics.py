@@ -15,10 +15,16 @@ def test_metrics_on_a_known_case():
 
 
 def test_threshold_separates_when_it_can():
-    labels = np.array([0, 0, 0, 1, 1, 1])
-    scores = np.array([0.10, 0.12, 0.15, 0.18, 0.2, 0.3])
-    t = choose_threshold(labels, scores)
-    assert compute(labels, scores, t)["accuracy"] == 1.0
+    labels = np.array([0] * 60 + [1] * 60)
+    scores = np.concatenate([np.linspace(0.05, 0.15, 60), np.linspace(0.18, 0.3, 60)])
+    t, rule = choose_threshold(labels, scores)
+    assert compute(labels, scores, t)["accuracy"] == 1.0 and "Youden" in rule
+
+
+def test_too_few_cells_of_a_class_fall_back_to_half():
+    labels = np.array([0] * 17 + [1] * 300)
+    t, rule = choose_threshold(labels, np.linspace(0, 1, 317))
+    assert t == 0.5 and "only 17 cells" in rule
 
 
 @pytest.mark.parametrize("scores", [np.full(50, 0.31), np.linspace(0.500, 0.505, 50)])

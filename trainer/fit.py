@@ -145,7 +145,7 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     # Measure what was saved, as it will be used: reloaded, inference mode.
     saved = keras.models.load_model(out / "model.keras")
     val_scores = pipeline.predict(saved, images[val])
-    threshold = M.choose_threshold(labels[val], val_scores)
+    threshold, threshold_rule = M.choose_threshold(labels[val], val_scores)
     collapse = None
     try:
         M.check_not_collapsed(val_scores, threshold)
@@ -159,7 +159,7 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
         "model": config.model,
         "input_size": size,
         "threshold": threshold,
-        "threshold_rule": "max Youden J on validation patients",
+        "threshold_rule": threshold_rule,
         "epochs_run": len(history.history["loss"]),
         "train_seconds": round(train_seconds, 1),
         "parameters": int(saved.count_params()),

@@ -17,17 +17,25 @@ class CollapsedModel(Exception):
     """The model gives (nearly) one answer for everything: a report would look fine and mean nothing."""
 
 
-def choose_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The threshold maximising Youden's J (sensitivity + specificity - 1) on validation.
+#: Fewest validation cells of each class for choosing the threshold from data.
+MIN_CELLS_FOR_THRESHOLD = 50
+
+
+def choose_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, str]:
+    """(threshold, rule): Youden's J (sensitivity + specificity - 1) on validation, or 0.5.
 
     Balanced on purpose: the classes are imbalanced per patient and per lab, and a screening
-    aid should not buy accuracy by calling everything ALL.
+    aid should not buy accuracy by calling everything ALL. With fewer than
+    ``MIN_CELLS_FOR_THRESHOLD`` validation cells in a class, a threshold fitted to them is noise
+    (seen: 0.09 from 17 normal cells); training uses balanced class weights, so 0.5 is then the
+    balanced choice.
     """
-    if len(np.unique(labels)) < 2:
-        return 0.5
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=2)
+    if counts.min() < MIN_CELLS_FOR_THRESHOLD:
+        return 0.5, f"0.5 (validation holds only {counts.min()} cells of one class; class-balanced training)"
     fpr, tpr, thresholds = roc_curve(labels, scores)
     best = int(np.argmax(tpr - fpr))
-    return float(np.clip(thresholds[best], 1e-6, 1 - 1e-6))
+    return float(np.clip(thresholds[best], 1e-6, 1 - 1e-6)), "max Youden J on validation patients"
 
 
 def check_not_collapsed(scores: np.ndarray, threshold: float) -> None:

@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Run the agent with a validated TOML config (see firmware_config/leukoscope.toml).")
     run.add_argument("--config", type=Path, required=True, help="agent config file (TOML)")
 
+    demo = commands.add_parser("demo", help="the whole device on the bundled sample frames (no camera, no broker needed)",
+                               description="Run the agent on samples/frames with the bundled model: durable outbox, a local "
+                                           "mosquitto and a subscriber where mosquitto is installed, annotated frames, a summary.")
+    demo.add_argument("--workdir", type=Path, default=None, help="where the outbox and annotated frames go (default: a new temporary folder)")
+    demo.add_argument("--frames", type=Path, default=None, help="frames to replay (default: samples/frames)")
+    demo.add_argument("--bundle", type=Path, default=None, help="model bundle (default: models/default)")
+
     check = commands.add_parser("check", help="self-test: config, bundle, camera and broker; non-zero exit on failure")
     check.add_argument("--config", type=Path, required=True, help="agent config file (TOML)")
     return parser
@@ -94,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     def command() -> int:
         if args.command == "replay":
             return _replay(args)
+        if args.command == "demo":
+            from edge.demo import SAMPLES, run_demo
+
+            return run_demo(args.workdir, args.frames or SAMPLES, args.bundle)
         from edge import agent
 
         if args.command == "run":

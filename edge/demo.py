@@ -1,0 +1,173 @@
+"""``edge demo``: the whole device on bundled sample frames, no camera, no root, no broker needed.
+
+The agent runs exactly as in service, with a folder replay as its camera. Where a ``mosquitto``
+binary exists, a private broker is started on a free loopback port and a real subscriber
+prints the messages as they arrive; without one, results still go to the durable outbox and
+the terminal.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from edge import DISCLAIMER
+from edge.agent import Agent
+from edge.config import parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples" / "frames"
+#: The sample frames' white cells are about this wide (BCCD at 640x480 and the composed frames).
+SAMPLE_CELL_DIAMETER_PX = 175.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_broker(workdir: Path) -> tuple[subprocess.Popen, int] | None:
+    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if not binary:
+        return None
+    port = _free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return process, port
+        time.sleep(0.05)
+    process.terminate()
+    return None
+
+
+def _subscriber(port: int, lines: list[str]):
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    def on_message(client, userdata, message):
+        try:
+            body = json.loads(message.payload)
+        except ValueError:
+            body = message.payload.decode(errors="replace")
+        if message.topic.endswith("/results"):
+            text = f"{body['source']}: {body['counts']['cells']} cells, {body['counts']['blasts']} flagged"
+        elif "/samples/" in message.topic:
+            text = f"sample {body['sample_id']}: {body['cells']} cells, {body['blasts']} flagged" + (" (final)" if body["final"] else "")
+        elif message.topic.endswith("/stats"):
+            return
+        else:
+            text = str(body)
+        line = f"  [subscriber] {message.topic}  {text}"
+        lines.append(line)
+        print(line, flush=True)
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="leukoscope-demo-subscriber")
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe("leukoscope/#", qos=1)
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client
+
+
+def _iou(a, b) -> float:
+    w = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return w * h / (a[2] * a[3] + b[2] * b[3] - w * h)
+
+
+def _known_labels(results: list[dict], labels_csv: Path) -> list[tuple[str, str, str, float | None]]:
+    """(frame, true label, predicted label or 'not found', p_all) for each composed cell of known label."""
+    if not labels_csv.is_file():
+        return []
+    by_frame = {r["source"]: r for r in results}
+    rows = []
+    with labels_csv.open() as handle:
+        for row in csv.DictReader(handle):
+            box = [int(row[k]) for k in ("x", "y", "width", "height")]
+            cells = by_frame.get(row["frame"], {"cells": []})["cells"]
+            match = max(cells, key=lambda c: _iou(c["bbox"], box), default=None)
+            if match is None or _iou(match["bbox"], box) < 0.3:
+                rows.append((row["frame"], row["label"], "not found", None))
+            else:
+                rows.append((row["frame"], row["label"], match["label"], match["p_all"]))
+    return rows
+
+
+def run_demo(workdir: Path | None = None, frames: Path = SAMPLES, bundle: Path | None = None) -> int:
+    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="leukoscope-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"leukoscope demo: {DISCLAIMER}\nworking folder: {workdir}\n", flush=True)
+    broker = _start_broker(workdir)
+    config = {
+        "device": {"id": "demo-scope"},
+        "source": {"type": "folder", "path": str(frames)},
+        "segmentation": {"cell_diameter_px": SAMPLE_CELL_DIAMETER_PX},
+        "mqtt": {"enabled": broker is not None, "host": "127.0.0.1", "port": broker[1] if broker else 1883, "stats_interval_s": 60},
+        "outbox": {"path": str(workdir / "outbox.sqlite3")},
+        "pipeline": {"sample_id": "DEMO-1", "log_results": True},
+        "review": {"folder": str(workdir / "review")},
+    }
+    if bundle:
+        config["classifier"] = {"bundle": str(bundle)}
+    lines: list[str] = []
+    subscriber = None
+    if broker:
+        print(f"mosquitto started on 127.0.0.1:{broker[1]}; a subscriber prints what arrives\n", flush=True)
+        subscriber = _subscriber(broker[1], lines)
+    else:
+        print("no mosquitto found: results go to the durable outbox and this terminal only\n", flush=True)
+    agent = Agent(parse_config(config, "demo config"))
+    results: list[dict] = []
+    original = agent.outbox.put
+
+    def keep(topic: str, payload: bytes, **kwargs):
+        if topic.endswith("/results"):
+            results.append(json.loads(payload))
+        return original(topic, payload, **kwargs)
+
+    agent.outbox.put = keep  # type: ignore[method-assign]  # the demo also shows what went into the outbox
+    try:
+        agent.run()
+        if subscriber:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not any("(final)" in line for line in lines):
+                time.sleep(0.05)
+    finally:
+        if subscriber:
+            subscriber.loop_stop()
+            subscriber.disconnect()
+        if broker:
+            broker[0].terminate()
+            broker[0].wait(timeout=10)
+    _print_summary(results, workdir, frames, delivered=sum("/results" in line for line in lines) if broker else None)
+    return 0
+
+
+def _print_summary(results: list[dict], workdir: Path, frames: Path, delivered: int | None) -> None:
+    cells = sum(r["counts"]["cells"] for r in results)
+    blasts = sum(r["counts"]["blasts"] for r in results)
+    print("\n=== demo summary ===")
+    print(f"{len(results)} frames analysed, {cells} white cells found, {blasts} flagged as ALL blasts")
+    if delivered is not None:
+        print(f"{delivered} of {len(results)} frame results delivered through the broker to the subscriber")
+    known = _known_labels(results, frames / "labels.csv")
+    if known:
+        right = sum(1 for _, truth, guess, _ in known if truth == guess)
+        print(f"\ncomposed frames (real C-NMC cells of known label): {right} of {len(known)} cells classified as labelled")
+        for frame, truth, guess, p in known:
+            print(f"  {frame:<18} true {truth:<4} predicted {guess:<10}" + ("" if p is None else f" p(ALL) {p:.2f}"))
+    print("\nThe BCCD frames show granulocytes and monocytes: the model knows only B-lineage cells, so its")
+    print("output on them means nothing (see models/default/MODEL_CARD.md).")
+    print(f"\nannotated frames: {workdir / 'review'}\noutbox: {workdir / 'outbox.sqlite3'}\n{DISCLAIMER}")

@@ -1,0 +1,119 @@
+"""The service's costs on this machine: outbox-to-broker throughput, draining a one-hour backlog,
+the agent's overhead over the bare pipeline, and its peak RSS.
+
+    python benchmarks/bench_agent.py [--backlog 36000] [--bccd ../shared/data/bccd]
+
+Needs mosquitto (apt-get install mosquitto); everything runs on loopback. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edge.agent import Agent  # noqa: E402
+from edge.classifier import Classifier  # noqa: E402
+from edge.config import parse_config  # noqa: E402
+from edge.outbox import Outbox  # noqa: E402
+from edge.pipeline import Pipeline  # noqa: E402
+from edge.preprocessing import read_rgb  # noqa: E402
+from edge.publisher import Publisher  # noqa: E402
+from edge.sources import Frame  # noqa: E402
+from tests.broker import Broker  # noqa: E402
+
+
+def drain(broker: Broker, work: Path, count: int) -> dict:
+    frame = read_rgb(sorted((ROOT / "samples" / "frames").glob("composed_*.jpg"))[0])
+    result, _, _ = Pipeline(Classifier(ROOT / "models" / "default")).process(Frame(frame, "composed_01.jpg"), "S1")
+    payload = json.dumps(result).encode()
+    outbox = Outbox(work / "backlog.sqlite3", max_messages=count + 10)
+    started = time.perf_counter()
+    for _ in range(count):
+        outbox.put("leukoscope/bench/results", payload)
+    fill_s = time.perf_counter() - started
+    config = parse_config({"source": {"type": "folder", "path": str(work)}, "mqtt": {"host": "127.0.0.1", "port": broker.port,
+                                                                                       "max_inflight": 1000}}).mqtt
+    publisher = Publisher(config, outbox, "bench")
+    started = time.perf_counter()
+    publisher.start()
+    drained = publisher.wait_drained(timeout=600)
+    drain_s = time.perf_counter() - started
+    publisher.stop()
+    return {"results": count, "payload_bytes": len(payload), "durable_writes_per_s": round(count / fill_s),
+            "drained": drained, "drain_s": round(drain_s, 2), "delivered_per_s": round(count / drain_s)}
+
+
+def overhead(broker: Broker, frames: Path, count: int) -> dict:
+    classifier = Classifier(ROOT / "models" / "default")
+    pipeline = Pipeline(classifier)
+    files = sorted(frames.iterdir())
+    started = time.perf_counter()
+    for path in files:
+        pipeline.process(Frame(read_rgb(path), path.name))
+    bare_fps = count / (time.perf_counter() - started)
+    work = Path(tempfile.mkdtemp())
+    agent = Agent(parse_config({"source": {"type": "folder", "path": str(frames)},
+                                "mqtt": {"host": "127.0.0.1", "port": broker.port},
+                                "outbox": {"path": str(work / "o.sqlite3")}}))
+    agent.started = time.monotonic()  # from the first frame, not from loading the model
+    agent.run()
+    agent_fps = agent.counters["frames_processed"] / (agent.last_progress - agent.started)
+    return {"frames": count, "pipeline_alone_fps": round(bare_fps, 1), "agent_fps": round(agent_fps, 1),
+            "overhead_percent": round(100 * (1 - agent_fps / bare_fps), 1)}
+
+
+def peak_rss(broker: Broker, frames: Path, seconds: float) -> dict:
+    work = Path(tempfile.mkdtemp())
+    config = work / "agent.toml"
+    config.write_text(f'[source]\ntype = "folder"\npath = "{frames}"\nloop = true\nfps = 10\n'
+                      f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n[outbox]\npath = "{work / "o.sqlite3"}"\n')
+    agent = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(config)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(seconds)
+    status = Path(f"/proc/{agent.pid}/status").read_text()
+    hwm = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+    agent.send_signal(signal.SIGTERM)
+    agent.wait(timeout=60)
+    return {"seconds": seconds, "fps_setting": 10, "frame": "1920x1080", "peak_rss_mb": round(hwm / 1024, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backlog", type=int, default=36_000, help="results in the backlog (one hour at 10 frames/s)")
+    parser.add_argument("--bccd", type=Path, default=ROOT.parent / "shared" / "data" / "bccd")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
+    frames = work / "frames"
+    frames.mkdir()
+    sources = sorted((args.bccd / "JPEGImages").glob("*.jpg"))[:40]
+    for i, path in enumerate(sources):  # 1080p frames tiled from real smears at native scale
+        tiles = [cv2.imread(str(sources[(i + k) % len(sources)])) for k in range(9)]
+        big = np.vstack([np.hstack(tiles[r * 3:r * 3 + 3]) for r in range(3)])[:1080, :1920]
+        cv2.imwrite(str(frames / f"f{i:03d}.jpg"), big, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    broker = Broker(work / "broker").start()
+    try:
+        report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "broker": broker.kind,
+                  "backlog": drain(broker, work, args.backlog),
+                  "agent_overhead_1080p": overhead(broker, frames, len(sources)),
+                  "agent_peak_rss": peak_rss(broker, frames, 20)}
+    finally:
+        broker.stop()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Edge pipeline speed on this machine: segmentation per frame size, classification per frame with N
+cells (batched vs one by one), frames per second through `edge replay`, and its peak RSS.
+
+    python benchmarks/bench_pipeline.py [--bundle models/default] [--bccd ../shared/data/bccd]
+
+Large frames are tiled from real BCCD frames at their native scale (so a 1920x1080 frame holds
+~6-9 white cells and a 4056x3040 frame ~40), not upscaled. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edge.classifier import Classifier  # noqa: E402
+from edge.pipeline import Pipeline  # noqa: E402
+from edge.preprocessing import read_rgb  # noqa: E402
+from edge.segmentation import find_cells  # noqa: E402
+from edge.sources import Frame  # noqa: E402
+
+SIZES = {"640x480": (640, 480), "1920x1080": (1920, 1080), "4056x3040": (4056, 3040)}
+
+
+def tiled(frames: list[np.ndarray], width: int, height: int) -> np.ndarray:
+    rows = []
+    index = 0
+    for _ in range(-(-height // 480)):
+        row = []
+        for _ in range(-(-width // 640)):
+            row.append(frames[index % len(frames)])
+            index += 1
+        rows.append(np.hstack(row))
+    return np.ascontiguousarray(np.vstack(rows)[:height, :width])
+
+
+def timed(function, repeats: int) -> float:
+    function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times) * 1000)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, default=ROOT / "models" / "default")
+    parser.add_argument("--bccd", type=Path, default=ROOT.parent / "shared" / "data" / "bccd")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    sources = [read_rgb(p) for p in sorted((args.bccd / "JPEGImages").glob("*.jpg"))[:60]]
+    classifier = Classifier(args.bundle, num_threads=args.threads)
+    pipeline = Pipeline(classifier)
+    report: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads},
+                    "segmentation_ms": {}, "pipeline": {}}
+    for name, (width, height) in SIZES.items():
+        frames = [tiled(sources[i:] + sources[:i], width, height) for i in range(0, 12, 3)]
+        cells = np.mean([len(find_cells(f)) for f in frames])
+        seg = np.median([timed(lambda f=f: find_cells(f), 5) for f in frames])
+        total = np.median([timed(lambda f=f: pipeline.process(Frame(f, "bench")), 5) for f in frames])
+        report["segmentation_ms"][name] = round(float(seg), 2)
+        report["pipeline"][name] = {"cells_per_frame": round(float(cells), 1), "ms_per_frame": round(float(total), 2),
+                                    "frames_per_s": round(1000 / float(total), 1)}
+
+    crops = np.random.default_rng(0).integers(0, 256, (10, classifier.size, classifier.size, 3), dtype=np.uint8)
+    batched = timed(lambda: classifier.scores(crops), 20)
+    one = Classifier(args.bundle, num_threads=args.threads, max_batch=1)
+    single = timed(lambda: one.scores(crops), 20)
+    report["classification_10_cells_ms"] = {"batched": round(batched, 2), "one_by_one": round(single, 2),
+                                            "speedup": round(single / batched, 2)}
+
+    with tempfile.TemporaryDirectory() as folder:
+        for i in range(30):
+            cv2.imwrite(f"{folder}/f{i:03d}.png", cv2.cvtColor(tiled(sources[i:] + sources[:i], 1920, 1080), cv2.COLOR_RGB2BGR))
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "edge.cli", "replay", "--bundle", str(args.bundle), "--source", folder, "--json",
+                        "--num-threads", str(args.threads)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - started
+    report["edge_replay_1080p_30_frames"] = {
+        "wall_s_including_startup": round(wall, 2),
+        "frames_per_s_including_startup_and_png_decode": round(30 / wall, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -22,7 +22,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 BCCD_FRAMES = ("BloodImage_00000.jpg", "BloodImage_00010.jpg", "BloodImage_00023.jpg")
-BACKGROUNDS = ("BloodImage_00133.jpg", "BloodImage_00135.jpg", "BloodImage_00171.jpg")  # no white cell annotated
+BACKGROUNDS = ("BloodImage_00133.jpg", "BloodImage_00135.jpg", "BloodImage_00228.jpg")  # no white cell, least stain
 SCALE = 1.5  # background upscaled so its red cells sit next to C-NMC cells at a plausible size
 CELL_SCALE = 0.75  # C-NMC cells are ~230 px across at their 450 px crop scale
 

@@ -83,28 +83,39 @@ class Agent:
         def failed(reason: str) -> None:
             self.counters["source_failures"] += 1
 
+        # Replaying files without pacing: wait for room, so that every file is analysed. A camera
+        # (or paced replay) does not wait: the oldest waiting frame is dropped and counted.
+        replaying = self.config.source.type == "folder" and not self.config.source.fps
+        enqueue = self._enqueue_waiting if replaying else self._enqueue_dropping_oldest
         try:
             for frame in open_frames(self.config, self.stop_event.is_set, failed):
                 self.counters["frames_captured"] += 1
-                while True:
-                    try:
-                        self.frames.put_nowait(frame)
-                        break
-                    except queue.Full:
-                        try:
-                            self.frames.get_nowait()  # drop the oldest waiting frame
-                            self.counters["frames_dropped"] += 1
-                        except queue.Empty:
-                            pass
-                if self.config.source.type == "folder" and not self.config.source.fps:
-                    # Replaying files: wait for room instead of dropping, so every file is analysed.
-                    while self.frames.full() and not self.stop_event.is_set():
-                        time.sleep(0.002)
+                enqueue(frame)
         except UserError as error:
             log.error("%s", error)
             self.stop_event.set()
         finally:
             self.source_done.set()
+
+    def _enqueue_waiting(self, frame: Frame) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.frames.put(frame, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _enqueue_dropping_oldest(self, frame: Frame) -> None:
+        while True:
+            try:
+                self.frames.put_nowait(frame)
+                return
+            except queue.Full:
+                try:
+                    self.frames.get_nowait()
+                    self.counters["frames_dropped"] += 1
+                except queue.Empty:
+                    pass
 
     def _inference(self) -> None:
         while True:

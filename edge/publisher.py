@@ -155,9 +155,8 @@ class Publisher:
                         self._wake.wait(0.05)
                 continue
             for message in batch:
+                # If the connection dropped just now, paho keeps the message and sends it on reconnect.
                 info = self.client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
-                if info.rc == mqtt.MQTT_ERR_NO_CONN and not self.connected.is_set():
-                    pass  # paho holds it and sends it once the connection is back
                 with self._wake:
                     if info.mid in self._early:
                         self._early.discard(info.mid)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edge import DISCLAIMER
 from edge.console import run_command, setup_logging
+from edge.errors import UserError
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
@@ -37,19 +38,13 @@ def _config(args: argparse.Namespace):
 
     for name in ("epochs", "batch_size", "patience"):
         if getattr(args, name) < 1:
-            raise_user(f"--{name.replace('_', '-')} must be at least 1")
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < args.val_fraction < 0.5:
-        raise_user("--val-fraction must be between 0 and 0.5")
+        raise UserError("--val-fraction must be between 0 and 0.5")
     return FitConfig(model=args.model, epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
                      seed=args.seed, val_fraction=args.val_fraction, test_fraction=getattr(args, "test_fraction", 0.0),
                      patience=args.patience, steps_per_epoch=args.steps_per_epoch, allow_collapse=args.allow_collapse,
                      time_budget_min=args.time_budget)
-
-
-def raise_user(message: str) -> None:
-    from edge.errors import UserError
-
-    raise UserError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,52 @@
+"""The agent in-process without a broker: the outbox keeps every result, and a camera faster than
+inference drops the oldest frames, counted."""
+
+import json
+import sqlite3
+import threading
+import time
+
+from edge.agent import Agent
+from edge.config import parse_config
+from tests.conftest import ROOT
+
+FRAMES = ROOT / "samples" / "frames"
+
+
+def _agent(tmp_path, **source) -> Agent:
+    return Agent(parse_config({
+        "source": {"type": "folder", "path": str(FRAMES), **source},
+        "mqtt": {"enabled": False},
+        "outbox": {"path": str(tmp_path / "outbox.sqlite3")},
+        "pipeline": {"queue_size": 1, "sample_id": "S9"},
+    }))
+
+
+def test_without_a_broker_every_result_waits_in_the_outbox(tmp_path):
+    agent = _agent(tmp_path)
+    assert agent.run() == 0
+    frames = len([p for p in FRAMES.iterdir() if p.suffix == ".jpg"])
+    with sqlite3.connect(tmp_path / "outbox.sqlite3") as db:
+        rows = db.execute("SELECT topic, payload FROM outbox ORDER BY id").fetchall()
+    results = [json.loads(p) for t, p in rows if t.endswith("/results")]
+    assert [r["sequence"] for r in results] == list(range(1, frames + 1))
+    assert rows[-1][0].endswith("/samples/S9") and json.loads(rows[-1][1])["final"] is True
+    assert agent.counters["frames_dropped"] == 0
+
+
+def test_a_camera_faster_than_inference_drops_the_oldest_frames_counted(tmp_path):
+    agent = _agent(tmp_path, fps=1000.0, loop=True)
+    agent.pipeline.process = _slow(agent.pipeline.process)  # inference slower than the camera
+    threading.Timer(1.5, agent.stop_event.set).start()
+    assert agent.run() == 0
+    c = agent.counters
+    assert c["frames_dropped"] > 0
+    assert c["frames_captured"] - c["frames_dropped"] - c["frames_processed"] <= 2  # at most the queue and the frame in hand
+
+
+def _slow(process):
+    def slower(*args, **kwargs):
+        time.sleep(0.05)
+        return process(*args, **kwargs)
+
+    return slower

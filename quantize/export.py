@@ -56,6 +56,11 @@ def _read_run(run: Path) -> tuple[dict, dict, dict]:
     return tuple(json.loads((run / name).read_text()) for name in ("model.json", "split.json", "config.json"))  # type: ignore[return-value]
 
 
+def _threshold_rule(run: Path) -> str:
+    metrics = run / "metrics.json"
+    return json.loads(metrics.read_text()).get("threshold_rule", "chosen on validation") if metrics.is_file() else "chosen on validation"
+
+
 def _recorded(split: dict, side: str, run: Path) -> list[Sample]:
     files = split[side]["files"]
     absent = [f for f in files if not Path(f).is_file()]
@@ -193,6 +198,7 @@ def export(run: Path, out: Path, options: ExportOptions) -> dict:
             "output": {**_tensor_record(interpreter.get_output_details()[0]), "meaning": f"P({POSITIVE_LABEL})"},
             "preprocessing": {"name": PREPROCESSING_NAME, "params": {"size": size}},
             "threshold": float(meta["threshold"]),
+            "threshold_rule": _threshold_rule(run),
             "models": models,
             "edgetpu": {**verdict, **compile_record},
             "provenance": {
@@ -255,7 +261,7 @@ def model_card(manifest: dict, config: dict, meta: dict) -> str:
 ## What it does
 Given one segmented white cell (a C-NMC-style crop: the cell centred on black, {manifest['input']['size']}x{manifest['input']['size']} RGB,
 preprocessing `{manifest['preprocessing']['name']}`), it gives P(ALL): the probability that the cell is a
-leukemic B-lymphoblast rather than a normal B-cell. Decision threshold {manifest['threshold']:.3f} (chosen on validation patients).
+leukemic B-lymphoblast rather than a normal B-cell. Decision threshold {manifest['threshold']:.3f}: {manifest.get('threshold_rule', '')}.
 
 ## Intended use and limits
 - Research and screening support on stained peripheral-blood or bone-marrow smears, with a person reviewing every flagged sample.

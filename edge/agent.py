@@ -242,8 +242,14 @@ class Agent:
         }
 
     def run(self) -> int:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self.stop_event.set())
+        previous = {signum: signal.signal(signum, lambda *_: self.stop_event.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._run()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _run(self) -> int:
         log.info("%s", DISCLAIMER)
         if self.publisher:
             self.publisher.start()

@@ -18,7 +18,11 @@ def notify(message: str) -> bool:
     if address.startswith("@"):
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.sendto(message.encode(), address)
+        sock.setblocking(False)  # a busy or stuck receiver must never stall the agent
+        try:
+            sock.sendto(message.encode(), address)
+        except (BlockingIOError, ConnectionRefusedError, FileNotFoundError):
+            return False
     return True
 
 

@@ -50,3 +50,59 @@ def _slow(process):
         return process(*args, **kwargs)
 
     return slower
+
+
+def test_a_vanishing_camera_is_reopened_with_backoff_and_reported():
+    from edge.sources import Frame, SourceLost, resilient
+
+    opened = []
+    failures = []
+
+    def flaky_camera():
+        opened.append(time.monotonic())
+        if len(opened) < 3:
+            yield Frame(image=None, name=f"open{len(opened)}")
+            raise SourceLost("camera 0 timed out")
+        yield Frame(image=None, name="finally")
+
+    names = [f.name for f in resilient(flaky_camera, name="camera", first_backoff=0.1, on_failure=failures.append)]
+    assert names == ["open1", "open2", "finally"]
+    assert failures == ["camera 0 timed out"] * 2
+    gaps = [b - a for a, b in zip(opened, opened[1:])]
+    assert gaps[0] >= 0.1 and gaps[1] >= 0.2  # backoff doubles
+
+
+def test_systemd_notify_ready_watchdog_stopping(tmp_path, monkeypatch):
+    import os
+    import socket
+
+    address = str(tmp_path / "notify.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(address)
+    server.settimeout(0.1)
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    messages: list[str] = []
+    done = threading.Event()
+
+    def receive() -> None:  # like systemd: read as they come
+        while not done.is_set():
+            try:
+                messages.append(server.recv(256).decode())
+            except socket.timeout:
+                continue
+
+    reader = threading.Thread(target=receive)
+    reader.start()
+    agent = _agent(tmp_path, fps=20.0, loop=True)
+    threading.Timer(1.0, agent.stop_event.set).start()
+    try:
+        assert agent.run() == 0
+        time.sleep(0.3)
+    finally:
+        done.set()
+        reader.join()
+    assert messages[0] == "READY=1"
+    assert messages.count("WATCHDOG=1") >= 3  # every 0.1 s while frames are analysed
+    assert messages[-1] == "STOPPING=1"

@@ -25,18 +25,27 @@ class Frame:
     error: str | None = None
 
 
+HEALTHY_AFTER_S = 10.0
+
+
 class SourceLost(Exception):
     """The source stopped delivering frames; reopening may help."""
 
 
-def resilient(open_source: Callable[[], Iterator[Frame]], *, name: str, max_backoff: float = 30.0,
+def resilient(open_source: Callable[[], Iterator[Frame]], *, name: str, first_backoff: float = 1.0, max_backoff: float = 30.0,
               stop: Callable[[], bool] = lambda: False, on_failure: Callable[[str], None] = lambda reason: None) -> Iterator[Frame]:
-    """Frames from ``open_source()``, reopening it with backoff (1, 2, 4 ... ``max_backoff`` s) when it fails."""
-    delay = 1.0
+    """Frames from ``open_source()``, reopening it with backoff (1, 2, 4 ... ``max_backoff`` s) when it fails.
+
+    The backoff starts over only once a reopened source has worked for ``HEALTHY_AFTER_S``: a camera
+    that dies right after each frame must not be reopened every second forever.
+    """
+    delay = first_backoff
     while not stop():
+        opened = time.monotonic()
         try:
             for frame in open_source():
-                delay = 1.0
+                if time.monotonic() - opened > HEALTHY_AFTER_S:
+                    delay = first_backoff
                 yield frame
                 if stop():
                     return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import os
 import shutil
 import socket
 import subprocess
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+if os.environ.get("LEUKOSCOPE_TEST_BROKER") == "amqtt":  # exercise the fallback where mosquitto is installed
+    MOSQUITTO = None
 
 
 def free_port() -> int:

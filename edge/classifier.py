@@ -43,11 +43,19 @@ class Classifier:
         self.size = self.bundle.input_size
         self.threshold = self.bundle.threshold
 
-    def _resize(self, batch: int) -> None:
+    def _resize(self, batch: int) -> int:
+        """Set the batch size; a model whose graph fixes batch 1 (a Flatten reshape) stays at 1."""
         if batch != self._batch:
-            self.interpreter.resize_tensor_input(self._input["index"], [batch, self.size, self.size, 3])
-            self.interpreter.allocate_tensors()
-            self._batch = batch
+            try:
+                self.interpreter.resize_tensor_input(self._input["index"], [batch, self.size, self.size, 3])
+                self.interpreter.allocate_tensors()
+                self._batch = batch
+            except (RuntimeError, ValueError):
+                log.info("model %s runs one crop at a time (its graph fixes the batch size)", self.bundle.root)
+                self.interpreter.resize_tensor_input(self._input["index"], [1, self.size, self.size, 3])
+                self.interpreter.allocate_tensors()
+                self._batch = self.max_batch = 1
+        return self._batch
 
     def _quantize(self, crops: np.ndarray) -> np.ndarray:
         dtype = self._input["dtype"]
@@ -72,9 +80,10 @@ class Classifier:
         if crops.shape[1:] != (self.size, self.size, 3):
             raise ValueError(f"crops have shape {crops.shape[1:]}, the model needs {(self.size, self.size, 3)}")
         out = []
-        for start in range(0, len(crops), self.max_batch):
-            chunk = crops[start:start + self.max_batch]
-            self._resize(len(chunk))
+        start = 0
+        while start < len(crops):
+            chunk = crops[start:start + self._resize(min(self.max_batch, len(crops) - start))]
+            start += len(chunk)
             self.interpreter.set_tensor(self._input["index"], self._quantize(chunk))
             self.interpreter.invoke()
             out.append(self._dequantize(self.interpreter.get_tensor(self._output["index"])))

@@ -32,7 +32,8 @@ def frames(tmp_path):
     if CNMC.is_dir():
         shutil.copy(sorted((CNMC / "all").glob("*.png"))[0], folder / "cnmc_cell.png")
     if not any(folder.iterdir()):
-        shutil.copytree(ROOT / "samples" / "frames", folder, dirs_exist_ok=True)
+        for path in (ROOT / "samples" / "frames").glob("*.jpg"):
+            shutil.copy(path, folder / path.name)
     (folder / "zz_corrupt.png").write_bytes(b"\x89PNG broken")
     return folder
 

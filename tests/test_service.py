@@ -30,7 +30,7 @@ needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="credentials/TLS 
 def frames(tmp_path) -> Path:
     folder = tmp_path / "frames"
     folder.mkdir()
-    sources = sorted((BCCD / "JPEGImages").glob("*.jpg"))[:12] if BCCD.is_dir() else sorted((ROOT / "samples" / "frames").iterdir())
+    sources = sorted((BCCD / "JPEGImages").glob("*.jpg"))[:12] if BCCD.is_dir() else sorted((ROOT / "samples" / "frames").glob("*.jpg"))
     for number, path in enumerate(sources * 3):  # 36 frames (or more) to give the run some length
         shutil.copy(path, folder / f"{number:03d}_{path.name}")
     return folder

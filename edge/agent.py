@@ -175,7 +175,7 @@ class Agent:
         try:
             try:
                 body = json.loads(payload.decode("utf-8")) if payload.strip() else {}
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 raise ValueError("payload is not valid UTF-8 JSON; send an object such as {\"sample_id\": \"S1\"}") from None
             if not isinstance(body, dict):
                 raise ValueError("payload must be a JSON object")

@@ -8,9 +8,9 @@ prefix=/opt/leukoscope
 
 [ "$(id -u)" -eq 0 ] || { echo "install.sh: run as root (sudo $0)" >&2; exit 1; }
 
-echo "- packages: python3-venv, python3-picamera2 (Pi cameras), mosquitto-clients (for checks)"
+echo "- packages: python3-venv, python3-picamera2 (Pi cameras), mosquitto-clients (for checks), rsync"
 apt-get update -qq
-apt-get install -y -qq python3-venv python3-picamera2 mosquitto-clients
+apt-get install -y -qq python3-venv python3-picamera2 mosquitto-clients rsync
 
 echo "- user 'leukoscope' (groups video, plugdev, render)"
 id leukoscope >/dev/null 2>&1 || useradd --system --home-dir /var/lib/leukoscope --shell /usr/sbin/nologin leukoscope

@@ -1,7 +1,6 @@
 """Agent config validation (one line naming the key) and the durable outbox."""
 
 import sqlite3
-from pathlib import Path
 
 import pytest
 

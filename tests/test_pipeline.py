@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import cv2
 import jsonschema
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from edge.pipeline import Pipeline
 from edge.preprocessing import load_crop, read_rgb
 from edge.results import SampleTally, wilson_interval
 from edge.sources import Frame
-from tests.conftest import BCCD, CNMC, ROOT, needs_bccd, needs_cnmc
+from tests.conftest import BCCD, CNMC, ROOT, needs_cnmc
 
 SCHEMAS = ROOT / "edge" / "schemas"
 FRAME_SCHEMA = json.loads((SCHEMAS / "frame-result.schema.json").read_text())

@@ -4,7 +4,6 @@ credentials, TLS, and a storm of malformed commands."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal

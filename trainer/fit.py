@@ -103,7 +103,6 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
                    data_dir: Path) -> dict:
     """Train, select the threshold, measure, plot and report; returns metrics.json's content."""
     import keras
-    import tensorflow as tf
 
     from trainer import pipeline
     from trainer.models import build

@@ -145,7 +145,7 @@ class Agent:
         self.last_progress = time.monotonic()
         for stage, ms in result["timings_ms"].items():
             self.stage_ms[stage] = 0.9 * self.stage_ms.get(stage, ms) + 0.1 * ms
-        if self.review and (self.snapshot_requested or result["counts"]["blasts"]):
+        if self.review and (self.snapshot_requested or result["counts"]["blasts"] or self.config.review.all_frames):
             self.review.write(frame.image, result, crops)
             self.snapshot_requested = False
         if self.outbox.put(f"{self.base}/results", json.dumps(result).encode()) is None:

@@ -130,6 +130,7 @@ class PipelineConfig(Strict):
 class ReviewConfig(Strict):
     folder: Path | None = Field(None, description="save annotated frames and flagged crops here; unset: off")
     max_files: int = Field(500, ge=1)
+    all_frames: bool = Field(False, description="annotate every frame, not only those with a flagged cell")
 
 
 Source = Annotated[Union[FolderSourceSettings, OpenCVSourceSettings, Picamera2SourceSettings], Field(discriminator="type")]

@@ -116,7 +116,7 @@ def run_demo(workdir: Path | None = None, frames: Path = SAMPLES, bundle: Path |
         "mqtt": {"enabled": broker is not None, "host": "127.0.0.1", "port": broker[1] if broker else 1883, "stats_interval_s": 60},
         "outbox": {"path": str(workdir / "outbox.sqlite3")},
         "pipeline": {"sample_id": "DEMO-1", "log_results": True},
-        "review": {"folder": str(workdir / "review")},
+        "review": {"folder": str(workdir / "review"), "all_frames": True},
     }
     if bundle:
         config["classifier"] = {"bundle": str(bundle)}

@@ -75,5 +75,5 @@ def crop_cell(frame_rgb: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int
     window = max(window, w, h)
     left, top = (window - w) // 2, (window - h) // 2
     out = np.zeros((window, window, 3), np.uint8)
-    out[top:top + h, left:left + w][mask] = frame_rgb[y:y + h, x:x + w][mask]
+    cv2.copyTo(frame_rgb[y:y + h, x:x + w], mask.view(np.uint8), out[top:top + h, left:left + w])
     return to_model_input(out, size)

@@ -65,6 +65,17 @@ def _stained(rgb: np.ndarray, blue_threshold: float, dark_level: int) -> np.ndar
     return ((cv2.subtract(blue, red) > blue_threshold) | dark).astype(np.uint8)
 
 
+def _downscale(frame_rgb: np.ndarray, scale: float) -> np.ndarray:
+    """The detection copy. Area averaging over a 12 MP frame costs ~25 ms; for strong reductions,
+    decimate by an integer step first (nuclei are blobs many pixels wide), then average the rest."""
+    if scale >= 1:
+        return frame_rgb
+    height, width = frame_rgb.shape[:2]
+    step = int(0.5 / scale)
+    source = frame_rgb[::step, ::step] if step >= 2 else frame_rgb
+    return cv2.resize(source, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+
+
 def _is_black_background(frame: np.ndarray, level: int) -> bool:
     small = frame[::8, ::8]
     return float(np.mean(small.max(axis=2) <= level)) > 0.3
@@ -121,7 +132,7 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
         return _find_on_black(frame_rgb, settings)
     height, width = frame_rgb.shape[:2]
     scale = min(1.0, settings.detect_width / width)
-    small = cv2.resize(frame_rgb, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA) if scale < 1 else frame_rgb
+    small = _downscale(frame_rgb, scale)
     diameter = settings.diameter() * scale
     nucleus = _stained(small, settings.blue_threshold, settings.dark_level)
     nucleus = cv2.morphologyEx(nucleus, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))

@@ -42,6 +42,8 @@ class Classifier:
         self._batch = int(self._input["shape"][0])
         self.size = self.bundle.input_size
         self.threshold = self.bundle.threshold
+        self._positive = self.bundle.positive_label
+        self._negative = next(label for label in self.bundle.labels if label != self._positive)
 
     def _resize(self, batch: int) -> int:
         """Set the batch size; a model whose graph fixes batch 1 (a Flatten reshape) stays at 1."""
@@ -90,5 +92,4 @@ class Classifier:
         return np.concatenate(out)
 
     def labels(self, scores: np.ndarray) -> list[str]:
-        negative, positive = (l for l in sorted(self.bundle.labels, key=lambda l: l == self.bundle.positive_label))
-        return [positive if s >= self.threshold else negative for s in scores]
+        return [self._positive if s >= self.threshold else self._negative for s in scores]

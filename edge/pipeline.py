@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from pathlib import Path
 
 import cv2
@@ -38,7 +39,7 @@ class Pipeline:
             if cell.pre_cropped:  # already a C-NMC-style crop, centred by its maker: keep its framing
                 x, y, w, h = cell.bbox
                 kept = np.zeros_like(image)
-                kept[y:y + h, x:x + w][cell.mask] = image[y:y + h, x:x + w][cell.mask]
+                cv2.copyTo(image[y:y + h, x:x + w], cell.mask.view(np.uint8), kept[y:y + h, x:x + w])
                 batch[i] = to_model_input(kept, size)
             else:
                 batch[i] = crop_cell(image, cell.mask, cell.bbox, self.window, size)
@@ -75,9 +76,13 @@ class ReviewWriter:
         self.positive_label = positive_label
         self.max_files = max_files
         (folder / "flagged").mkdir(parents=True, exist_ok=True)
+        # What is on disk, oldest first: listed once here, then kept up to date as files are written.
+        self._written = {f: deque(sorted((p for p in f.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime))
+                         for f in (folder, folder / "flagged")}
 
     def write(self, image: np.ndarray, result: dict, crops: np.ndarray) -> Path:
         canvas = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        prefix = f"{result['sequence']:06d}_" + Path(result["source"]).stem.replace("#", "_").replace(":", "_")
         thickness = max(2, image.shape[1] // 400)
         for cell, crop in zip(result["cells"], crops):
             x, y, w, h = cell["bbox"]
@@ -87,16 +92,14 @@ class ReviewWriter:
             cv2.putText(canvas, f"{cell['label']} {cell['p_all']:.2f}", (x, max(12, y - 6)), cv2.FONT_HERSHEY_SIMPLEX,
                         0.5 * thickness, colour, thickness)
             if flagged:
-                stem = Path(result["source"]).stem.replace("#", "_").replace(":", "_")
-                cv2.imwrite(str(self.folder / "flagged" / f"{result['sequence']:06d}_{stem}_{x}_{y}.png"), crop[..., ::-1])
-        stem = Path(result["source"]).stem.replace("#", "_").replace(":", "_")
-        path = self.folder / f"{result['sequence']:06d}_{stem}.jpg"
-        cv2.imwrite(str(path), canvas, [cv2.IMWRITE_JPEG_QUALITY, 85])
-        self._prune()
+                self._keep(self.folder / "flagged" / f"{prefix}_{x}_{y}.png", crop[..., ::-1])
+        path = self.folder / f"{prefix}.jpg"
+        self._keep(path, canvas, [cv2.IMWRITE_JPEG_QUALITY, 85])
         return path
 
-    def _prune(self) -> None:
-        for folder in (self.folder, self.folder / "flagged"):
-            files = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
-            for old in files[:-self.max_files] if len(files) > self.max_files else []:
-                old.unlink(missing_ok=True)
+    def _keep(self, path: Path, image: np.ndarray, params: list[int] | None = None) -> None:
+        cv2.imwrite(str(path), image, params or [])
+        written = self._written[path.parent]
+        written.append(path)
+        while len(written) > self.max_files:
+            written.popleft().unlink(missing_ok=True)

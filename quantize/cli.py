@@ -120,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(result))
             else:
-                print(f"{result['images']} cells: weighted F1 {result['weighted_f1']:.3f}  accuracy {result['accuracy']:.3f}  "
-                      f"sensitivity {result['sensitivity_all'] or 0:.3f}  specificity {result['specificity_all'] or 0:.3f}  "
-                      f"AUC {result['roc_auc'] or float('nan'):.3f}")
+                from trainer.metrics import summary_line
+
+                print(f"{result['images']} cells: {summary_line(result)}")
         return 0
 
     return run_command(command, "quantize")

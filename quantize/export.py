@@ -243,15 +243,9 @@ def export(run: Path, out: Path, options: ExportOptions) -> dict:
     return manifest
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def model_card(manifest: dict, config: dict, meta: dict) -> str:
     p = manifest["metrics"]["parity"]
-    rows = "\n".join(
-        f"| {name} | {_fmt(m['weighted_f1'])} | {_fmt(m['accuracy'])} | {_fmt(m['sensitivity_all'])} | "
-        f"{_fmt(m['specificity_all'])} | {_fmt(m['roc_auc'])} |" for name, m in (("float", p["float"]), ("int8", p["int8"])))
+    rows = "\n".join(f"| {name} | {M.table_cells(m)} |" for name, m in (("float", p["float"]), ("int8", p["int8"])))
     data = config.get("data_summary", {})
     tpu = manifest["edgetpu"]
     return f"""# Model card: leukoscope `{meta['kind']}` cell classifier (int8)
@@ -280,7 +274,7 @@ Split by patient: no patient's cells are on both the training and the validation
 | --- | --- | --- | --- | --- | --- |
 {rows}
 
-Float-vs-int8 decision agreement {p['decision_agreement']:.4f}; AUC drop {_fmt(p['auc_drop'])}. Parity limits
+Float-vs-int8 decision agreement {p['decision_agreement']:.4f}; AUC drop {M.fmt(p['auc_drop'])}. Parity limits
 (agreement >= {p['limits']['min_agreement']}, AUC drop <= {p['limits']['max_auc_drop']}): {"met" if p["passed"] else
 "NOT met; exported with --accept-parity-loss (decisions that flip are those of cells scored close to the threshold)"}.
 These numbers come from a single patient-disjoint validation split with few donors; `trainer cv` estimates the

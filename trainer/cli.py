@@ -11,6 +11,7 @@ from pathlib import Path
 from edge import DISCLAIMER
 from edge.console import run_command, setup_logging
 from edge.errors import UserError
+from trainer.metrics import summary_line
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
@@ -79,10 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_metrics(result: dict) -> None:
     for name in ("validation", "test"):
         if name in result:
-            m = result[name]
-            print(f"{name:>10}: weighted F1 {m['weighted_f1']:.3f}  accuracy {m['accuracy']:.3f}  "
-                  f"sensitivity {m['sensitivity_all'] or 0:.3f}  specificity {m['specificity_all'] or 0:.3f}  "
-                  f"AUC {m['roc_auc'] or float('nan'):.3f}")
+            print(f"{name:>10}: {summary_line(result[name])}")
 
 
 def main(argv: list[str] | None = None) -> int:

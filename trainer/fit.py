@@ -189,10 +189,6 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     return result
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def _report(result: dict, config: FitConfig, split: Split, samples: Sequence[Sample]) -> str:
     lines = [
         f"# leukoscope training run: `{config.model}` model",
@@ -210,8 +206,7 @@ def _report(result: dict, config: FitConfig, split: Split, samples: Sequence[Sam
         if name in result:
             m = result[name]
             n_patients = len({samples[i].patient for i in getattr(split, name)})
-            lines.append(f"| {name} | {n_patients} | {m['images']} | {_fmt(m['weighted_f1'])} | {_fmt(m['accuracy'])} | "
-                         f"{_fmt(m['sensitivity_all'])} | {_fmt(m['specificity_all'])} | {_fmt(m['roc_auc'])} |")
+            lines.append(f"| {name} | {n_patients} | {m['images']} | {M.table_cells(m)} |")
     lines += [
         "",
         f"Training patients: {len({samples[i].patient for i in split.train})}, none of them in validation or test "

@@ -73,6 +73,21 @@ def compute(labels: Sequence[int], scores: Sequence[float], threshold: float, pa
     return result
 
 
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A metric for people: 'n/a' where it is undefined (one class only), never a misleading 0."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def summary_line(m: dict) -> str:
+    return (f"weighted F1 {fmt(m['weighted_f1'])}  accuracy {fmt(m['accuracy'])}  sensitivity {fmt(m['sensitivity_all'])}  "
+            f"specificity {fmt(m['specificity_all'])}  AUC {fmt(m['roc_auc'])}")
+
+
+def table_cells(m: dict) -> str:
+    """The Markdown cells used by report.md and MODEL_CARD.md: F1, accuracy, sensitivity, specificity, AUC."""
+    return " | ".join(fmt(m[k]) for k in ("weighted_f1", "accuracy", "sensitivity_all", "specificity_all", "roc_auc"))
+
+
 def summarize_folds(fold_metrics: list[dict]) -> dict:
     """Mean, standard deviation, min and max across folds of each scalar metric."""
     summary = {}

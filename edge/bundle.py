@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from edge.errors import BundleError
+from edge.preprocessing import COLOR_ORDER, CropContract
 
 MANIFEST = "manifest.json"
 FORMAT = "leukoscope-model-bundle"
@@ -40,6 +41,11 @@ class Bundle:
     @property
     def input_size(self) -> int:
         return int(self.manifest["input"]["size"])
+
+    @property
+    def contract(self) -> CropContract:
+        """The crop contract the model was trained on (checked by ``load_bundle``)."""
+        return CropContract.from_manifest(self.manifest["preprocessing"], str(self.root / MANIFEST))
 
     @property
     def threshold(self) -> float:
@@ -98,6 +104,14 @@ def load_bundle(root: str | Path) -> Bundle:
         raise BundleError(f"{manifest_path} lacks {', '.join(missing)}; re-export the bundle")
     if manifest["positive_label"] not in manifest["labels"]:
         raise BundleError(f"{manifest_path}: positive_label is not one of labels; re-export the bundle")
+    contract = CropContract.from_manifest(manifest["preprocessing"], str(manifest_path))
+    colour = manifest["input"].get("color_order") if isinstance(manifest["input"], dict) else None
+    if colour != COLOR_ORDER:
+        raise BundleError(f"{manifest_path}: the model expects colour order {colour!r}, this leukoscope feeds "
+                          f"{COLOR_ORDER!r}; re-export the bundle")
+    if manifest["input"].get("size") != contract.size:
+        raise BundleError(f"{manifest_path}: input size {manifest['input'].get('size')} disagrees with the "
+                          f"preprocessing size {contract.size}; re-export the bundle")
     for name in manifest["models"].values():
         if name not in manifest["files"]:
             raise BundleError(f"{manifest_path}: model file {name} has no checksum; re-export the bundle")

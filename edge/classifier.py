@@ -41,6 +41,7 @@ class Classifier:
         self.max_batch = 1 if self.edgetpu else max(1, max_batch)
         self._batch = int(self._input["shape"][0])
         self.size = self.bundle.input_size
+        self.contract = self.bundle.contract
         self.threshold = self.bundle.threshold
         self._positive = self.bundle.positive_label
         self._negative = next(label for label in self.bundle.labels if label != self._positive)

@@ -51,10 +51,17 @@ class ClassifierConfig(Strict):
     max_batch: int = Field(32, ge=1, le=256)
 
 
+#: Keys of earlier versions, and what replaced them (a one-line hint instead of "unknown key").
+RENAMED_KEYS = {
+    "cell_diameter_px": "segmentation.cell_diameter_px was replaced by segmentation.um_per_px (the frame's scale, "
+                        "measured by `edge calibrate`) and cell_diameter_um",
+    "microns_per_pixel": "segmentation.microns_per_pixel is now segmentation.um_per_px",
+}
+
+
 class SegmentationConfig(Strict):
-    cell_diameter_px: float = Field(SegmentationSettings.cell_diameter_px, gt=0)
-    microns_per_pixel: float | None = Field(None, gt=0)
-    cell_diameter_um: float = Field(SegmentationSettings.cell_diameter_um, gt=0)
+    um_per_px: float | None = Field(None, gt=0, le=5.0, description="frame scale, µm per pixel (`edge calibrate`)")
+    cell_diameter_um: float = Field(SegmentationSettings.cell_diameter_um, gt=0, le=100)
     detect_width: int = Field(SegmentationSettings.detect_width, ge=64)
     blue_threshold: int = Field(SegmentationSettings.blue_threshold, ge=0, le=255)
     dark_level: int = Field(SegmentationSettings.dark_level, ge=0, le=255)
@@ -150,6 +157,8 @@ class AgentConfig(Strict):
 def _describe(error: dict) -> str:
     key = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-after"))
     kind = error["type"]
+    if kind == "extra_forbidden" and key.split(".")[-1] in RENAMED_KEYS and key.startswith("segmentation."):
+        return RENAMED_KEYS[key.split(".")[-1]]
     if kind == "extra_forbidden":
         return f"{key}: unknown key; remove it or check its spelling (see firmware_config/leukoscope.toml)"
     if kind == "missing":

@@ -1,15 +1,25 @@
-"""Labelled cell-crop folders, in the layouts users have.
+"""Labelled cell images from several sources, each at its own physical scale.
 
-Shared by the trainer (fit, evaluate) and the quantizer (calibration, evaluate) so both
-read data the same way. Three layouts are understood, anywhere under the given folder:
+Shared by the trainer (fit, evaluate) and the quantizer (calibration, evaluate) so both read
+data the same way, and made into model inputs by the device's own segmentation and crop code
+(``edge.segmentation``, ``edge.preprocessing``), so training sees exactly what the device sees.
 
-* ours: ``DIR/{all,hem}/*.png``
+Layouts understood, anywhere under a source folder:
+
+* C-NMC, ours: ``DIR/{all,hem}/*.png``
 * the published C-NMC 2019 download: ``C-NMC_Leukemia/training_data/fold_*/{all,hem}/*.bmp``
 * its preliminary test set: a folder of ``N.bmp`` with a labels CSV
   (``Patient_ID,new_names,labels``; label 1 = ALL) beside it.
+* cell types: ``DIR/<type>/*.jpg`` with types such as ``lymphocyte``, ``monocyte``,
+  ``neutrophil``, ... (every one "not a blast") and ``blast`` (an ALL blast), e.g. the PBC data set.
+  Images without donor ids are their own group in patient splits.
 
-The label comes from the folder (or the CSV) and is cross-checked against the original
-file-name suffix; the patient id comes from the original file name.
+For C-NMC names the label comes from the folder (or the CSV) and is cross-checked against the
+file-name suffix, and the patient id comes from the file name.
+
+Every source has a scale in µm per pixel: given with the folder (``PATH=UM_PER_PX``), written in
+a ``leukoscope-scale.json`` inside it, C-NMC's reference (below), or measured on the red cells of
+its images (``edge.calibration``); a source whose scale cannot be had is an error.
 """
 
 from __future__ import annotations
@@ -23,10 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import json
+
 import numpy as np
 
+from edge.calibration import calibrate, check_scale
 from edge.errors import DataError
-from edge.preprocessing import load_crop
+from edge.preprocessing import DEFAULT_CONTRACT, CropContract, crop_cell, read_rgb
+from edge.segmentation import SegmentationSettings, find_cells
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +51,35 @@ POSITIVE_LABEL = "all"
 _NAME = re.compile(r"^UID_(?P<patient>H?\d+)_.*_(?P<label>all|hem)(?: \(\d+\))?$", re.IGNORECASE)
 #: Unreadable files tolerated (with a warning naming them) before loading fails.
 MAX_UNREADABLE_FRACTION = 0.01
+#: C-NMC's scale. Its crops show no red cells, so it was derived from the cells themselves: the median
+#: equivalent diameter of C-NMC normal B-cells (cnmc-dev hem, 200 cells: 183 px) was matched to that of
+#: PBC lymphocytes measured in µm through their red cells (200 cells: 10.8 µm at 0.110 µm/px), giving
+#: 10.8 / 183 = 0.059 µm/px; both are mature lymphoid cells segmented by the same code.
+CNMC_UM_PER_PX = 0.059
+SCALE_FILE = "leukoscope-scale.json"
+#: Folder names of the cell-type layout: every kind of normal white cell (label 0) and ALL blasts (1).
+NORMAL_TYPES = ("lymphocyte", "monocyte", "ig", "neutrophil", "eosinophil", "basophil", "erythroblast")
+BLAST_TYPES = ("blast",)
 
 
 @dataclass(frozen=True)
 class Sample:
     path: Path
-    label: int  # 1 = all, 0 = hem
+    label: int  # 1 = all, 0 = hem / any other white cell
     patient: str
+    source: str = "cnmc"
+    cell_type: str = ""  # C-NMC: 'all' / 'hem'; cell-type layout: the folder name
+    um_per_px: float = CNMC_UM_PER_PX
+
+    def record(self) -> dict:
+        """How a run folder lists it (``from_record`` reads it back)."""
+        return {"path": str(self.path.resolve()), "label": self.label, "patient": self.patient, "source": self.source,
+                "cell_type": self.cell_type or LABELS[self.label], "um_per_px": self.um_per_px}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Sample":
+        return cls(Path(record["path"]), int(record["label"]), str(record["patient"]), str(record["source"]),
+                   str(record["cell_type"]), float(record["um_per_px"]))
 
 
 def parse_name(stem: str) -> tuple[str, str]:
@@ -69,7 +105,7 @@ def _check(path: Path, folder_label: str, stem: str) -> Sample:
             f"{path}: patient id '{patient}' does not fit label '{name_label}' "
             "(healthy donors are H<n>, patients are <n>); check the file"
         )
-    return Sample(path=path, label=LABELS.index(folder_label), patient=patient)
+    return Sample(path=path, label=LABELS.index(folder_label), patient=patient, cell_type=folder_label)
 
 
 def sample_for(path: str | Path) -> Sample:
@@ -95,8 +131,8 @@ def _labelled_csv_samples(csv_path: Path) -> list[Sample]:
     return samples
 
 
-def scan(root: str | Path) -> list[Sample]:
-    """Every labelled crop under ``root``, sorted; errors for empty or one-class data."""
+def scan(root: str | Path, *, require_both: bool = True) -> list[Sample]:
+    """Every labelled C-NMC crop under ``root``, sorted; errors for empty or one-class data."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist; pass --data with a folder of {{all,hem}}/ images")
@@ -106,41 +142,138 @@ def scan(root: str | Path) -> list[Sample]:
             samples.append(_check(path, path.parent.name.lower(), path.stem))
         elif path.suffix.lower() == ".csv" and "label" in path.name.lower():
             samples.extend(_labelled_csv_samples(path))
+    if not samples and not require_both:
+        return []
     if not samples:
         raise DataError(
             f"no images found under {root}; expected {root}/all/*.png and {root}/hem/*.png, or the "
             "C-NMC download (C-NMC_Leukemia/training_data/fold_*/{all,hem}/*.bmp)"
         )
     counts = Counter(s.label for s in samples)
-    if len(counts) < 2:
+    if len(counts) < 2 and require_both:
         only = LABELS[next(iter(counts))]
         raise DataError(f"{root} holds only '{only}' images ({len(samples)}); both all/ and hem/ are needed")
     return samples
 
 
 def describe(samples: Sequence[Sample]) -> dict:
-    """Counts by class and patient, for run records and the report."""
+    """Counts by class, patient, source and cell type, for run records and the report."""
     return {
         "images": len(samples),
         "by_label": {LABELS[k]: v for k, v in sorted(Counter(s.label for s in samples).items())},
         "patients": {
             LABELS[k]: len({s.patient for s in samples if s.label == k}) for k in range(len(LABELS))
         },
+        "by_source": {
+            source: {"images": sum(1 for s in samples if s.source == source),
+                     "um_per_px": next(s.um_per_px for s in samples if s.source == source),
+                     "by_type": dict(sorted(Counter(s.cell_type for s in samples if s.source == source).items()))}
+            for source in sorted({s.source for s in samples})
+        },
     }
 
 
-def load_arrays(
-    samples: Sequence[Sample], size: int, *, workers: int = 4, progress: bool = True
-) -> tuple[np.ndarray, list[Sample]]:
-    """Decode and preprocess crops in parallel; returns (N x size x size x 3 uint8, kept samples).
+def _cell_type_samples(root: Path, name: str) -> list[Sample]:
+    samples = []
+    for path in sorted(root.rglob("*")):
+        kind = path.parent.name.lower()
+        if path.suffix.lower() in IMAGE_SUFFIXES and kind in NORMAL_TYPES + BLAST_TYPES:
+            label = 1 if kind in BLAST_TYPES else 0
+            samples.append(Sample(path, label, f"{name}:{path.stem}", name, kind))
+    return samples
 
-    A few unreadable files are reported by name and left out; more than
-    ``MAX_UNREADABLE_FRACTION`` of the data unreadable is an error.
+
+def _source_scale(root: Path, samples: list[Sample], given: float | None, is_cnmc: bool) -> tuple[float, str]:
+    """The source's µm per pixel, and where it came from."""
+    if given is not None:
+        return check_scale(given, f"scale of {root}"), "given"
+    scale_file = root / SCALE_FILE
+    if scale_file.is_file():
+        try:
+            value = float(json.loads(scale_file.read_text())["um_per_px"])
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{scale_file}: expected {{\"um_per_px\": NUMBER}}; fix or delete it") from None
+        return check_scale(value, str(scale_file)), SCALE_FILE
+    if is_cnmc:
+        return CNMC_UM_PER_PX, "C-NMC reference"
+    step = max(1, len(samples) // 40)
+    measured = calibrate([read_rgb(s.path) for s in samples[::step][:40]])
+    if measured.um_per_px is None:
+        raise DataError(f"source {root} has no scale: its images show too few red cells to measure; give it as "
+                        f"{root}=UM_PER_PX or write {SCALE_FILE} in it")
+    return check_scale(round(measured.um_per_px, 4), f"scale measured on {root}"), \
+        f"red cells ({measured.red_cells} in {len(measured.usable)} images, spread {measured.cv or 0:.1%})"
+
+
+def parse_source(text: str) -> tuple[Path, float | None]:
+    """``PATH`` or ``PATH=UM_PER_PX`` from the command line."""
+    path, _, value = text.rpartition("=") if "=" in text else (text, "", "")
+    if not value:
+        return Path(path or text), None
+    try:
+        return Path(path), float(value)
+    except ValueError:
+        raise DataError(f"--data {text}: the part after '=' must be the source's µm per pixel, e.g. {path}=0.11") from None
+
+
+def scan_sources(sources: Sequence[str | Path | tuple[Path, float | None]]) -> tuple[list[Sample], dict]:
+    """Every sample of several sources, each with its scale; and what was found, per source."""
+    all_samples: list[Sample] = []
+    record: dict = {}
+    for item in sources:
+        root, given = item if isinstance(item, tuple) else parse_source(str(item))
+        if not root.is_dir():
+            raise DataError(f"data folder {root} does not exist; pass --data with a folder of {{all,hem}}/ images "
+                            "or of cell-type folders")
+        name = root.resolve().name
+        if name in record:
+            name = f"{name}-{len(record)}"
+        typed = _cell_type_samples(root, name)
+        cnmc = [] if typed else scan(root, require_both=False)
+        samples = typed or cnmc
+        if not samples:
+            raise DataError(f"no images found under {root}; expected {{all,hem}}/ or cell-type folders "
+                            f"({', '.join(NORMAL_TYPES + BLAST_TYPES)})")
+        scale, origin = _source_scale(root, samples, given, is_cnmc=bool(cnmc))
+        samples = [Sample(s.path, s.label, s.patient, name, s.cell_type, scale) for s in samples]
+        record[name] = {"path": str(root.resolve()), "um_per_px": scale, "scale_from": origin,
+                        "layout": "cell types" if typed else "C-NMC"}
+        all_samples.extend(samples)
+    counts = Counter(s.label for s in all_samples)
+    if len(counts) < 2:
+        raise DataError(f"the data holds only '{LABELS[next(iter(counts))]}' images; training needs ALL blasts and normal cells")
+    return all_samples, record
+
+
+def cell_input(image: np.ndarray, um_per_px: float, contract: CropContract) -> np.ndarray | None:
+    """The model input for the one cell of a single-cell image, made as the device makes it: the
+    device's segmentation finds the cells, the one nearest the centre is cropped by the contract."""
+    cells = find_cells(image, SegmentationSettings(um_per_px=um_per_px))
+    if not cells:
+        return None
+    height, width = image.shape[:2]
+    cell = min(cells, key=lambda c: (c.bbox[0] + c.bbox[2] / 2 - width / 2) ** 2 + (c.bbox[1] + c.bbox[3] / 2 - height / 2) ** 2)
+    return crop_cell(image, cell.mask, cell.bbox, um_per_px, contract)
+
+
+def load_arrays(
+    samples: Sequence[Sample], contract: CropContract = DEFAULT_CONTRACT, *, workers: int = 4, progress: bool = True,
+    transform=None,
+) -> tuple[np.ndarray, list[Sample]]:
+    """Decode, segment and crop in parallel; returns (N x size x size x 3 uint8, kept samples).
+
+    ``transform(image, sample) -> (image, um_per_px)`` alters each decoded image first (training
+    augmentation, robustness checks). A few unreadable files are reported by name and left out; more
+    than ``MAX_UNREADABLE_FRACTION`` unreadable is an error. Images where the device's segmentation
+    finds no cell are left out and counted per source in the log: the device would not classify them.
     """
 
-    def load(sample: Sample) -> np.ndarray | DataError:
+    def load(sample: Sample) -> np.ndarray | DataError | None:
         try:
-            return load_crop(sample.path, size)
+            image, scale = read_rgb(sample.path), sample.um_per_px
+            if transform is not None:
+                image, scale = transform(image, sample)
+            return cell_input(image, scale, contract)
         except DataError as error:
             return error
 
@@ -149,7 +282,7 @@ def load_arrays(
         if progress:
             from tqdm import tqdm
 
-            results = tqdm(results, total=len(samples), desc=f"decode {size}px", unit="img")
+            results = tqdm(results, total=len(samples), desc=f"crop {contract.size}px", unit="img")
         loaded = list(results)
     bad = [s for s, r in zip(samples, loaded) if isinstance(r, DataError)]
     if bad:
@@ -157,7 +290,10 @@ def load_arrays(
         if len(bad) > max(1, MAX_UNREADABLE_FRACTION * len(samples)):
             raise DataError(f"{len(bad)} of {len(samples)} images are unreadable ({names}); fix or remove them")
         log.warning("skipping %d unreadable image(s): %s", len(bad), names)
-    kept = [s for s, r in zip(samples, loaded) if not isinstance(r, DataError)]
+    empty = Counter(s.source for s, r in zip(samples, loaded) if r is None)
+    for source, count in sorted(empty.items()):
+        log.info("%s: no cell found in %d image(s); left out, as the device would skip them", source, count)
+    kept = [s for s, r in zip(samples, loaded) if isinstance(r, np.ndarray)]
     if not kept:
-        raise DataError("no readable images left")
-    return np.stack([r for r in loaded if not isinstance(r, DataError)]), kept
+        raise DataError("no readable images with a cell left")
+    return np.stack([r for r in loaded if isinstance(r, np.ndarray)]), kept

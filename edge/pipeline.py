@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from edge.classifier import Classifier
-from edge.preprocessing import CNMC_CELL_FRACTION, crop_cell, to_model_input
+from edge.preprocessing import crop_cell
 from edge.results import frame_result
 from edge.segmentation import Cell, SegmentationSettings, find_cells
 from edge.sources import Frame
@@ -29,20 +29,16 @@ class Pipeline:
         self.classifier = classifier
         self.segmentation = segmentation
         self.device_id = device_id
-        self.window = int(round(segmentation.diameter() / CNMC_CELL_FRACTION))
+        segmentation.diameter()  # the frame scale must be known: one line now, not at the first frame
+        self.um_per_px = float(segmentation.um_per_px)  # type: ignore[arg-type]
         self.sequence = 0
 
     def crops(self, image: np.ndarray, cells: list[Cell]) -> np.ndarray:
-        size = self.classifier.size
-        batch = np.empty((len(cells), size, size, 3), np.uint8)
+        """Model inputs by the bundle's crop contract, from the frame at its configured scale."""
+        contract = self.classifier.contract
+        batch = np.empty((len(cells), contract.size, contract.size, 3), np.uint8)
         for i, cell in enumerate(cells):
-            if cell.pre_cropped:  # already a C-NMC-style crop, centred by its maker: keep its framing
-                x, y, w, h = cell.bbox
-                kept = np.zeros_like(image)
-                cv2.copyTo(image[y:y + h, x:x + w], cell.mask.view(np.uint8), kept[y:y + h, x:x + w])
-                batch[i] = to_model_input(kept, size)
-            else:
-                batch[i] = crop_cell(image, cell.mask, cell.bbox, self.window, size)
+            batch[i] = crop_cell(image, cell.mask, cell.bbox, self.um_per_px, contract)
         return batch
 
     def process(self, frame: Frame, sample_id: str | None = None) -> tuple[dict, list[Cell], np.ndarray]:

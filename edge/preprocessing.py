@@ -1,49 +1,146 @@
-"""The crop preprocessing contract shared by trainer, quantizer and device.
+"""The crop contract shared by trainer, quantizer and device: a cell in micrometres, colour normalised.
 
-A model learns from C-NMC crops: one white cell, segmented, centred on a black square.
-Whatever the source (a C-NMC file, a cell cut from a camera frame), the model input is
-made by exactly this code, named and versioned in the model bundle so a device can refuse
-a model that expects something else.
+Why micrometres: a blast is told from a lymphocyte partly by its size, and pixel size changes with
+the objective, camera and binning. So the model always sees a cell at the same physical scale
+(``um_per_px`` of the model input), on black, centred in a fixed field of view, whatever the
+microscope; the frame's own scale comes from config or from ``edge calibrate`` (red cells).
 
-Pixels stay uint8 RGB in [0, 255]; scaling to [0, 1] happens inside the model (a
-Rescaling layer), so an int8 model with uint8 input takes these bytes unchanged.
+Why colour normalisation: stains, lamps and white balance differ from lab to lab, and C-NMC's
+crops were stain-normalised by its authors, so raw colour tells the lab rather than the cell.
+Each cell's pixels are mapped, in CIELAB, to a reference mean and spread (Reinhard et al. 2001,
+per cell): hue and contrast *within* the cell survive, the lab's cast does not.
+
+The contract is named and versioned (``PREPROCESSING_NAME``) and its parameters travel in the model
+bundle, so a device refuses a model that expects something it does not make.
+
+Pixels stay uint8 RGB in [0, 255]; scaling to [0, 1] happens inside the model, so an int8 model with
+uint8 input takes these bytes unchanged.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import cv2
 import numpy as np
 
-from edge.errors import DataError
+from edge.errors import BundleError, DataError
 
-PREPROCESSING_NAME = "cnmc-square-area-v1"
+PREPROCESSING_NAME = "cell-um-lab-v2"
 COLOR_ORDER = "RGB"
 
 
-def square_pad(image: np.ndarray) -> np.ndarray:
-    """Pad to a square with black, the C-NMC background, keeping the cell centred."""
-    height, width = image.shape[:2]
-    side = max(height, width)
-    if height == width:
-        return image
-    top = (side - height) // 2
-    left = (side - width) // 2
-    return cv2.copyMakeBorder(
-        image, top, side - height - top, left, side - width - left, cv2.BORDER_CONSTANT, value=0
-    )
+@dataclass(frozen=True)
+class CropContract:
+    """What the model's input means. Defaults are the shipped model's; a bundle carries its own."""
+
+    #: Model input side in pixels.
+    size: int = 96
+    #: Micrometres per model-input pixel: 96 px x 0.25 µm = a 24 µm field, room for a monocyte.
+    #: Coarser than every source's native scale (C-NMC ~0.06, PBC ~0.11, BCCD ~0.085 µm/px), so every
+    #: source is downsampled and the sharpness of the lab's optics is equalised.
+    um_per_px: float = 0.25
+    #: Reference CIELAB mean and spread of a cell's pixels (OpenCV 8-bit LAB units), measured over
+    #: the training cells of the shipped model (C-NMC and PBC pooled).
+    lab_mean: tuple[float, float, float] = (110.0, 150.0, 105.0)
+    lab_std: tuple[float, float, float] = (30.0, 12.0, 14.0)
+    #: Gaussian blur (sigma, model pixels) after resampling: one effective resolution for every lab's
+    #: optics. C-NMC crops are soft and PBC/BCCD ones sharp; without it, sharpness tells the source.
+    blur_sigma_px: float = 1.2
+    name: str = PREPROCESSING_NAME
+
+    @property
+    def field_um(self) -> float:
+        return self.size * self.um_per_px
+
+    def to_manifest(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["lab_mean"], record["lab_std"] = list(self.lab_mean), list(self.lab_std)
+        return {"name": record.pop("name"), "params": record}
+
+    @classmethod
+    def from_manifest(cls, record: Mapping[str, Any], where: str) -> "CropContract":
+        """The contract a bundle declares; ``BundleError`` (one line) when this code cannot make it."""
+        name = record.get("name") if isinstance(record, Mapping) else None
+        if name != PREPROCESSING_NAME:
+            raise BundleError(f"{where}: the model expects preprocessing {name!r}, this leukoscope makes "
+                              f"{PREPROCESSING_NAME!r}; re-export the model with this version or upgrade leukoscope")
+        params = record.get("params")
+        try:
+            contract = cls(size=int(params["size"]), um_per_px=float(params["um_per_px"]),
+                           lab_mean=tuple(float(v) for v in params["lab_mean"]),
+                           lab_std=tuple(float(v) for v in params["lab_std"]),
+                           blur_sigma_px=float(params["blur_sigma_px"]))
+        except (KeyError, TypeError, ValueError):
+            raise BundleError(f"{where}: preprocessing params must give size, um_per_px, lab_mean, lab_std and blur_sigma_px; "
+                              "re-export the bundle") from None
+        if not (16 <= contract.size <= 1024 and 0.01 <= contract.um_per_px <= 5.0 and len(contract.lab_mean) == 3
+                and len(contract.lab_std) == 3 and all(s > 0 for s in contract.lab_std) and 0 <= contract.blur_sigma_px <= 5):
+            raise BundleError(f"{where}: preprocessing params {params} are out of range; re-export the bundle")
+        return contract
 
 
-def to_model_input(image_rgb: np.ndarray, size: int) -> np.ndarray:
-    """Square-pad and area-resize an RGB uint8 crop to ``size`` x ``size`` x 3 uint8."""
-    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.size == 0:
-        raise DataError(f"crop has shape {image_rgb.shape}; expected a non-empty HxWx3 RGB image")
-    square = square_pad(image_rgb)
-    if square.shape[0] == size:
-        return np.ascontiguousarray(square, dtype=np.uint8)
-    interpolation = cv2.INTER_AREA if square.shape[0] > size else cv2.INTER_LINEAR
-    return cv2.resize(square, (size, size), interpolation=interpolation).astype(np.uint8)
+DEFAULT_CONTRACT = CropContract()
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """The cell's outline filled: pale granules or vacuoles trimmed out by segmentation must not
+    show as black holes (C-NMC's masks have none, so holes would tell the source)."""
+    mask8 = mask.astype(np.uint8)
+    contours, _ = cv2.findContours(mask8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros_like(mask8)
+    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+    return filled.astype(bool)
+
+
+def normalise_colour(cell_rgb: np.ndarray, mask: np.ndarray, contract: CropContract) -> np.ndarray:
+    """Map the masked pixels' CIELAB mean and spread to the contract's reference; black outside."""
+    lab = cv2.cvtColor(cell_rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
+    inside = mask.astype(bool)
+    if inside.sum() < 4:
+        return np.zeros_like(cell_rgb)
+    pixels = lab[inside]
+    mean, std = pixels.mean(axis=0), np.maximum(pixels.std(axis=0), 1.0)
+    pixels = (pixels - mean) / std * np.float32(contract.lab_std) + np.float32(contract.lab_mean)
+    lab[inside] = np.clip(pixels, 0, 255)
+    out = cv2.cvtColor(lab.astype(np.uint8), cv2.COLOR_LAB2RGB)
+    out[~inside] = 0
+    # A normalised pixel must never read as background (black): the model tells cell from field by it.
+    out[inside] = np.maximum(out[inside], 1)
+    return out
+
+
+def crop_cell(frame_rgb: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int, int], frame_um_per_px: float,
+              contract: CropContract = DEFAULT_CONTRACT) -> np.ndarray:
+    """The model input for one cell: its pixels (``mask``: bool, bbox-sized) on black, centred in the
+    contract's field of view, resampled from ``frame_um_per_px`` to the contract's scale and colour
+    normalised. A cell larger than the field is cut at the field's edge (the scale is never bent)."""
+    if frame_rgb.ndim != 3 or frame_rgb.shape[2] != 3 or frame_rgb.size == 0:
+        raise DataError(f"frame has shape {frame_rgb.shape}; expected a non-empty HxWx3 RGB image")
+    if not frame_um_per_px > 0:
+        raise DataError(f"frame scale {frame_um_per_px} µm per pixel must be positive; run `edge calibrate`")
+    x, y, w, h = bbox
+    mask = fill_holes(mask)
+    cell = np.zeros((h, w, 3), np.uint8)
+    cv2.copyTo(frame_rgb[y:y + h, x:x + w], mask.view(np.uint8), cell)
+    cell = normalise_colour(cell, mask, contract)
+    factor = frame_um_per_px / contract.um_per_px  # model pixels per frame pixel
+    out_w, out_h = max(1, round(w * factor)), max(1, round(h * factor))
+    interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    small = cv2.resize(cell, (out_w, out_h), interpolation=interpolation)
+    if contract.blur_sigma_px > 0:
+        small = cv2.GaussianBlur(small, (0, 0), contract.blur_sigma_px)
+    size = contract.size
+    canvas = np.zeros((size, size, 3), np.uint8)
+    # Centre the cell; clip what spills over the field.
+    left, top = (size - out_w) // 2, (size - out_h) // 2
+    src_x, src_y = max(0, -left), max(0, -top)
+    dst_x, dst_y = max(0, left), max(0, top)
+    span_w, span_h = min(out_w - src_x, size - dst_x), min(out_h - src_y, size - dst_y)
+    canvas[dst_y:dst_y + span_h, dst_x:dst_x + span_w] = small[src_y:src_y + span_h, src_x:src_x + span_w]
+    return canvas
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
@@ -53,27 +150,3 @@ def read_rgb(path: str | Path) -> np.ndarray:
     if image is None or image.size == 0:
         raise DataError(f"{path}: not a readable image (empty or corrupt file); replace or remove it")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def load_crop(path: str | Path, size: int) -> np.ndarray:
-    """A file on disk, made into model input exactly as the device makes it."""
-    return to_model_input(read_rgb(path), size)
-
-
-#: In C-NMC crops the cell's bounding box spans about half the crop (median 0.51 of the side,
-#: measured on cnmc-dev; 5-95%: 0.37-0.65) because every crop has the same physical field. A
-#: cell cut from a camera frame gets a window of ``typical WBC diameter / CNMC_CELL_FRACTION``
-#: frame pixels: a fixed physical field per microscope, so cell size still means what it meant
-#: in training.
-CNMC_CELL_FRACTION = 0.51
-
-
-def crop_cell(frame_rgb: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int, int], window: int, size: int) -> np.ndarray:
-    """A C-NMC-style model input for one cell: the cell's pixels (``mask``: bool, bbox-sized) on
-    black, centred in a ``window`` x ``window`` field (at least the bbox), resized to ``size``."""
-    x, y, w, h = bbox
-    window = max(window, w, h)
-    left, top = (window - w) // 2, (window - h) // 2
-    out = np.zeros((window, window, 3), np.uint8)
-    cv2.copyTo(frame_rgb[y:y + h, x:x + w], mask.view(np.uint8), out[top:top + h, left:left + w])
-    return to_model_input(out, size)

@@ -20,10 +20,11 @@ from edge.errors import UserError
 
 @dataclass(frozen=True)
 class SegmentationSettings:
-    #: Typical white-cell diameter in frame pixels (or set microns_per_pixel instead).
-    cell_diameter_px: float = 180.0
-    microns_per_pixel: float | None = None
-    cell_diameter_um: float = 12.0
+    #: The frame's scale in micrometres per pixel (``edge calibrate`` measures it on red cells).
+    #: Required for smear frames; cells already cut onto black (C-NMC style) need none to be found.
+    um_per_px: float | None = None
+    #: Typical white-cell diameter in micrometres: sizes the nucleus search (~180 px on BCCD frames).
+    cell_diameter_um: float = 15.0
     #: Frames wider than this are searched at reduced scale.
     detect_width: int = 480
     #: Blue excess (B - R, 0..255) a nucleus pixel must exceed.
@@ -39,9 +40,11 @@ class SegmentationSettings:
     border_margin_px: int = 2
 
     def diameter(self) -> float:
-        if self.microns_per_pixel:
-            return self.cell_diameter_um / self.microns_per_pixel
-        return self.cell_diameter_px
+        """Typical white-cell diameter in frame pixels."""
+        if not self.um_per_px:
+            raise UserError("the frame scale is not set: measure it with `edge calibrate --source FRAMES` and set "
+                            "segmentation.um_per_px (or pass --um-per-px)")
+        return self.cell_diameter_um / self.um_per_px
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
 """Per-crop latency and size: int8 edge model vs its float TFLite twin vs the int8 published (seed) CNN.
 
-    python benchmarks/bench_models.py --edge-run runs/edge --seed-run runs/seed [--bundle models/default]
+    python benchmarks/bench_models.py --edge-run runs/edge [--seed-run runs/seed] [--bundle models/default]
+
+Without a seed run, the published CNN's architecture is built untrained at 256 px and calibrated on
+random crops: latency and size of an int8 graph do not depend on what its weights learnt.
 
 All three are timed in the same process with the same LiteRT interpreter settings (batch 1, as a
 device classifies crop by crop on the Edge TPU, and batched for the CPU). Prints one JSON object.
@@ -49,7 +52,7 @@ def latency_ms(model_path: Path, size: int, threads: int, repeats: int, batch: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edge-run", type=Path, default=Path("runs/edge"))
-    parser.add_argument("--seed-run", type=Path, default=Path("runs/seed"))
+    parser.add_argument("--seed-run", type=Path, default=None, help="a `trainer fit --model seed` run (default: untrained)")
     parser.add_argument("--bundle", type=Path, default=Path("models/default"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=50)
@@ -58,8 +61,8 @@ def main() -> None:
     import keras
 
     from edge.bundle import load_bundle
-    from edge.dataset import load_arrays, sample_for
-    from quantize.export import convert_float, convert_int8, stratified_subset
+    from quantize.export import convert_float, convert_int8
+    from trainer.models import SEED_INPUT_SIZE, seed_model
 
     import contextlib
     import sys
@@ -73,12 +76,11 @@ def main() -> None:
     edge_float = work / "edge_float.tflite"
     edge_float.write_bytes(convert_float(keras.models.load_model(args.edge_run / "model.keras"), edge_size))
 
-    seed_meta = json.loads((args.seed_run / "model.json").read_text())
-    seed_size = int(seed_meta["input_size"])
-    split = json.loads((args.seed_run / "split.json").read_text())
-    calibration, _ = load_arrays(stratified_subset([sample_for(f) for f in split["train"]["files"]], 64, 0), seed_size, progress=False)
+    seed_size = SEED_INPUT_SIZE
+    seed = keras.models.load_model(args.seed_run / "model.keras") if args.seed_run else seed_model(seed_size)
+    calibration = np.random.default_rng(0).integers(0, 256, (32, seed_size, seed_size, 3)).astype(np.uint8)
     seed_int8 = work / "seed_int8.tflite"
-    seed_int8.write_bytes(convert_int8(keras.models.load_model(args.seed_run / "model.keras"), seed_size, calibration))
+    seed_int8.write_bytes(convert_int8(seed, seed_size, calibration))
 
     quiet.__exit__(None, None, None)
     models = {
@@ -86,7 +88,7 @@ def main() -> None:
         "edge_float32": (edge_float, edge_size),
         "seed_int8": (seed_int8, seed_size),
     }
-    report = {"machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
+    report = {"seed_weights": str(args.seed_run) if args.seed_run else "untrained (latency and size only)", "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
                           "threads": args.threads}, "models": {}}
     for name, (path, size) in models.items():
         report["models"][name] = {"input": f"{size}x{size}x3", "bytes": path.stat().st_size,

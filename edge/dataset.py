@@ -108,13 +108,6 @@ def _check(path: Path, folder_label: str, stem: str) -> Sample:
     return Sample(path=path, label=LABELS.index(folder_label), patient=patient, cell_type=folder_label)
 
 
-def sample_for(path: str | Path) -> Sample:
-    """The sample a recorded file path stands for (a run's split lists files by path)."""
-    path = Path(path)
-    folder = path.parent.name.lower()
-    return _check(path, folder if folder in LABELS else parse_name(path.stem)[1], path.stem)
-
-
 def _labelled_csv_samples(csv_path: Path) -> list[Sample]:
     samples = []
     with csv_path.open(newline="") as handle:
@@ -216,8 +209,10 @@ def parse_source(text: str) -> tuple[Path, float | None]:
         raise DataError(f"--data {text}: the part after '=' must be the source's µm per pixel, e.g. {path}=0.11") from None
 
 
-def scan_sources(sources: Sequence[str | Path | tuple[Path, float | None]]) -> tuple[list[Sample], dict]:
-    """Every sample of several sources, each with its scale; and what was found, per source."""
+def scan_sources(sources: Sequence[str | Path | tuple[Path, float | None]], *,
+                 require_both: bool = True) -> tuple[list[Sample], dict]:
+    """Every sample of several sources, each with its scale; and what was found, per source.
+    Training needs both classes (``require_both``); measuring, e.g. a false-blast rate, does not."""
     all_samples: list[Sample] = []
     record: dict = {}
     for item in sources:
@@ -240,7 +235,7 @@ def scan_sources(sources: Sequence[str | Path | tuple[Path, float | None]]) -> t
                         "layout": "cell types" if typed else "C-NMC"}
         all_samples.extend(samples)
     counts = Counter(s.label for s in all_samples)
-    if len(counts) < 2:
+    if len(counts) < 2 and require_both:
         raise DataError(f"the data holds only '{LABELS[next(iter(counts))]}' images; training needs ALL blasts and normal cells")
     return all_samples, record
 
@@ -268,9 +263,12 @@ def load_arrays(
     finds no cell are left out and counted per source in the log: the device would not classify them.
     """
 
+    sides: dict[str, dict[int, Path]] = {}
+
     def load(sample: Sample) -> np.ndarray | DataError | None:
         try:
             image, scale = read_rgb(sample.path), sample.um_per_px
+            sides.setdefault(sample.source, {}).setdefault(max(image.shape[:2]), sample.path)
             if transform is not None:
                 image, scale = transform(image, sample)
             return cell_input(image, scale, contract)
@@ -284,6 +282,11 @@ def load_arrays(
 
             results = tqdm(results, total=len(samples), desc=f"crop {contract.size}px", unit="img")
         loaded = list(results)
+    for source, seen in sides.items():
+        if max(seen) > 1.25 * min(seen):
+            small, large = seen[min(seen)], seen[max(seen)]
+            raise DataError(f"source {source} mixes image sizes ({small.name}: {min(seen)} px, {large.name}: {max(seen)} px); "
+                            "one source has one scale, so put images of another magnification in a folder of their own")
     bad = [s for s, r in zip(samples, loaded) if isinstance(r, DataError)]
     if bad:
         names = ", ".join(s.path.name for s in bad[:10]) + (" ..." if len(bad) > 10 else "")

@@ -22,9 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
                                              "on the run's validation patients, and write a bundle the device verifies.")
     export.add_argument("run", type=Path, help="run folder written by `trainer fit`")
     export.add_argument("--out", type=Path, required=True, help="bundle folder to create (must not exist or be empty)")
-    export.add_argument("--calibration", type=Path, help="data folder for calibration (default: the run's training patients)")
+    export.add_argument("--calibration", metavar="DIR[=UM_PER_PX]", help="data source for calibration (default: the run's training patients)")
     export.add_argument("--samples", type=int, default=300, help="calibration crops, stratified by class and patient (default 300)")
-    export.add_argument("--eval", dest="eval_data", type=Path, help="data folder for parity (default: the run's validation patients)")
+    export.add_argument("--data", dest="eval_data", metavar="DIR[=UM_PER_PX]",
+                        help="data source for parity (default: the run's validation patients)")
     export.add_argument("--edgetpu", action="store_true", help="check Edge TPU rules and compile with edgetpu_compiler if installed")
     export.add_argument("--min-agreement", type=float, default=0.98, help="least float-vs-int8 decision agreement (default 0.98)")
     export.add_argument("--max-auc-drop", type=float, default=0.01, help="largest allowed AUC loss from int8 (default 0.01)")
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="metrics of a bundle's int8 model on a data folder (the device's interpreter code)")
     evaluate.add_argument("bundle", type=Path)
-    evaluate.add_argument("--data", type=Path, required=True, help="data folder in the trainer's layouts")
+    evaluate.add_argument("--data", action="append", required=True, metavar="DIR[=UM_PER_PX]",
+                          help="data source in the trainer's layouts, with the same scale rules; repeat for several")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     evaluate.add_argument("--num-threads", type=int, default=2)
     return parser
@@ -59,19 +61,21 @@ def inspect_bundle(path: Path) -> dict:
             "size_bytes": {name: (path / name).stat().st_size for name in bundle.manifest["files"]}}
 
 
-def evaluate_bundle(path: Path, data: Path, num_threads: int) -> dict:
-    from edge.classifier import Classifier
-    from edge.dataset import load_arrays, scan
-    from trainer import metrics as M
+def evaluate_bundle(path: Path, data: list[str], num_threads: int) -> dict:
     import numpy as np
 
+    from edge.classifier import Classifier
+    from edge.dataset import load_arrays, scan_sources
+    from trainer import metrics as M
+    from trainer.fit import by_group
+
     classifier = Classifier(path, num_threads=num_threads)
-    images, samples = load_arrays(scan(data), classifier.size)
+    images, samples = load_arrays(scan_sources(data, require_both=False)[0], classifier.contract)
     from tqdm import tqdm
 
     scores = np.concatenate([classifier.scores(images[i:i + 64]) for i in tqdm(range(0, len(images), 64), desc="evaluate", unit="batch")])
     result = M.compute([s.label for s in samples], scores, classifier.threshold, [s.patient for s in samples])
-    result.update({"bundle": str(path), "data": str(data)})
+    result.update({"by_group": by_group(samples, scores, classifier.threshold), "bundle": str(path), "data": data})
     return result
 
 

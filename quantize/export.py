@@ -24,10 +24,10 @@ import numpy as np
 from edge import DISCLAIMER, __version__
 from edge.bundle import load_bundle, write_manifest
 from edge.classifier import Classifier
-from edge.dataset import LABELS, POSITIVE_LABEL, Sample, load_arrays, sample_for, scan
-from edge.errors import UserError
+from edge.dataset import LABELS, POSITIVE_LABEL, Sample, load_arrays, scan_sources
+from edge.errors import BundleError, UserError
 from edge.interpreter import open_interpreter
-from edge.preprocessing import COLOR_ORDER, PREPROCESSING_NAME
+from edge.preprocessing import COLOR_ORDER, CropContract
 from quantize import edgetpu
 from trainer import metrics as M
 
@@ -38,9 +38,9 @@ CPU_MODEL = "model_int8.tflite"
 
 @dataclass
 class ExportOptions:
-    calibration: Path | None = None
+    calibration: str | None = None
     samples: int = 300
-    eval_data: Path | None = None
+    eval_data: str | None = None
     edgetpu: bool = False
     min_agreement: float = 0.98
     max_auc_drop: float = 0.01
@@ -62,12 +62,14 @@ def _threshold_rule(run: Path) -> str:
 
 
 def _recorded(split: dict, side: str, run: Path) -> list[Sample]:
-    files = split[side]["files"]
-    absent = [f for f in files if not Path(f).is_file()]
+    if "samples" not in split.get(side, {}):
+        raise UserError(f"{run / 'split.json'} was written by an older trainer (no per-sample scale); retrain the run")
+    samples = [Sample.from_record(r) for r in split[side]["samples"]]
+    absent = [s.path for s in samples if not s.path.is_file()]
     if absent:
-        flag = "--calibration DIR" if side == "train" else "--eval DIR"
+        flag = "--calibration DIR" if side == "train" else "--data DIR"
         raise UserError(f"{len(absent)} of the run's {side} images are not here (e.g. {absent[0]}); pass {flag}")
-    return [sample_for(f) for f in files]
+    return samples
 
 
 def stratified_subset(samples: Sequence[Sample], count: int, seed: int) -> list[Sample]:
@@ -167,13 +169,17 @@ def export(run: Path, out: Path, options: ExportOptions) -> dict:
 
     meta, split, config = _read_run(run)
     size = int(meta["input_size"])
+    try:
+        contract = CropContract.from_manifest(meta.get("preprocessing", {}), str(run / "model.json"))
+    except BundleError as error:
+        raise UserError(str(error)) from None
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new --out or remove it")
 
-    train_samples = scan(options.calibration) if options.calibration else _recorded(split, "train", run)
-    eval_samples = scan(options.eval_data) if options.eval_data else _recorded(split, "validation", run)
-    calibration, calibration_samples = load_arrays(stratified_subset(train_samples, options.samples, options.seed), size)
-    eval_images, eval_samples = load_arrays(eval_samples, size)
+    train_samples = scan_sources([options.calibration])[0] if options.calibration else _recorded(split, "train", run)
+    eval_samples = scan_sources([options.eval_data], require_both=False)[0] if options.eval_data else _recorded(split, "validation", run)
+    calibration, calibration_samples = load_arrays(stratified_subset(train_samples, options.samples, options.seed), contract)
+    eval_images, eval_samples = load_arrays(eval_samples, contract)
     model = keras.models.load_model(run / "model.keras")
 
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent if out.parent.exists() else None))
@@ -196,7 +202,7 @@ def export(run: Path, out: Path, options: ExportOptions) -> dict:
             "positive_label": POSITIVE_LABEL,
             "input": {**_tensor_record(interpreter.get_input_details()[0]), "size": size, "color_order": COLOR_ORDER},
             "output": {**_tensor_record(interpreter.get_output_details()[0]), "meaning": f"P({POSITIVE_LABEL})"},
-            "preprocessing": {"name": PREPROCESSING_NAME, "params": {"size": size}},
+            "preprocessing": contract.to_manifest(),
             "threshold": float(meta["threshold"]),
             "threshold_rule": _threshold_rule(run),
             "models": models,

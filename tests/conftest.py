@@ -15,8 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LEUKOSCOPE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CNMC = SHARED_DATA / "cnmc-dev"
 BCCD = SHARED_DATA / "bccd"
+PBC = SHARED_DATA / "pbc-normal"
 
 needs_cnmc = pytest.mark.skipif(not CNMC.is_dir(), reason=f"real C-NMC crops not found at {CNMC} (../shared is absent in a bare clone)")
+needs_pbc = pytest.mark.skipif(not PBC.is_dir(), reason=f"real PBC cells not found at {PBC} (../shared is absent in a bare clone)")
 needs_bccd = pytest.mark.skipif(not BCCD.is_dir(), reason=f"real BCCD frames not found at {BCCD} (../shared is absent in a bare clone)")
 
 

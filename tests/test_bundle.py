@@ -51,6 +51,12 @@ def _flip_a_byte(bundle):
     (lambda b: _edit_manifest(b, lambda m: m.pop("threshold")), "lacks threshold"),
     (lambda b: _edit_manifest(b, lambda m: m.update(format="something-else")), "not a leukoscope model bundle"),
     (lambda b: _edit_manifest(b, lambda m: m["files"].update({"../x": "0"})), "outside the bundle"),
+    (lambda b: _edit_manifest(b, lambda m: m["preprocessing"].update(name="some-other-v9")),
+     "expects preprocessing 'some-other-v9'.*re-export"),
+    (lambda b: _edit_manifest(b, lambda m: m["input"].update(color_order="BGR")), "expects colour order 'BGR'"),
+    (lambda b: _edit_manifest(b, lambda m: m["preprocessing"]["params"].pop("um_per_px")), "must give size, um_per_px"),
+    (lambda b: _edit_manifest(b, lambda m: m["preprocessing"]["params"].update(size=48)),
+     "input size 32 disagrees with the preprocessing size 48"),
 ])
 def test_damaged_bundles_are_refused(bundle, damage, message):
     damage(bundle)
@@ -60,7 +66,8 @@ def test_damaged_bundles_are_refused(bundle, damage, message):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda m: m["input"].update(size=64), "input shape .* disagrees with manifest size 64x64x3"),
+    (lambda m: (m["input"].update(size=64), m["preprocessing"]["params"].update(size=64)),
+     "input shape .* disagrees with manifest size 64x64x3"),
     (lambda m: m["input"].update(dtype="int8"), "model input is uint8 but the manifest says int8"),
     (lambda m: m["output"]["quantization"].update(zero_point=7), "output quantization .* disagrees"),
 ])

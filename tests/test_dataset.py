@@ -7,8 +7,10 @@ import pytest
 
 from edge.dataset import load_arrays, parse_name, scan
 from edge.errors import DataError
-from edge.preprocessing import load_crop, to_model_input
+from edge.preprocessing import CropContract
 from tests.conftest import cell_crop, write_ours
+
+SMALL = CropContract(size=32, um_per_px=0.75)
 
 
 def test_our_layout(tmp_path):
@@ -74,7 +76,7 @@ def test_a_few_unreadable_images_are_named_not_silently_skipped(tmp_path, caplog
     write_ours(tmp_path, {"1": 60, "H1": 60})
     (tmp_path / "all" / "UID_1_0_1_all.png").write_bytes(b"not an image")
     with caplog.at_level(logging.WARNING):
-        images, kept = load_arrays(scan(tmp_path), 32, progress=False)
+        images, kept = load_arrays(scan(tmp_path), SMALL, progress=False)
     assert images.shape == (119, 32, 32, 3) and len(kept) == 119
     assert "1 unreadable" in caplog.text and "UID_1_0_1_all.png" in caplog.text
 
@@ -84,14 +86,4 @@ def test_many_unreadable_images_are_an_error(tmp_path):
     for path in list((tmp_path / "all").iterdir())[:3]:
         path.write_bytes(b"")
     with pytest.raises(DataError, match="3 of 8 images are unreadable"):
-        load_arrays(scan(tmp_path), 32, progress=False)
-
-
-def test_preprocessing_pads_to_square_and_keeps_black_background(tmp_path):
-    image = np.full((40, 80, 3), 200, np.uint8)
-    out = to_model_input(image, 32)
-    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
-    assert out[0, 16].sum() == 0 and out[16, 16].min() == 200
-    path = tmp_path / "x.png"
-    cv2.imwrite(str(path), image[..., ::-1])
-    assert np.array_equal(load_crop(path, 32), out)
+        load_arrays(scan(tmp_path), SMALL, progress=False)

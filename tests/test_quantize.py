@@ -7,7 +7,8 @@ import pytest
 
 from edge.bundle import load_bundle
 from edge.classifier import Classifier
-from edge.dataset import load_arrays, sample_for
+from edge.bundle import load_bundle as _load
+from edge.dataset import Sample, load_arrays
 from edge.interpreter import open_interpreter
 from quantize import edgetpu
 from quantize.cli import main
@@ -32,7 +33,8 @@ def test_export_is_all_int8_and_matches_the_float_model_within_recorded_parity(t
     manifest = load_bundle(tiny_bundle).manifest
     recorded = manifest["metrics"]["parity"]
     split = json.loads((tiny_run[1] / "split.json").read_text())
-    images, _ = load_arrays([sample_for(f) for f in split["validation"]["files"]], 32, progress=False)
+    samples = [Sample.from_record(r) for r in split["validation"]["samples"]]
+    images, _ = load_arrays(samples, _load(tiny_bundle).contract, progress=False)
     float_scores = pipeline.predict(keras.models.load_model(tiny_run[1] / "model.keras"), images)
     int8_scores = Classifier(tiny_bundle).scores(images)
     threshold = manifest["threshold"]

@@ -15,9 +15,15 @@ from trainer.metrics import summary_line
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, required=True,
-                        help="folder of crops: DIR/{all,hem}/*.png, or the C-NMC download "
-                             "(C-NMC_Leukemia/training_data/fold_*/{all,hem}/*.bmp)")
+    parser.add_argument("--data", action="append", required=True, metavar="DIR[=UM_PER_PX]",
+                        help="a data source; repeat for several. C-NMC crops (DIR/{all,hem}/*.png or the download's "
+                             "C-NMC_Leukemia/training_data/fold_*/{all,hem}/*.bmp) or cell-type folders "
+                             "(DIR/{lymphocyte,monocyte,...,blast}/*.jpg, e.g. PBC). Its scale: =UM_PER_PX, a "
+                             "leukoscope-scale.json in DIR, C-NMC's reference, or measured on the images' red cells")
+    parser.add_argument("--bccd", default=None, metavar="DIR",
+                        help="BCCD-layout smear frames (JPEGImages/ + Annotations/) scored as a lab never trained on")
+    parser.add_argument("--leave-out-type", default=None, metavar="TYPE",
+                        help="hold one cell type (e.g. lymphocyte) out of training entirely and report how often it is called ALL")
     parser.add_argument("--out", type=Path, required=True, help="run folder to write (created)")
     parser.add_argument("--model", choices=["edge", "seed"], default="edge",
                         help="edge: the small int8/Edge-TPU model (default); seed: the published 30.6M-parameter CNN, the baseline")
@@ -45,14 +51,15 @@ def _config(args: argparse.Namespace):
     return FitConfig(model=args.model, epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
                      seed=args.seed, val_fraction=args.val_fraction, test_fraction=getattr(args, "test_fraction", 0.0),
                      patience=args.patience, steps_per_epoch=args.steps_per_epoch, allow_collapse=args.allow_collapse,
-                     time_budget_min=args.time_budget)
+                     time_budget_min=args.time_budget, bccd=args.bccd, leave_out_type=args.leave_out_type)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trainer",
         description="Train leukoscope's ALL-vs-normal cell classifier with patient-disjoint splits. " + DISCLAIMER,
-        epilog="Example: trainer fit --data ../shared/data/cnmc-dev --out runs/edge",
+        epilog="Example: trainer fit --data ../shared/data/cnmc-dev --data ../shared/data/pbc-normal "
+               "--bccd ../shared/data/bccd --out runs/edge",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -72,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="metrics of a run's model on a data folder",
                                    description="Score a run's saved model, at its stored threshold, on any data folder of the supported layouts.")
     evaluate.add_argument("run", type=Path, help="run folder written by `trainer fit`")
-    evaluate.add_argument("--data", type=Path, required=True, help="data folder (same layouts as fit)")
+    evaluate.add_argument("--data", action="append", required=True, metavar="DIR[=UM_PER_PX]",
+                          help="data source (same layouts and scale rules as fit); repeat for several")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
 
@@ -94,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "fit":
             result = F.fit(args.data, args.out, _config(args))
             _print_metrics(result)
+            for name, group in result.get("validation_by_group", {}).items():
+                print(f"{name:>28}: {group['cells']:>5} cells, {group['called_all']:.1%} called ALL")
+            if "bccd" in result:
+                print(f"{'BCCD (never trained on)':>28}: {result['bccd']['white_cells_found']:>5} cells, "
+                      f"{result['bccd']['false_blast_rate']:.1%} called ALL")
             print(f"run written to {args.out} (report: {args.out / 'report.md'})")
         elif args.command == "cv":
             summary = F.cross_validate(args.data, args.out, _config(args), args.folds)

@@ -20,9 +20,9 @@ from typing import Sequence
 import numpy as np
 
 from edge import DISCLAIMER, __version__
-from edge.dataset import LABELS, POSITIVE_LABEL, Sample, describe, load_arrays, scan
+from edge.dataset import LABELS, POSITIVE_LABEL, Sample, describe, load_arrays, scan_sources
 from edge.errors import UserError
-from edge.preprocessing import COLOR_ORDER, PREPROCESSING_NAME
+from edge.preprocessing import COLOR_ORDER, DEFAULT_CONTRACT, CropContract
 from trainer import metrics as M
 from trainer import plots
 from trainer.split import Split, grouped_folds, patient_split
@@ -43,9 +43,45 @@ class FitConfig:
     steps_per_epoch: int | None = None  # None: one pass over the training images
     time_budget_min: float | None = None  # stop after the epoch that crosses this many minutes
     allow_collapse: bool = False
+    #: BCCD-layout folder (frames + VOC boxes) scored as a lab never trained on; None: skipped.
+    bccd: str | None = None
+    #: A cell type held out of training and validation entirely, and scored as unseen.
+    leave_out_type: str | None = None
 
     def resolved_size(self) -> int:
-        return self.image_size or (256 if self.model == "seed" else 128)
+        return self.image_size or (256 if self.model == "seed" else DEFAULT_CONTRACT.size)
+
+    def contract(self) -> CropContract:
+        """The shipped contract's field of view (µm) at this model's input size."""
+        size = self.resolved_size()
+        return CropContract(size=size, um_per_px=DEFAULT_CONTRACT.field_um / size)
+
+
+#: Share of the training loss for each side: ALL blasts half, normal cells half, the normal half
+#: split evenly between sources and within a source between cell types. Without it PBC's 5,233 easy
+#: negatives drown C-NMC's own normal donors, and "which lab" becomes the answer.
+def balanced_weights(samples: Sequence[Sample]) -> np.ndarray:
+    groups: dict[tuple[int, str, str], int] = {}
+    for s in samples:
+        groups[(s.label, s.source, s.cell_type)] = groups.get((s.label, s.source, s.cell_type), 0) + 1
+    sources = {label: sorted({k[1] for k in groups if k[0] == label}) for label in (0, 1)}
+    weights = np.empty(len(samples), np.float32)
+    for i, s in enumerate(samples):
+        types = len({k[2] for k in groups if k[0] == s.label and k[1] == s.source})
+        weights[i] = 0.5 / len(sources[s.label]) / types / groups[(s.label, s.source, s.cell_type)]
+    return weights * len(samples) / weights.sum()
+
+
+def by_group(samples: Sequence[Sample], scores: np.ndarray, threshold: float) -> dict:
+    """Per source and cell type: cells, and the share called ALL (sensitivity for blasts,
+    false-blast rate for every normal type)."""
+    out: dict = {}
+    for key in sorted({(s.source, s.cell_type) for s in samples}):
+        index = [i for i, s in enumerate(samples) if (s.source, s.cell_type) == key]
+        called = float(np.mean(np.asarray(scores)[index] >= threshold))
+        out[f"{key[0]}/{key[1]}"] = {"cells": len(index), "called_all": round(called, 4),
+                                     "blast": samples[index[0]].label == 1}
+    return out
 
 
 def fingerprint(samples: Sequence[Sample]) -> str:
@@ -75,11 +111,6 @@ def _strategy():
     return tf.distribute.get_strategy()
 
 
-def _class_weights(labels: np.ndarray) -> dict[int, float]:
-    counts = np.bincount(labels, minlength=2)
-    return {c: float(len(labels) / (2 * counts[c])) for c in range(2) if counts[c]}
-
-
 def _time_budget_callback():
     import keras
 
@@ -100,11 +131,11 @@ def _time_budget_callback():
 
 
 def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, out: Path, config: FitConfig,
-                   data_dir: Path) -> dict:
+                   sources: dict) -> dict:
     """Train, select the threshold, measure, plot and report; returns metrics.json's content."""
     import keras
 
-    from trainer import pipeline
+    from trainer import crosslab, pipeline
     from trainer.models import build
 
     TimeBudget = _time_budget_callback()
@@ -114,6 +145,8 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     patients = [s.patient for s in samples]
     size = config.resolved_size()
     train, val, test = (np.array(getattr(split, n), dtype=int) for n in ("train", "validation", "test"))
+    weights = balanced_weights(samples)
+    contract = config.contract()
 
     (out / "split.json").write_text(json.dumps(split.as_record(samples), indent=1) + "\n")
     steps = config.steps_per_epoch or math.ceil(len(train) / config.batch_size)
@@ -132,9 +165,11 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
         callbacks.append(TimeBudget(config.time_budget_min * 60))
     started = time.monotonic()
     history = model.fit(
-        pipeline.dataset(images[train], labels[train], batch_size=config.batch_size, training=True, seed=config.seed),
-        validation_data=pipeline.dataset(images[val], labels[val], batch_size=64, training=False, seed=config.seed),
-        epochs=config.epochs, steps_per_epoch=steps, class_weight=_class_weights(labels[train]),
+        pipeline.dataset(images[train], labels[train], batch_size=config.batch_size, training=True, seed=config.seed,
+                         weights=balanced_weights([samples[i] for i in train])),
+        validation_data=pipeline.dataset(images[val], labels[val], batch_size=64, training=False, seed=config.seed,
+                                         weights=balanced_weights([samples[i] for i in val])),
+        epochs=config.epochs, steps_per_epoch=steps,
         callbacks=callbacks, verbose="auto",
     )
     train_seconds = time.monotonic() - started
@@ -144,7 +179,8 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     # Measure what was saved, as it will be used: reloaded, inference mode.
     saved = keras.models.load_model(out / "model.keras")
     val_scores = pipeline.predict(saved, images[val])
-    threshold, threshold_rule = M.choose_threshold(labels[val], val_scores)
+    val_samples = [samples[i] for i in val]
+    threshold, threshold_rule = M.choose_threshold(labels[val], val_scores, balanced_weights(val_samples))
     collapse = None
     try:
         M.check_not_collapsed(val_scores, threshold)
@@ -164,28 +200,56 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
         "parameters": int(saved.count_params()),
         "collapsed": collapse,
         "validation": M.compute(labels[val], val_scores, threshold, [patients[i] for i in val]),
+        "validation_by_group": by_group(val_samples, val_scores, threshold),
+        "contract": contract.to_manifest(),
     }
+    cnmc_val = [i for i, s in enumerate(val_samples) if s.cell_type in LABELS]
+    if cnmc_val and len({val_samples[i].label for i in cnmc_val}) == 2:
+        result["validation_cnmc"] = M.compute(labels[val][cnmc_val], val_scores[cnmc_val], threshold)
+    
+    score = lambda crops: pipeline.predict(saved, crops)  # noqa: E731
+    histograms = {name: val_scores[[i for i, s in enumerate(val_samples) if f"{s.source}/{s.cell_type}" == name]]
+                  for name in result["validation_by_group"]}
+    normal = [i for i, s in enumerate(val_samples) if s.label == 0]
+    suspects = [(float(val_scores[i]), images[val[i]], f"{val_samples[i].source}/{val_samples[i].cell_type}") for i in normal]
+    if config.bccd:
+        log.info("scoring BCCD white cells (a lab never trained on)")
+        result["bccd"], bccd_crops, bccd_scores = crosslab.bccd_false_blasts(score, Path(config.bccd), contract, threshold)
+        histograms["BCCD (never trained on)"] = bccd_scores
+        suspects += [(float(p), crop, "BCCD") for p, crop in zip(bccd_scores, bccd_crops)]
+    robust = [i for i, s in enumerate(val_samples)][:: max(1, len(val_samples) // 400)]
+    log.info("measuring scale and stain invariance on %d validation cells", len(robust))
+    result["invariance"] = crosslab.invariance(score, [val_samples[i] for i in robust], contract, threshold,
+                                               val_scores[robust], seed=config.seed)
     curves = {"validation": (labels[val], val_scores)}
     if len(test):
         test_scores = pipeline.predict(saved, images[test])
         result["test"] = M.compute(labels[test], test_scores, threshold, [patients[i] for i in test])
         curves["test"] = (labels[test], test_scores)
+        cnmc_test = [k for k, i in enumerate(test) if samples[i].cell_type in LABELS]
+        if cnmc_test and len({labels[test][k] for k in cnmc_test}) == 2:  # the new-patient C-NMC estimate
+            result["test_cnmc"] = M.compute(labels[test][cnmc_test], test_scores[cnmc_test], threshold)
+        result["test_by_group"] = by_group([samples[i] for i in test], test_scores, threshold)
     (out / "model.json").write_text(json.dumps({
         "model_file": "model.keras", "kind": config.model, "input_size": size, "threshold": threshold,
         "labels": list(LABELS), "positive_label": POSITIVE_LABEL, "color_order": COLOR_ORDER,
-        "preprocessing": {"name": PREPROCESSING_NAME, "size": size},
+        "preprocessing": contract.to_manifest(),
     }, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps({
-        **asdict(config), "image_size": size, "data": str(data_dir.resolve()),
+        **asdict(config), "image_size": size, "sources": sources,
         "data_fingerprint": fingerprint(samples), "data_summary": describe(samples),
         "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }, indent=2) + "\n")
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     plots.training_curves({k: list(map(float, v)) for k, v in history.history.items()}, out / "training_curves.png")
     headline = "test" if "test" in result else "validation"
     plots.confusion(result[headline], out / "confusion_matrix.png", f"{headline} patients")
     plots.roc(curves, out / "roc.png")
-    (out / "report.md").write_text(_report(result, config, split, samples))
+    plots.score_histograms(histograms, threshold, out / "score_histograms.png")
+    worst = sorted(suspects, key=lambda t: -t[0])[:24]
+    plots.crop_grid(np.stack([t[1] for t in worst]) if worst else np.zeros((0, size, size, 3), np.uint8),
+                    [f"{t[2]} {t[0]:.2f}" for t in worst], out / "false_blasts.png",
+                    "normal cells with the highest P(ALL): validation and never-seen labs")
+    _write_report(out, result, config, split, samples)
     return result
 
 
@@ -207,11 +271,32 @@ def _report(result: dict, config: FitConfig, split: Split, samples: Sequence[Sam
             m = result[name]
             n_patients = len({samples[i].patient for i in getattr(split, name)})
             lines.append(f"| {name} | {n_patients} | {m['images']} | {M.table_cells(m)} |")
+    if "validation_cnmc" in result:
+        lines.append(f"| validation, C-NMC cells only | | {result['validation_cnmc']['images']} | "
+                     f"{M.table_cells(result['validation_cnmc'])} |")
+    lines += ["", "## Where it holds", "",
+              "Share of cells called ALL, per source and cell type (validation cells of patients never trained on; "
+              "for blasts this is the sensitivity, for every normal type the false-blast rate):", "",
+              "| source / cell type | cells | called ALL |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {g['cells']} | {g['called_all']:.1%} |" for name, g in result["validation_by_group"].items()]
+    if "bccd" in result:
+        b = result["bccd"]
+        lines.append(f"| BCCD white cells (a lab never trained on) | {b['white_cells_found']} | {b['false_blast_rate']:.1%} |")
+    if "left_out_type" in result:
+        t = result["left_out_type"]
+        lines.append(f"| {t['cell_type']} (left out of training entirely) | {t['cells']} | {t['called_all']:.1%} |")
+    inv = result.get("invariance", {})
+    if inv:
+        lines += ["", f"Same decision after resampling to 0.7x / 1.4x pixel scale (with the matching µm per pixel): "
+                      f"{inv['scale_0.7x']:.1%} / {inv['scale_1.4x']:.1%}; after a stain and white-balance shift: "
+                      f"{inv['stain_shift']:.1%} ({inv['cells']} validation cells)."]
     lines += [
         "",
         f"Training patients: {len({samples[i].patient for i in split.train})}, none of them in validation or test "
         "(see `split.json`). One split is one estimate: for new-patient performance use `trainer cv`.",
         "",
+        "![P(ALL) per source and cell type](score_histograms.png)",
+        "![normal cells with the highest P(ALL)](false_blasts.png)",
         "![training curves](training_curves.png)",
         "![confusion matrix](confusion_matrix.png)",
         "![ROC](roc.png)",
@@ -222,35 +307,63 @@ def _report(result: dict, config: FitConfig, split: Split, samples: Sequence[Sam
     return "\n".join(lines)
 
 
-def fit(data: Path, out: Path, config: FitConfig) -> dict:
-    samples = scan(data)
-    images, samples = load_arrays(samples, config.resolved_size())
+def _write_report(out: Path, result: dict, config: FitConfig, split: Split, samples: Sequence[Sample]) -> None:
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "report.md").write_text(_report(result, config, split, samples))
+
+
+def _load(data: Sequence[str | Path], config: FitConfig) -> tuple[np.ndarray, list[Sample], dict, list[Sample]]:
+    """(images, samples, sources record, left-out samples) of every source, cropped by the contract."""
+    samples, sources = scan_sources(data)
+    left_out: list[Sample] = []
+    if config.leave_out_type:
+        left_out = [s for s in samples if s.cell_type == config.leave_out_type]
+        if not left_out:
+            raise UserError(f"--leave-out-type {config.leave_out_type}: no such cell type in the data")
+        samples = [s for s in samples if s.cell_type != config.leave_out_type]
+    images, samples = load_arrays(samples, config.contract())
+    return images, samples, sources, left_out
+
+
+def fit(data: Sequence[str | Path], out: Path, config: FitConfig) -> dict:
+    images, samples, sources, left_out = _load(data, config)
     split = patient_split(samples, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
-    return train_on_split(images, samples, split, out, config, data)
+    result = train_on_split(images, samples, split, out, config, sources)
+    if left_out:
+        import keras
+
+        from trainer import pipeline
+
+        held, held_samples = load_arrays(left_out, config.contract())
+        scores = pipeline.predict(keras.models.load_model(out / "model.keras"), held)
+        result["left_out_type"] = {"cell_type": config.leave_out_type, "cells": len(held_samples),
+                                   "called_all": round(float(np.mean(scores >= result["threshold"])), 4)}
+        _write_report(out, result, config, split, samples)
+    return result
 
 
-def cross_validate(data: Path, out: Path, config: FitConfig, folds: int) -> dict:
+def cross_validate(data: Sequence[str | Path], out: Path, config: FitConfig, folds: int) -> dict:
     """Grouped k-fold: each fold trains on some donors and is scored on donors it never saw."""
-    samples = scan(data)
-    images, samples = load_arrays(samples, config.resolved_size())
+    images, samples, sources, _ = _load(data, config)
     fold_metrics = []
     for number, split in enumerate(grouped_folds(samples, folds=folds, val_fraction=config.val_fraction, seed=config.seed)):
         log.info("fold %d/%d: %d train, %d validation, %d test images", number + 1, folds,
                  len(split.train), len(split.validation), len(split.test))
-        result = train_on_split(images, samples, split, out / f"fold_{number}", config, data)
-        fold_metrics.append(result["test"])
+        result = train_on_split(images, samples, split, out / f"fold_{number}", config, sources)
+        fold_metrics.append(result.get("test_cnmc", result["test"]))
     summary = {"folds": folds, "model": config.model, "per_fold": fold_metrics, "summary": M.summarize_folds(fold_metrics)}
     (out / "cv.json").write_text(json.dumps(summary, indent=2) + "\n")
     rows = [f"| {key} | {v['mean']:.3f} | {v['std']:.3f} | {v['min']:.3f} | {v['max']:.3f} |" for key, v in summary["summary"].items()]
     (out / "cv_report.md").write_text("\n".join([
         f"# Grouped {folds}-fold cross-validation, `{config.model}` model", "", f"> {DISCLAIMER}", "",
-        "Each fold is scored on patients its model never saw (whole donors left out).", "",
+        "Each fold is scored on patients its model never saw (whole donors left out); the metrics are those of "
+        "the C-NMC cells (ALL blasts vs normal B-cells) among them.", "",
         "| metric | mean | std | min | max |", "| --- | --- | --- | --- | --- |", *rows, "",
     ]))
     return summary
 
 
-def evaluate(run: Path, data: Path) -> dict:
+def evaluate(run: Path, data: Sequence[str | Path]) -> dict:
     """Metrics of a run's saved model on any data folder, at the run's stored threshold."""
     import keras
 
@@ -260,8 +373,13 @@ def evaluate(run: Path, data: Path) -> dict:
     if not meta_path.is_file() or not (run / "model.keras").is_file():
         raise UserError(f"{run} is not a complete training run (model.json or model.keras missing); run `trainer fit` first")
     meta = json.loads(meta_path.read_text())
-    samples = scan(data)
-    images, samples = load_arrays(samples, int(meta["input_size"]))
+    from edge.errors import BundleError
+
+    try:
+        contract = CropContract.from_manifest(meta.get("preprocessing", {}), str(meta_path))
+    except BundleError as error:
+        raise UserError(str(error)) from None
+    images, samples = load_arrays(scan_sources(data, require_both=False)[0], contract)
     try:
         model = keras.models.load_model(run / "model.keras")
     except Exception as error:  # Keras raises many types for a damaged file
@@ -269,5 +387,6 @@ def evaluate(run: Path, data: Path) -> dict:
     scores = pipeline.predict(model, images)
     labels = np.array([s.label for s in samples])
     result = M.compute(labels, scores, float(meta["threshold"]), [s.patient for s in samples])
-    result.update({"run": str(run), "data": str(data)})
+    result.update({"by_group": by_group(samples, scores, float(meta["threshold"])), "run": str(run),
+                   "data": [str(d) for d in data]})
     return result

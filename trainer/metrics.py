@@ -21,21 +21,23 @@ class CollapsedModel(Exception):
 MIN_CELLS_FOR_THRESHOLD = 50
 
 
-def choose_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, str]:
+def choose_threshold(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, str]:
     """(threshold, rule): Youden's J (sensitivity + specificity - 1) on validation, or 0.5.
 
     Balanced on purpose: the classes are imbalanced per patient and per lab, and a screening
     aid should not buy accuracy by calling everything ALL. With fewer than
     ``MIN_CELLS_FOR_THRESHOLD`` validation cells in a class, a threshold fitted to them is noise
     (seen: 0.09 from 17 normal cells); training uses balanced class weights, so 0.5 is then the
-    balanced choice.
+    balanced choice. ``weights`` (the training balance of sources and cell types) make every
+    source's normal cells count alike, so thousands of easy normals from one lab do not set it.
     """
     counts = np.bincount(np.asarray(labels, dtype=int), minlength=2)
     if counts.min() < MIN_CELLS_FOR_THRESHOLD:
         return 0.5, f"0.5 (validation holds only {counts.min()} cells of one class; class-balanced training)"
-    fpr, tpr, thresholds = roc_curve(labels, scores)
+    fpr, tpr, thresholds = roc_curve(labels, scores, sample_weight=weights)
     best = int(np.argmax(tpr - fpr))
-    return float(np.clip(thresholds[best], 1e-6, 1 - 1e-6)), "max Youden J on validation patients"
+    rule = "max Youden J on validation patients" + (", sources and cell types balanced" if weights is not None else "")
+    return float(np.clip(thresholds[best], 1e-6, 1 - 1e-6)), rule
 
 
 def check_not_collapsed(scores: np.ndarray, threshold: float) -> None:

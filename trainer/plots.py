@@ -64,3 +64,36 @@ def roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def score_histograms(groups: dict[str, np.ndarray], threshold: float, path: Path) -> None:
+    """P(ALL) per source and cell type on one axis each: where every kind of cell falls against the
+    threshold, including labs never trained on."""
+    groups = {name: np.asarray(scores) for name, scores in groups.items() if len(scores)}
+    fig, axes = plt.subplots(len(groups), 1, figsize=(7, 1.1 * len(groups) + 0.8), sharex=True, squeeze=False)
+    bins = np.linspace(0, 1, 41)
+    for axis, (name, scores) in zip(axes[:, 0], groups.items()):
+        axis.hist(scores, bins=bins, color="tab:red" if "/all" in name or "blast" in name else "tab:blue", alpha=0.8)
+        axis.axvline(threshold, color="k", linestyle="--", linewidth=1)
+        axis.set_ylabel(f"{name}\n(n={len(scores)})", rotation=0, ha="right", va="center", fontsize=8)
+        axis.set_yticks([])
+    axes[-1, 0].set_xlabel("P(ALL)  (dashed: decision threshold)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def crop_grid(crops: np.ndarray, captions: list[str], path: Path, title: str, columns: int = 8) -> None:
+    """Model inputs as the model saw them, captioned: e.g. the most confident false blasts."""
+    count = max(1, len(crops))
+    rows = int(np.ceil(count / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.5 * columns, 1.7 * rows + 0.4), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, crop, caption in zip(axes.flat, crops, captions):
+        axis.imshow(crop)
+        axis.set_title(caption, fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

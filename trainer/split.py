@@ -34,7 +34,7 @@ class Split:
             indices = getattr(self, name)
             record[name] = {
                 "patients": sorted({samples[i].patient for i in indices}),
-                "files": [str(samples[i].path.resolve()) for i in indices],
+                "samples": [samples[i].record() for i in indices],
             }
         return record
 

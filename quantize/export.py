@@ -237,7 +237,8 @@ def export(run: Path, out: Path, options: ExportOptions) -> dict:
                             "or pass --accept-parity-loss to export anyway")
         manifest["metrics"] = {"parity": result}
         write_manifest(staging, manifest)
-        (staging / "MODEL_CARD.md").write_text(model_card(manifest, config, meta))
+        run_metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+        (staging / "MODEL_CARD.md").write_text(model_card(manifest, config, meta, run_metrics))
         load_bundle(staging)  # what we hand over must verify
         staging.chmod(0o755)  # mkdtemp makes it private; a service user must be able to read the bundle
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -249,31 +250,52 @@ def export(run: Path, out: Path, options: ExportOptions) -> dict:
     return manifest
 
 
-def model_card(manifest: dict, config: dict, meta: dict) -> str:
+def _where_it_holds(run_metrics: dict) -> str:
+    """The run's cross-lab and per-type numbers, as the model card states them."""
+    rows = [f"| {name} | {g['cells']} | {g['called_all']:.1%} |" for name, g in run_metrics.get("validation_by_group", {}).items()]
+    if "bccd" in run_metrics:
+        b = run_metrics["bccd"]
+        rows.append(f"| BCCD white cells (healthy, a lab never trained on) | {b['white_cells_found']} | {b['false_blast_rate']:.1%} |")
+    inv = run_metrics.get("invariance")
+    lines = ["| cells (validation: patients and images never trained on) | cells | called ALL |", "| --- | --- | --- |", *rows]
+    if inv:
+        lines += ["", f"Same decision when the cells are resampled to 0.7x / 1.4x pixel scale with the matching µm per pixel: "
+                      f"{inv['scale_0.7x']:.1%} / {inv['scale_1.4x']:.1%}; under a stain and white-balance shift: {inv['stain_shift']:.1%}."]
+    return "\n".join(lines)
+
+
+def model_card(manifest: dict, config: dict, meta: dict, run_metrics: dict | None = None) -> str:
     p = manifest["metrics"]["parity"]
     rows = "\n".join(f"| {name} | {M.table_cells(m)} |" for name, m in (("float", p["float"]), ("int8", p["int8"])))
     data = config.get("data_summary", {})
     tpu = manifest["edgetpu"]
+    contract = manifest["preprocessing"]["params"]
+    sources = "; ".join(f"{name}: {json.dumps(info.get('by_type', {}))} at {info['um_per_px']} µm/px"
+                        for name, info in data.get("by_source", {}).items())
     return f"""# Model card: leukoscope `{meta['kind']}` cell classifier (int8)
 
 > {DISCLAIMER}
 
 ## What it does
-Given one segmented white cell (a C-NMC-style crop: the cell centred on black, {manifest['input']['size']}x{manifest['input']['size']} RGB,
-preprocessing `{manifest['preprocessing']['name']}`), it gives P(ALL): the probability that the cell is a
-leukemic B-lymphoblast rather than a normal B-cell. Decision threshold {manifest['threshold']:.3f}: {manifest.get('threshold_rule', '')}.
+Given one segmented white cell, it gives P(ALL): the probability that the cell is an acute lymphoblastic
+leukaemia blast rather than any other white cell. The cell is cut out by the device's segmentation, placed on
+black at {contract['um_per_px']} µm per pixel ({contract['size']}x{contract['size']} RGB, a {contract['size'] * contract['um_per_px']:.0f} µm field),
+its colour mapped to a reference (preprocessing `{manifest['preprocessing']['name']}`). The device must know its
+own scale (`edge calibrate`). Decision threshold {manifest['threshold']:.3f}: {manifest.get('threshold_rule', '')}.
 
 ## Intended use and limits
-- Research and screening support on stained peripheral-blood or bone-marrow smears, with a person reviewing every flagged sample.
-- Trained on B-lineage cells of the C-NMC 2019 data set only: other cell types (neutrophils, T cells, myeloid blasts)
-  are outside what it learned, and its output on them means nothing.
+- Research and screening support on stained blood or bone-marrow smears, with a person reviewing every flagged sample.
+- Blasts seen in training are C-NMC's B-lineage ALL blasts from one lab; normal cells are C-NMC's normal B-cells and
+  PBC's lymphocytes, monocytes, granulocytes and erythroblasts from a second lab. It has never seen: myeloid
+  (AML) blasts, T-ALL, reactive or atypical lymphocytes, plasma cells, blasts from any other lab or stain, or smears
+  from a leukaemic patient's peripheral blood. Its output on these means nothing until measured.
 - Staining, optics and camera differ between labs: validate on your own slides before relying on it.
 
 ## Training data
 C-NMC 2019 (Gupta A., Gupta R., "ALL Challenge dataset of ISBI 2019", The Cancer Imaging Archive, 2019,
-doi:10.7937/tcia.2019.dc64i46r), licence CC BY 3.0. This model saw: {json.dumps(data.get('by_label', {}))} images from
-{json.dumps(data.get('patients', {}))} patients/donors; data fingerprint `{config.get('data_fingerprint', 'n/a')[:16]}`.
-Split by patient: no patient's cells are on both the training and the validation side.
+doi:10.7937/tcia.2019.dc64i46r, CC BY 3.0) and PBC (Acevedo A. et al., Data in Brief 30 (2020) 105474, CC BY 4.0).
+This model saw {json.dumps(data.get('by_label', {}))} images; per source: {sources}.
+Split by patient: no C-NMC patient's cells are on both the training and the validation side.
 
 ## Measured (int8 and its float source, {p['images']} cells of {p['eval_source']})
 | model | weighted F1 | accuracy | sensitivity (ALL) | specificity | ROC AUC |
@@ -283,8 +305,12 @@ Split by patient: no patient's cells are on both the training and the validation
 Float-vs-int8 decision agreement {p['decision_agreement']:.4f}; AUC drop {M.fmt(p['auc_drop'])}. Parity limits
 (agreement >= {p['limits']['min_agreement']}, AUC drop <= {p['limits']['max_auc_drop']}): {"met" if p["passed"] else
 "NOT met; exported with --accept-parity-loss (decisions that flip are those of cells scored close to the threshold)"}.
-These numbers come from a single patient-disjoint validation split with few donors; `trainer cv` estimates the
-spread on new patients. They are not a clinical performance claim.
+
+## Where it holds (float model, from the training run)
+{_where_it_holds(run_metrics or {})}
+
+These numbers come from one patient-disjoint validation split and one never-seen lab of healthy blood; `trainer cv`
+estimates the spread on new patients. They are not a clinical performance claim.
 
 ## Edge TPU
 Compatible by the compiler's rules: {tpu['compatible']}. Compiled: {tpu.get('compiled')} ({tpu.get('reason') or tpu.get('file')}).

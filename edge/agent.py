@@ -155,7 +155,9 @@ class Agent:
         self.tally = SampleTally(config.pipeline.sample_id)
         self.snapshot_requested = False
         self.counters = {"frames_captured": 0, "frames_dropped": 0, "frames_processed": 0, "frames_unreadable": 0,
-                         "source_failures": 0, "results_refused_outbox_full": 0, "commands": 0, "command_errors": 0}
+                         "source_failures": 0, "results_refused_outbox_full": 0, "commands": 0, "command_errors": 0,
+                         "frames_out_of_focus": 0, "cells_unclassified": 0}
+        self.out_of_focus = False
         self.stage_ms: dict[str, float] = {}
         self.last_progress = time.monotonic()
         self.started = time.monotonic()
@@ -232,6 +234,8 @@ class Agent:
             return
         self.tally.add(result)
         self.scale_watch.observe(frame.image)
+        self.counters["cells_unclassified"] += result["counts"]["unclassified"]
+        self._watch_focus(result)
         self.counters["frames_processed"] += 1
         self.last_progress = time.monotonic()
         for stage, ms in result["timings_ms"].items():
@@ -247,6 +251,19 @@ class Agent:
             log.info("%s: %d cells, %d flagged as ALL blasts", frame.name, result["counts"]["cells"], result["counts"]["blasts"])
         if self.publisher:
             self.publisher.notify()
+
+    def _watch_focus(self, result: dict) -> None:
+        """Warn once when frames go out of focus (and once when focus is back), not every frame."""
+        self.counters["frames_out_of_focus"] += result["out_of_focus"]
+        if result["focus"] is None or result["out_of_focus"] == self.out_of_focus:
+            return
+        self.out_of_focus = result["out_of_focus"]
+        if self.out_of_focus:
+            message = f"out of focus: {result['source']} nuclei focus {result['focus']} (below 50); refocus the microscope"
+            log.warning("%s", message)
+            notify(f"STATUS={message}")
+        else:
+            log.info("back in focus at %s (nuclei focus %s)", result["source"], result["focus"])
 
     def _summary(self, *, final: bool) -> dict:
         summary = self.tally.summary(self.device_id, final=final)
@@ -330,6 +347,7 @@ class Agent:
             "mqtt_connected": bool(self.publisher and self.publisher.connected.is_set()),
             "mqtt_inflight": self.publisher.inflight() if self.publisher else 0,
             "scale": self.scale_watch.stats(),
+            "out_of_focus": self.out_of_focus,
             **self.counters,
         }
 

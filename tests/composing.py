@@ -22,12 +22,36 @@ PBC = SHARED_DATA / "pbc-normal"
 #: Measured by `edge calibrate` on the images themselves (red cells; see tests/test_calibration.py).
 BCCD_UM_PER_PX = 0.082
 PBC_UM_PER_PX = 0.102
-#: BCCD frames without a white cell: smear fields to place cells on.
-BACKGROUNDS = ("BloodImage_00133.jpg", "BloodImage_00135.jpg", "BloodImage_00228.jpg")
+#: Quarter-frame tiles of real BCCD smear, 320x240 (every BCCD frame, even those annotated with none,
+#: shows a white cell somewhere, so whole frames cannot serve as empty fields).
+TILE = (320, 240)
 
 
-def background(index: int) -> np.ndarray:
-    return read_rgb(BCCD / "JPEGImages" / BACKGROUNDS[index % len(BACKGROUNDS)])
+def _empty_tiles(limit: int = 24) -> list[np.ndarray]:
+    """Quarters of BCCD frames in which the device's own segmentation finds no white cell."""
+    tiles = []
+    for path in sorted((BCCD / "JPEGImages").glob("*.jpg"))[::7]:
+        frame = read_rgb(path)
+        for y in (0, TILE[1]):
+            for x in (0, TILE[0]):
+                tile = frame[y:y + TILE[1], x:x + TILE[0]]
+                stained = (tile[..., 2].astype(int) - tile[..., 0] > 35).mean()
+                if stained < 0.002 and not find_cells(tile, SegmentationSettings(um_per_px=BCCD_UM_PER_PX)):
+                    tiles.append(tile)
+        if len(tiles) >= limit:
+            return tiles
+    return tiles
+
+
+_TILES: list[np.ndarray] = []
+
+
+def background(index: int, columns: int = 4, rows: int = 4) -> np.ndarray:
+    """A real smear field without white cells, ``columns`` x ``rows`` tiles (1280x960 by default)."""
+    if not _TILES:
+        _TILES.extend(_empty_tiles())
+    picks = [_TILES[(index * 7 + k) % len(_TILES)] for k in range(columns * rows)]
+    return np.vstack([np.hstack(picks[r * columns:(r + 1) * columns]) for r in range(rows)]).copy()
 
 
 def cnmc_cell(path: Path, um_per_px: float = BCCD_UM_PER_PX) -> tuple[np.ndarray, np.ndarray]:

@@ -42,8 +42,10 @@ def _wbc_boxes(xml_path: Path) -> list[list[int]]:
             for o in ET.parse(xml_path).findall("object") if o.findtext("name") == "WBC"]
 
 
-def _report(reasons: Counter, cells: int, um_per_px: float, focus: list[float]) -> dict:
-    dropped = sum(reasons.values())
+def _report(verdicts: list, um_per_px: float) -> dict:
+    reasons = Counter(v.reason for v in verdicts if v.reason)
+    focus = [v.focus for v in verdicts]
+    cells, dropped = len(verdicts), sum(reasons.values())
     return {"cells": cells, "dropped": dropped, "drop_rate": round(dropped / max(cells, 1), 4), "um_per_px": round(um_per_px, 4),
             "reasons": dict(reasons), "focus_p1_p50": [round(float(np.percentile(focus, q)), 1) for q in (1, 50)]}
 
@@ -58,7 +60,7 @@ def main() -> None:
 
     pbc = sorted((args.data / "pbc-normal").glob("*/*.jpg"))
     scale = _scale(pbc)
-    reasons, cells, focus = Counter(), 0, []
+    verdicts = []
     for path in pbc[::args.step]:
         image = read_rgb(path)
         found = find_cells(image, SegmentationSettings(um_per_px=scale))
@@ -66,27 +68,18 @@ def main() -> None:
             continue
         centre = np.array(image.shape[1::-1]) / 2
         cell = min(found, key=lambda c: np.linalg.norm(np.array(c.bbox[:2]) + np.array(c.bbox[2:]) / 2 - centre))
-        verdict = judge(image, cell, scale)
-        cells += 1
-        focus.append(verdict.focus)
-        if verdict.reason:
-            reasons[verdict.reason] += 1
-    report["pbc"] = _report(reasons, cells, scale, focus)
+        verdicts.append(judge(image, cell, scale))
+    report["pbc"] = _report(verdicts, scale)
 
-    reasons, cells, focus = Counter(), 0, []
+    verdicts = []
     for path in sorted((args.data / "cnmc-dev").glob("*/*.png"))[::args.step]:
         image = read_rgb(path)
-        for cell in find_cells(image):
-            verdict = judge(image, cell, CNMC_UM_PER_PX)
-            cells += 1
-            focus.append(verdict.focus)
-            if verdict.reason:
-                reasons[verdict.reason] += 1
-    report["cnmc"] = _report(reasons, cells, CNMC_UM_PER_PX, focus)
+        verdicts.extend(judge(image, cell, CNMC_UM_PER_PX) for cell in find_cells(image))
+    report["cnmc"] = _report(verdicts, CNMC_UM_PER_PX)
 
     frames = sorted((args.data / "bccd" / "JPEGImages").glob("*.jpg"))
     scale = _scale(frames)
-    reasons, cells, focus = Counter(), 0, []
+    verdicts = []
     for path in frames[::args.step]:
         image = read_rgb(path)
         boxes = _wbc_boxes(args.data / "bccd" / "Annotations" / (path.stem + ".xml"))
@@ -96,12 +89,8 @@ def main() -> None:
             if not any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] and min(b[0], b[1]) > 5
                        and b[2] < image.shape[1] - 5 and b[3] < image.shape[0] - 5 for b in boxes):
                 continue  # not an annotated white cell, or one the border cuts (a true rejection)
-            verdict = judge(image, cell, scale)
-            cells += 1
-            focus.append(verdict.focus)
-            if verdict.reason:
-                reasons[verdict.reason] += 1
-    report["bccd"] = _report(reasons, cells, scale, focus)
+            verdicts.append(judge(image, cell, scale))
+    report["bccd"] = _report(verdicts, scale)
     total = sum(r["cells"] for r in report.values())
     report["all"] = {"cells": total, "drop_rate": round(sum(r["dropped"] for r in report.values()) / total, 4),
                      "seconds": round(time.perf_counter() - started, 1)}

@@ -58,7 +58,7 @@ def main() -> None:
     started = time.perf_counter()
     report = {}
 
-    pbc = sorted((args.data / "pbc-normal").glob("*/*.jpg"))
+    pbc = sorted(p for p in (args.data / "pbc-normal").glob("*/*.jpg") if not p.name.startswith("."))  # macOS ._ files
     scale = _scale(pbc)
     verdicts = []
     for path in pbc[::args.step]:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from edge.classifier import Classifier  # noqa: E402
 from edge.pipeline import Pipeline  # noqa: E402
 from edge.preprocessing import read_rgb  # noqa: E402
-from edge.segmentation import find_cells  # noqa: E402
+from edge.segmentation import SegmentationSettings, find_cells  # noqa: E402
 from edge.sources import Frame  # noqa: E402
 
 SIZES = {"640x480": (640, 480), "1920x1080": (1920, 1080), "4056x3040": (4056, 3040)}
@@ -61,17 +61,19 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=ROOT / "models" / "default")
     parser.add_argument("--bccd", type=Path, default=ROOT.parent / "shared" / "data" / "bccd")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--um-per-px", type=float, default=0.082, help="the frames' scale (BCCD: 0.082, measured by edge calibrate)")
     args = parser.parse_args()
 
     sources = [read_rgb(p) for p in sorted((args.bccd / "JPEGImages").glob("*.jpg"))[:60]]
     classifier = Classifier(args.bundle, num_threads=args.threads)
-    pipeline = Pipeline(classifier)
+    settings = SegmentationSettings(um_per_px=args.um_per_px)
+    pipeline = Pipeline(classifier, settings)
     report: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads},
                     "segmentation_ms": {}, "pipeline": {}}
     for name, (width, height) in SIZES.items():
         frames = [tiled(sources[i:] + sources[:i], width, height) for i in range(0, 12, 3)]
-        cells = np.mean([len(find_cells(f)) for f in frames])
-        seg = np.median([timed(lambda f=f: find_cells(f), 5) for f in frames])
+        cells = np.mean([len(find_cells(f, settings)) for f in frames])
+        seg = np.median([timed(lambda f=f: find_cells(f, settings), 5) for f in frames])
         total = np.median([timed(lambda f=f: pipeline.process(Frame(f, "bench")), 5) for f in frames])
         report["segmentation_ms"][name] = round(float(seg), 2)
         report["pipeline"][name] = {"cells_per_frame": round(float(cells), 1), "ms_per_frame": round(float(total), 2),
@@ -89,7 +91,7 @@ def main() -> None:
             cv2.imwrite(f"{folder}/f{i:03d}.png", cv2.cvtColor(tiled(sources[i:] + sources[:i], 1920, 1080), cv2.COLOR_RGB2BGR))
         started = time.perf_counter()
         replay = subprocess.Popen([sys.executable, "-m", "edge.cli", "replay", "--bundle", str(args.bundle), "--source", folder,
-                                   "--json", "--num-threads", str(args.threads)], cwd=ROOT,
+                                   "--json", "--num-threads", str(args.threads), "--um-per-px", str(args.um_per_px)], cwd=ROOT,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         peak_kb = 0
         while replay.poll() is None:  # VmHWM of the replay itself (a fork's inherited pages would inflate rusage)

@@ -16,9 +16,13 @@ import re
 import signal
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
+import numpy as np
+
 from edge import DISCLAIMER
+from edge.calibration import DRIFT_WARNING, calibrate, drift, measure_frame
 from edge.classifier import Classifier
 from edge.config import AgentConfig, load_config
 from edge.errors import UserError
@@ -31,6 +35,8 @@ from edge.sources import Frame, resilient
 log = logging.getLogger(__name__)
 SAMPLE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SUMMARY_EVERY = 10  # frames between retained per-sample summaries
+CALIBRATION_FRAMES = 10  # frames measured when the agent calibrates on start
+SCALE_WINDOW = 5  # recent per-frame red-cell scales whose median is compared with the configured scale
 
 
 def open_frames(config: AgentConfig, stop, on_failure):
@@ -44,13 +50,97 @@ def open_frames(config: AgentConfig, stop, on_failure):
     return resilient(lambda: open_source(source), name=f"source {source.type}", stop=stop, on_failure=on_failure)
 
 
+def grab_frames(config: AgentConfig, count: int) -> list[Frame]:
+    """Up to ``count`` readable frames from the configured source (for calibration); a camera that
+    fails is one line, not a retry loop."""
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def failed(reason: str) -> None:
+        failures.append(reason)
+        stop.set()
+
+    frames: list[Frame] = []
+    for frame in open_frames(config, stop.is_set, failed):
+        if frame.image is not None:
+            frames.append(frame)
+        if len(frames) >= count or stop.is_set():
+            break
+    if not frames:
+        raise UserError(f"source {config.source.type} delivered no readable frame" + (f" ({failures[0]})" if failures else "")
+                        + "; check the camera or folder")
+    return frames
+
+
+def calibrated(config: AgentConfig) -> AgentConfig:
+    """The config with ``segmentation.um_per_px`` measured on the first frames when it is unset and
+    ``calibrate_on_start`` asks for it; a scale that cannot be measured stops the agent (one line)."""
+    seg = config.segmentation
+    if seg.um_per_px is not None or not seg.calibrate_on_start:
+        return config
+    frames = grab_frames(config, CALIBRATION_FRAMES)
+    measured = calibrate([f.image for f in frames])  # type: ignore[misc]
+    if measured.um_per_px is None:
+        raise UserError(f"calibrate_on_start: too few red cells in the first {len(frames)} frame(s) to measure the scale "
+                        f"({measured.red_cells} found); set segmentation.um_per_px (measure it with `edge calibrate`)")
+    log.info("calibrated on start: %.4f µm per pixel from %d red cells in %d frames (spread %s)", measured.um_per_px,
+             measured.red_cells, len(measured.usable), "n/a" if measured.cv is None else f"{measured.cv:.1%}")
+    return config.model_copy(update={"segmentation": seg.model_copy(update={"um_per_px": round(measured.um_per_px, 5)})})
+
+
+class ScaleWatch:
+    """Red-cell size watched while the agent runs: every ``every``-th frame is measured (~10 ms),
+    and the median of the last few estimates is compared with the configured scale. A drift over
+    10% means the objective, camera or binning changed, and every size and crop is then wrong."""
+
+    def __init__(self, um_per_px: float, every: int) -> None:
+        self.um_per_px = um_per_px
+        self.every = every
+        self.recent: deque[float] = deque(maxlen=SCALE_WINDOW)
+        self.seen = 0
+        self.warned = False
+
+    def observe(self, image: np.ndarray) -> None:
+        self.seen += 1
+        if not self.every or self.seen % self.every:
+            return
+        estimate = measure_frame(image).um_per_px
+        if estimate is None:
+            return
+        self.recent.append(estimate)
+        drifting = self.drift is not None and self.drift > DRIFT_WARNING
+        if drifting and not self.warned:
+            log.warning("%s", self.message)
+            notify(f"STATUS={self.message}")
+        self.warned = drifting
+
+    @property
+    def measured(self) -> float | None:
+        return float(np.median(self.recent)) if len(self.recent) >= min(3, SCALE_WINDOW) else None
+
+    @property
+    def drift(self) -> float | None:
+        return None if self.measured is None else drift(self.measured, self.um_per_px)
+
+    @property
+    def message(self) -> str:
+        return (f"scale drift: red cells measure {self.measured:.4f} µm per pixel, {self.drift:.0%} from the configured "
+                f"{self.um_per_px}; was the objective changed? run `edge calibrate` and set segmentation.um_per_px")
+
+    def stats(self) -> dict:
+        return {"um_per_px": self.um_per_px, "measured_um_per_px": None if self.measured is None else round(self.measured, 5),
+                "drift": None if self.drift is None else round(self.drift, 4), "warning": self.message if self.warned else None}
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
+        config = calibrated(config)
         self.config = config
         self.device_id = config.device.id
         self.outbox = Outbox(config.outbox.path, max_messages=config.outbox.max_messages, when_full=config.outbox.when_full)
         self.classifier = self._classifier(config.classifier.bundle)
         self.pipeline = Pipeline(self.classifier, config.segmentation.settings(), self.device_id)
+        self.scale_watch = ScaleWatch(self.pipeline.um_per_px, config.segmentation.watch_scale_every)
         self.review = ReviewWriter(config.review.folder, self.classifier.bundle.positive_label, config.review.max_files) \
             if config.review.folder else None
         self.publisher = None
@@ -65,7 +155,9 @@ class Agent:
         self.tally = SampleTally(config.pipeline.sample_id)
         self.snapshot_requested = False
         self.counters = {"frames_captured": 0, "frames_dropped": 0, "frames_processed": 0, "frames_unreadable": 0,
-                         "source_failures": 0, "results_refused_outbox_full": 0, "commands": 0, "command_errors": 0}
+                         "source_failures": 0, "results_refused_outbox_full": 0, "commands": 0, "command_errors": 0,
+                         "frames_out_of_focus": 0, "cells_unclassified": 0}
+        self.out_of_focus = False
         self.stage_ms: dict[str, float] = {}
         self.last_progress = time.monotonic()
         self.started = time.monotonic()
@@ -141,6 +233,9 @@ class Agent:
             log.warning("skipped %s: %s", frame.name, error)
             return
         self.tally.add(result)
+        self.scale_watch.observe(frame.image)
+        self.counters["cells_unclassified"] += result["counts"]["unclassified"]
+        self._watch_focus(result)
         self.counters["frames_processed"] += 1
         self.last_progress = time.monotonic()
         for stage, ms in result["timings_ms"].items():
@@ -156,6 +251,19 @@ class Agent:
             log.info("%s: %d cells, %d flagged as ALL blasts", frame.name, result["counts"]["cells"], result["counts"]["blasts"])
         if self.publisher:
             self.publisher.notify()
+
+    def _watch_focus(self, result: dict) -> None:
+        """Warn once when frames go out of focus (and once when focus is back), not every frame."""
+        self.counters["frames_out_of_focus"] += result["out_of_focus"]
+        if result["focus"] is None or result["out_of_focus"] == self.out_of_focus:
+            return
+        self.out_of_focus = result["out_of_focus"]
+        if self.out_of_focus:
+            message = f"out of focus: {result['source']} nuclei focus {result['focus']} (below 50); refocus the microscope"
+            log.warning("%s", message)
+            notify(f"STATUS={message}")
+        else:
+            log.info("back in focus at %s (nuclei focus %s)", result["source"], result["focus"])
 
     def _summary(self, *, final: bool) -> dict:
         summary = self.tally.summary(self.device_id, final=final)
@@ -238,6 +346,8 @@ class Agent:
             "outbox_dropped": self.outbox.dropped,
             "mqtt_connected": bool(self.publisher and self.publisher.connected.is_set()),
             "mqtt_inflight": self.publisher.inflight() if self.publisher else 0,
+            "scale": self.scale_watch.stats(),
+            "out_of_focus": self.out_of_focus,
             **self.counters,
         }
 

@@ -12,12 +12,14 @@ cell, so chains count too. A pale centre (central pallor) is filled before measu
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 
-from edge.errors import UserError
+from edge.errors import DataError, UserError
 
 #: Mean red-cell diameter in a dried, stained blood film (textbook 7.5-8 µm; the value every
 #: scale in leukoscope is relative to, including the training crops').
@@ -26,6 +28,10 @@ RED_CELL_DIAMETER_UM = 7.5
 MIN_RED_CELLS_PER_FRAME = 3
 #: Plausible scales: a 4x objective on a small sensor is ~2 µm/px; 100x with a fine sensor ~0.03.
 MIN_UM_PER_PX, MAX_UM_PER_PX = 0.01, 5.0
+#: A folder of frames may carry its scale in this file: ``{"um_per_px": F}`` (``edge calibrate --write``).
+SCALE_FILE = "leukoscope-scale.json"
+#: A measured scale further than this from the configured one means the optics changed.
+DRIFT_WARNING = 0.10
 
 
 @dataclass(frozen=True)
@@ -48,31 +54,61 @@ class FrameScale:
         return RED_CELL_DIAMETER_UM / median if median and self.count >= MIN_RED_CELLS_PER_FRAME else None
 
 
+#: Blue excess (B - R) above the background's from which a pixel belongs to a white cell (nucleus
+#: or pale blue cytoplasm). Red cells can be a little bluer than the background (up to ~+20 on PBC),
+#: white-cell cytoplasm is more so; relative to the background, so that a lamp's cast does not matter.
+WHITE_CELL_BLUE_EXCESS = 30
+#: Red cells narrower than this (frame pixels) are specks: a white cell at that scale (~25 px) is
+#: far too small to classify, so no usable frame has red cells this small.
+MIN_RED_CELL_DIAMETER_PX = 12.0
+#: A region whose convex hull fills this much of its enclosing circle is one red cell.
+SINGLE_CELL_ROUNDNESS = 0.78
+
+
 def _red_cell_mask(rgb: np.ndarray) -> np.ndarray:
-    """Red cells are darker than the background in green (haemoglobin absorbs it) and are not
-    the blue-violet of nuclei. Otsu on the green of non-nucleus pixels splits red cells from the
-    bright background; enclosed holes (central pallor) are filled."""
+    """Red cells are darker than the background in green (haemoglobin absorbs it) and redder than
+    blue. White cells (nucleus and cytoplasm) are left out first: a large dark nucleus would
+    otherwise take Otsu's split for itself, and pale cytoplasm would join red cells around it.
+    Otsu on the green of what is left splits red cells from the bright background; enclosed holes
+    (central pallor) are filled."""
     red, blue = rgb[..., 0].astype(np.int16), rgb[..., 2].astype(np.int16)
     green = cv2.GaussianBlur(rgb[..., 1], (5, 5), 0)
-    nucleus = (blue - red) > 30
-    others = green[~nucleus]
+    excess = blue - red
+    brightest = green >= np.percentile(green[::4, ::4], 80)  # the background: red cells absorb green
+    field = float(np.median(excess[brightest]))
+    white_cell = cv2.dilate((excess > field + WHITE_CELL_BLUE_EXCESS).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    others = green[~white_cell]
     if others.size < 100:
         return np.zeros(green.shape, np.uint8)
     level, _ = cv2.threshold(others.reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    mask = ((green < level) & ~nucleus).astype(np.uint8)
+    mask = ((green < level) & ~white_cell).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    # A pale cell's rim can be broken where the stain is thin: a small closing rejoins it.
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     filled = np.zeros_like(mask)
     cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
     return filled
 
 
+def _single_cell_diameter(contour: np.ndarray) -> float | None:
+    """A lone red cell's diameter from its convex hull, or None when the region is not one round
+    cell. The hull, not the region: a central pallor open to the rim (a "C" in the mask) leaves
+    the hull a full disc, where the inscribed circle would measure the rim's width."""
+    hull = cv2.convexHull(contour)
+    hull_area = float(cv2.contourArea(hull))
+    _, radius = cv2.minEnclosingCircle(hull)
+    if hull_area <= 0 or hull_area < SINGLE_CELL_ROUNDNESS * np.pi * radius * radius:
+        return None
+    return 2.0 * float(np.sqrt(hull_area / np.pi))
+
+
 def measure_frame(frame_rgb: np.ndarray, *, max_side: int = 800) -> FrameScale:
     """Diameters (frame pixels) of the red cells in one RGB frame.
 
-    Each red-cell region's largest inscribed circle (the peak of its distance transform) is one
-    cell's radius whether the cell lies alone or in a chain of touching cells, where an area or
-    outline measure would see one big blob."""
+    A round region is one cell, measured by its hull. Any other region is a chain of touching
+    cells: its largest inscribed circle (the peak of its distance transform) is still one cell's
+    radius, where an area or outline measure would see one big blob."""
     if frame_rgb is None or frame_rgb.ndim != 3 or frame_rgb.size == 0:
         raise UserError("empty frame: the camera or file delivered no pixels; check the source")
     height, width = frame_rgb.shape[:2]
@@ -87,27 +123,43 @@ def measure_frame(frame_rgb: np.ndarray, *, max_side: int = 800) -> FrameScale:
                                      cv2.DIST_L2, 5)[1:-1, 1:-1]
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     h, w = mask.shape
-    diameters, areas = [], []
+    singles, chains = [], []  # (diameter in frame pixels, region area)
     for index in range(1, count):
         x, y, bw, bh, area = (int(v) for v in stats[index])
         if area < 40:
             continue
-        inside = np.where(labels[y:y + bh, x:x + bw] == index, distance[y:y + bh, x:x + bw], 0)
+        region = labels[y:y + bh, x:x + bw] == index
+        if x > 0 and y > 0 and x + bw < w and y + bh < h:
+            contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            single = _single_cell_diameter(max(contours, key=cv2.contourArea))
+            if single is not None:
+                singles.append((single / scale, area))
+                continue
+        inside = np.where(region, distance[y:y + bh, x:x + bw], 0)
         py, px = np.unravel_index(int(np.argmax(inside)), inside.shape)
         radius = float(inside[py, px])
         px, py = px + x, py + y
         if min(px, py, w - 1 - px, h - 1 - py) <= radius + 1:
             continue  # the inscribed circle is cut by the frame edge: the cell may be larger
-        diameters.append((2.0 * radius + 1.0) / scale)
-        areas.append(area)
-    if len(diameters) < MIN_RED_CELLS_PER_FRAME:
-        return FrameScale(tuple(diameters))
-    # Platelets, specks and fragments give small circles: the area-weighted median is a red cell's
-    # size, and only regions near it count.
-    order = np.argsort(diameters)
-    cumulative = np.cumsum(np.asarray(areas, float)[order])
-    typical = diameters[order[int(np.searchsorted(cumulative, cumulative[-1] / 2))]]
-    return FrameScale(tuple(d for d in diameters if 0.75 * typical <= d <= 1.3 * typical))
+        chains.append(((2.0 * radius + 1.0) / scale, area))
+    # Lone round cells are measured whole; chains (and white-cell granules or fragments mistaken for
+    # them) only through an inscribed circle. So lone cells, where there are any, set the typical
+    # size; otherwise the area-weighted median of the chains' circles does (platelets, specks and
+    # fragments give small circles of little area). Only regions near the typical size count.
+    singles = [(d, a) for d, a in singles if d >= MIN_RED_CELL_DIAMETER_PX]
+    chains = [(d, a) for d, a in chains if d >= MIN_RED_CELL_DIAMETER_PX]
+    if singles:
+        typical = float(np.median([d for d, _ in singles]))
+        measured = singles if len(singles) >= MIN_RED_CELLS_PER_FRAME else singles + chains
+    elif chains:
+        diameters = np.array([d for d, _ in chains])
+        order = np.argsort(diameters)
+        cumulative = np.cumsum(np.array([a for _, a in chains], float)[order])
+        typical = float(diameters[order[int(np.searchsorted(cumulative, cumulative[-1] / 2))]])
+        measured = chains
+    else:
+        return FrameScale(())
+    return FrameScale(tuple(float(d) for d, _ in measured if 0.75 * typical <= d <= 1.3 * typical))
 
 
 @dataclass(frozen=True)
@@ -134,8 +186,29 @@ class Calibration:
         return float(np.std(usable) / np.mean(usable))
 
     @property
+    def robust_cv(self) -> float | None:
+        """1.4826 x median absolute deviation / median: the spread of typical frames, which a few
+        frames from a thick part of the film (small, round red cells) do not dominate."""
+        usable = self.usable
+        if len(usable) < 2:
+            return None
+        median = float(np.median(usable))
+        return float(1.4826 * np.median(np.abs(np.asarray(usable) - median)) / median)
+
+    @property
     def red_cells(self) -> int:
         return sum(f.count for f in self.frames)
+
+    def to_dict(self, names: list[str] | None = None) -> dict:
+        """The report ``edge calibrate --json`` prints: the scale, its spread, and every frame's estimate."""
+        names = names or [f"frame {i + 1}" for i in range(len(self.frames))]
+        return {"um_per_px": None if self.um_per_px is None else round(self.um_per_px, 5),
+                "cv": None if self.cv is None else round(self.cv, 4),
+                "robust_cv": None if self.robust_cv is None else round(self.robust_cv, 4),
+                "red_cells": self.red_cells, "frames": len(self.frames), "frames_measured": len(self.usable),
+                "per_image": [{"name": name, "red_cells": f.count,
+                               "um_per_px": None if f.um_per_px is None else round(f.um_per_px, 5)}
+                              for name, f in zip(names, self.frames)]}
 
 
 def calibrate(frames: list[np.ndarray]) -> Calibration:
@@ -151,3 +224,44 @@ def check_scale(um_per_px: float, what: str) -> float:
             "`edge calibrate` (red cells are ~7.5 µm) and set that value"
         )
     return um_per_px
+
+
+def drift(measured: float, configured: float) -> float:
+    """Relative difference of a measured scale from the configured one (0.12 = 12%)."""
+    return abs(measured - configured) / configured
+
+
+def read_scale_file(folder: Path) -> float | None:
+    """The scale a folder of frames declares in its ``SCALE_FILE``, or None when it has none."""
+    path = folder / SCALE_FILE
+    if not path.is_file():
+        return None
+    try:
+        value = float(json.loads(path.read_text())["um_per_px"])
+    except (ValueError, KeyError, TypeError, OSError):
+        raise DataError(f"{path}: expected {{\"um_per_px\": NUMBER}}; fix it, delete it, or rewrite it with "
+                        "`edge calibrate --source FOLDER --write`") from None
+    return check_scale(value, str(path))
+
+
+def write_scale_file(folder: Path, calibration: Calibration) -> Path:
+    """Write the measured scale beside the frames, with how it was measured, for replay and training."""
+    if calibration.um_per_px is None:
+        raise UserError(f"no scale to write for {folder}: too few red cells were measured")
+    path = folder / SCALE_FILE
+    path.write_text(json.dumps({"um_per_px": round(calibration.um_per_px, 5), "measured_by": "edge calibrate",
+                                "red_cells": calibration.red_cells, "frames_measured": len(calibration.usable),
+                                "cv": calibration.cv}, indent=2) + "\n")
+    return path
+
+
+def frames_scale(source: Path, given: float | None) -> float:
+    """The scale of replayed frames: given (``--um-per-px``), else the folder's ``SCALE_FILE``; never a guess."""
+    if given is not None:
+        return check_scale(given, "--um-per-px")
+    folder = source if source.is_dir() else source.parent
+    declared = read_scale_file(folder)
+    if declared is None:
+        raise UserError(f"the scale of the frames in {folder} is unknown: pass --um-per-px, or measure it with "
+                        f"`edge calibrate --source {folder} --write` (writes {SCALE_FILE})")
+    return declared

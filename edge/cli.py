@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 from edge import DISCLAIMER
+from edge.calibration import SCALE_FILE
 from edge.console import run_command, setup_logging
+from edge.errors import UserError
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "default"
 
@@ -27,9 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", action="store_true", help="JSON Lines on stdout: one frame result per line, then the sample summary")
     replay.add_argument("--annotate", type=Path, metavar="OUT_DIR", help="write annotated frames and flagged crops here")
     replay.add_argument("--sample-id", default=None, help="sample id to put in results (default: the source folder name)")
-    replay.add_argument("--cell-diameter", type=float, default=None, metavar="PX",
-                        help="typical white-cell diameter in frame pixels (default 180: 100x oil, 640x480)")
+    replay.add_argument("--um-per-px", type=float, default=None, metavar="F",
+                        help=f"the frames' scale in µm per pixel (default: the folder's {SCALE_FILE}; measure it with `edge calibrate`)")
     replay.add_argument("--num-threads", type=int, default=2, help="interpreter threads (default 2)")
+
+    calibrate = commands.add_parser(
+        "calibrate", help="measure the microscope's scale (µm per pixel) on the red cells of a few frames",
+        description="Red cells are ~7.5 µm across in a normal film: their size in a few frames gives µm per pixel. "
+                    "Prints the scale, its spread between frames and the red cells counted; non-zero exit when it cannot measure.")
+    calibrate.add_argument("--source", type=Path, required=True,
+                           help="folder of frames, one image file, or an agent config (TOML) whose camera is read")
+    calibrate.add_argument("--frames", type=int, default=40, help="frames to measure at most (default 40)")
+    calibrate.add_argument("--json", action="store_true", help="print the measurement with every frame's estimate as JSON")
+    calibrate.add_argument("--write", action="store_true", help=f"write the scale to {SCALE_FILE} in the source folder")
 
     run = commands.add_parser("run", help="the service: camera -> pipeline -> durable outbox -> MQTT",
                               description="Run the agent with a validated TOML config (see firmware_config/leukoscope.toml).")
@@ -47,19 +59,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _replay(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+def _calibrate(args: argparse.Namespace) -> int:
+    from edge.calibration import calibrate, drift, read_scale_file, write_scale_file, DRIFT_WARNING
 
+    names, frames, configured, what = _calibration_frames(args.source, args.frames)
+    calibration = calibrate(frames)
+    if calibration.um_per_px is None:
+        black = sum(1 for f in frames if float(f.std()) < 2.0)
+        why = f"{black} of {len(frames)} frame(s) are blank or black" if black else \
+            "a thick or thin film, or pre-cropped cells, show too few separate red cells"
+        raise UserError(f"{args.source}: too few red cells to measure the scale ({calibration.red_cells} in {len(frames)} "
+                        f"frame(s), need 3 in a frame; {why}); use other frames or set segmentation.um_per_px by hand "
+                        "(stage micrometer)")
+    if configured is None and args.source.is_dir():
+        configured, what = read_scale_file(args.source), f"{args.source / SCALE_FILE}"
+    if args.json:
+        print(json.dumps({"source": str(args.source), "configured_um_per_px": configured, **calibration.to_dict(names)}))
+    else:
+        spread = "n/a (one frame)" if calibration.cv is None else f"{calibration.cv:.1%} (robust {calibration.robust_cv:.1%})"
+        print(f"{calibration.um_per_px:.4f} µm per pixel: {calibration.red_cells} red cells in {len(calibration.usable)} of "
+              f"{len(frames)} frame(s); spread between frames (CV) {spread}")
+    if configured is not None and drift(calibration.um_per_px, configured) > DRIFT_WARNING:
+        print(f"edge: warning: measured {calibration.um_per_px:.4f} µm per pixel is "
+              f"{drift(calibration.um_per_px, configured):.0%} from the configured {configured} ({what}); "
+              "was the objective, camera or binning changed? set the measured value", file=sys.stderr)
+    if args.write:
+        if not args.source.is_dir():
+            raise UserError(f"--write needs a folder of frames; {args.source} is not one")
+        print(f"wrote {write_scale_file(args.source, calibration)}", file=sys.stderr)
+    return 0
+
+
+def _calibration_frames(source: Path, limit: int) -> tuple[list[str], list, float | None, str]:
+    """(names, RGB frames, configured scale or None, where that scale comes from) for ``edge calibrate``."""
+    if source.suffix.lower() == ".toml":
+        from edge.agent import grab_frames
+        from edge.config import load_config
+
+        config = load_config(source)
+        frames = grab_frames(config, limit)
+        return [f.name for f in frames], [f.image for f in frames], config.segmentation.um_per_px, \
+            f"segmentation.um_per_px in {source}"
+    from edge.errors import DataError
+    from edge.preprocessing import read_rgb
+    from edge.sources.folder import image_files
+
+    files = image_files(source)
+    step = max(1, len(files) // limit)
+    names, frames = [], []
+    for path in files[::step][:limit]:
+        try:
+            frames.append(read_rgb(path))
+            names.append(path.name)
+        except DataError:
+            continue
+    if not frames:
+        raise UserError(f"{source}: none of its {len(files)} image file(s) could be decoded; point --source at smear frames")
+    return names, frames, None, ""
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from edge.calibration import frames_scale
     from edge.classifier import Classifier
     from edge.pipeline import Pipeline, ReviewWriter
     from edge.results import SampleTally
     from edge.segmentation import SegmentationSettings
     from edge.sources.folder import FolderSourceSettings, open_source
 
+    settings = SegmentationSettings(um_per_px=frames_scale(args.source, args.um_per_px))
     classifier = Classifier(args.bundle, num_threads=args.num_threads)
-    settings = SegmentationSettings()
-    if args.cell_diameter:
-        settings = replace(settings, cell_diameter_px=args.cell_diameter)
     pipeline = Pipeline(classifier, settings)
     sample_id = args.sample_id or (args.source.name if args.source.is_dir() else args.source.stem)
     tally = SampleTally(sample_id)
@@ -101,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     def command() -> int:
         if args.command == "replay":
             return _replay(args)
+        if args.command == "calibrate":
+            return _calibrate(args)
         if args.command == "demo":
             from edge.demo import SAMPLES, run_demo
 

@@ -61,6 +61,8 @@ RENAMED_KEYS = {
 
 class SegmentationConfig(Strict):
     um_per_px: float | None = Field(None, gt=0, le=5.0, description="frame scale, µm per pixel (`edge calibrate`)")
+    calibrate_on_start: bool = Field(False, description="um_per_px unset: measure it on the first frames' red cells")
+    watch_scale_every: int = Field(50, ge=0, description="re-measure red cells every N frames, warn on drift > 10%; 0: off")
     cell_diameter_um: float = Field(SegmentationSettings.cell_diameter_um, gt=0, le=100)
     detect_width: int = Field(SegmentationSettings.detect_width, ge=64)
     blue_threshold: int = Field(SegmentationSettings.blue_threshold, ge=0, le=255)
@@ -69,7 +71,7 @@ class SegmentationConfig(Strict):
     max_area_fraction: float = Field(SegmentationSettings.max_area_fraction, gt=0)
 
     def settings(self) -> SegmentationSettings:
-        return SegmentationSettings(**self.model_dump())
+        return SegmentationSettings(**self.model_dump(exclude={"calibrate_on_start", "watch_scale_every"}))
 
 
 class TLSConfig(Strict):

@@ -33,11 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import json
-
 import numpy as np
 
-from edge.calibration import calibrate, check_scale
+from edge.calibration import SCALE_FILE, calibrate, check_scale, read_scale_file
 from edge.errors import DataError
 from edge.preprocessing import DEFAULT_CONTRACT, CropContract, crop_cell, read_rgb
 from edge.segmentation import SegmentationSettings, find_cells
@@ -56,7 +54,6 @@ MAX_UNREADABLE_FRACTION = 0.01
 #: PBC lymphocytes measured in µm through their red cells (200 cells: 10.8 µm at 0.110 µm/px), giving
 #: 10.8 / 183 = 0.059 µm/px; both are mature lymphoid cells segmented by the same code.
 CNMC_UM_PER_PX = 0.059
-SCALE_FILE = "leukoscope-scale.json"
 #: Folder names of the cell-type layout: every kind of normal white cell (label 0) and ALL blasts (1).
 NORMAL_TYPES = ("lymphocyte", "monocyte", "ig", "neutrophil", "eosinophil", "basophil", "erythroblast")
 BLAST_TYPES = ("blast",)
@@ -180,13 +177,9 @@ def _source_scale(root: Path, samples: list[Sample], given: float | None, is_cnm
     """The source's µm per pixel, and where it came from."""
     if given is not None:
         return check_scale(given, f"scale of {root}"), "given"
-    scale_file = root / SCALE_FILE
-    if scale_file.is_file():
-        try:
-            value = float(json.loads(scale_file.read_text())["um_per_px"])
-        except (ValueError, KeyError, TypeError):
-            raise DataError(f"{scale_file}: expected {{\"um_per_px\": NUMBER}}; fix or delete it") from None
-        return check_scale(value, str(scale_file)), SCALE_FILE
+    declared = read_scale_file(root)
+    if declared is not None:
+        return declared, SCALE_FILE
     if is_cnmc:
         return CNMC_UM_PER_PX, "C-NMC reference"
     step = max(1, len(samples) // 40)

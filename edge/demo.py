@@ -19,12 +19,11 @@ from pathlib import Path
 
 from edge import DISCLAIMER
 from edge.agent import Agent
+from edge.calibration import frames_scale
 from edge.config import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples" / "frames"
-#: The sample frames' white cells are about this wide (BCCD at 640x480 and the composed frames).
-SAMPLE_CELL_DIAMETER_PX = 175.0
 
 
 def _free_port() -> int:
@@ -112,7 +111,7 @@ def run_demo(workdir: Path | None = None, frames: Path = SAMPLES, bundle: Path |
     config = {
         "device": {"id": "demo-scope"},
         "source": {"type": "folder", "path": str(frames)},
-        "segmentation": {"cell_diameter_px": SAMPLE_CELL_DIAMETER_PX},
+        "segmentation": {"um_per_px": frames_scale(frames, None)},  # the frames' leukoscope-scale.json
         "mqtt": {"enabled": broker is not None, "host": "127.0.0.1", "port": broker[1] if broker else 1883, "stats_interval_s": 60},
         "outbox": {"path": str(workdir / "outbox.sqlite3")},
         "pipeline": {"sample_id": "DEMO-1", "log_results": True},

@@ -15,12 +15,15 @@ import cv2
 import numpy as np
 
 from edge.classifier import Classifier
+from edge.gate import MIN_FOCUS, frame_focus, judge
 from edge.preprocessing import crop_cell
 from edge.results import frame_result
 from edge.segmentation import Cell, SegmentationSettings, find_cells
 from edge.sources import Frame
 
 log = logging.getLogger(__name__)
+#: Box colours of annotated frames (BGR): flagged blast, other classified cell, not classified.
+FLAGGED_COLOUR, NORMAL_COLOUR, UNCLASSIFIED_COLOUR = (40, 40, 230), (60, 170, 60), (150, 150, 150)
 
 
 class Pipeline:
@@ -42,10 +45,14 @@ class Pipeline:
         return batch
 
     def process(self, frame: Frame, sample_id: str | None = None) -> tuple[dict, list[Cell], np.ndarray]:
-        """(result payload, cells found, model inputs) for a readable frame."""
+        """(result payload, cells classified, their model inputs) for a readable frame. Cells the
+        quality gate stops are reported under ``unclassified`` with their reason and never classified."""
         assert frame.image is not None
         started = time.perf_counter()
-        cells = find_cells(frame.image, self.segmentation)
+        found = find_cells(frame.image, self.segmentation)
+        verdicts = [judge(frame.image, cell, self.um_per_px, self.segmentation) for cell in found]
+        cells = [cell for cell, verdict in zip(found, verdicts) if verdict.classify]
+        focus = {id(cell): verdict.focus for cell, verdict in zip(found, verdicts)}
         segmented = time.perf_counter()
         batch = self.crops(frame.image, cells)
         cropped = time.perf_counter()
@@ -55,9 +62,12 @@ class Pipeline:
         self.sequence += 1
         result = frame_result(
             device_id=self.device_id, sequence=self.sequence, sample_id=sample_id, source=frame.name,
-            cells=[{"bbox": list(cell.bbox), "area": cell.area, "p_all": round(float(score), 4), "label": label}
-                   for cell, score, label in zip(cells, scores, labels)],
-            timings_ms={"segment": 1000 * (segmented - started), "crop": 1000 * (cropped - segmented),
+            cells=[{"bbox": list(cell.bbox), "area": cell.area, "p_all": round(float(score), 4), "label": label,
+                    "focus": round(focus[id(cell)], 1)} for cell, score, label in zip(cells, scores, labels)],
+            unclassified=[{"bbox": list(cell.bbox), "area": cell.area, "reason": verdict.reason, "focus": round(verdict.focus, 1)}
+                          for cell, verdict in zip(found, verdicts) if not verdict.classify],
+            focus=frame_focus(verdicts), min_focus=MIN_FOCUS,
+            timings_ms={"segment": 1000 * (segmented - started),  # segmentation and the quality gate "crop": 1000 * (cropped - segmented),
                         "classify": 1000 * (classified - cropped), "total": 1000 * (classified - started)},
             captured_at=frame.timestamp, positive_label=self.classifier.bundle.positive_label,
         )
@@ -83,12 +93,17 @@ class ReviewWriter:
         for cell, crop in zip(result["cells"], crops):
             x, y, w, h = cell["bbox"]
             flagged = cell["label"] == self.positive_label
-            colour = (40, 40, 230) if flagged else (60, 170, 60)
+            colour = FLAGGED_COLOUR if flagged else NORMAL_COLOUR
             cv2.rectangle(canvas, (x, y), (x + w, y + h), colour, thickness)
             cv2.putText(canvas, f"{cell['label']} {cell['p_all']:.2f}", (x, max(12, y - 6)), cv2.FONT_HERSHEY_SIMPLEX,
                         0.5 * thickness, colour, thickness)
             if flagged:
                 self._keep(self.folder / "flagged" / f"{prefix}_{x}_{y}.png", crop[..., ::-1])
+        for cell in result.get("unclassified", []):  # stopped by the quality gate: grey, with the reason
+            x, y, w, h = cell["bbox"]
+            cv2.rectangle(canvas, (x, y), (x + w, y + h), UNCLASSIFIED_COLOUR, thickness)
+            cv2.putText(canvas, f"not classified: {cell['reason']}", (x, max(12, y - 6)), cv2.FONT_HERSHEY_SIMPLEX,
+                        0.5 * thickness, UNCLASSIFIED_COLOUR, thickness)
         path = self.folder / f"{prefix}.jpg"
         self._keep(path, canvas, [cv2.IMWRITE_JPEG_QUALITY, 85])
         return path

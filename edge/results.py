@@ -12,7 +12,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-SCHEMA_VERSION = 1
+#: 2: frames carry ``unclassified`` cells (quality gate) and ``focus``; summaries the reasons.
+SCHEMA_VERSION = 2
 FRAME_SCHEMA = "leukoscope/frame-result"
 SAMPLE_SCHEMA = "leukoscope/sample-summary"
 
@@ -28,8 +29,13 @@ def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float,
 
 
 def frame_result(*, device_id: str, sequence: int, sample_id: str | None, source: str, cells: list[dict],
-                 timings_ms: dict[str, float], captured_at: float, positive_label: str) -> dict:
+                 timings_ms: dict[str, float], captured_at: float, positive_label: str,
+                 unclassified: list[dict] | None = None, focus: float | None = None, min_focus: float | None = None) -> dict:
+    """One frame's payload. ``cells`` were classified and are counted; ``unclassified`` were found but
+    stopped by the quality gate (``reason``) and are not. ``focus``: the median nucleus focus, with
+    ``out_of_focus`` when it is below ``min_focus``."""
     blasts = sum(1 for c in cells if c["label"] == positive_label)
+    unclassified = unclassified or []
     return {
         "schema": FRAME_SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -40,7 +46,10 @@ def frame_result(*, device_id: str, sequence: int, sample_id: str | None, source
         "sample_id": sample_id,
         "source": source,
         "cells": cells,
-        "counts": {"cells": len(cells), "blasts": blasts},
+        "unclassified": unclassified,
+        "counts": {"cells": len(cells), "blasts": blasts, "unclassified": len(unclassified)},
+        "focus": None if focus is None else round(focus, 1),
+        "out_of_focus": focus is not None and min_focus is not None and focus < min_focus,
         "timings_ms": {k: round(v, 2) for k, v in timings_ms.items()},
     }
 
@@ -53,11 +62,17 @@ class SampleTally:
     cells: int = 0
     blasts: int = 0
     unreadable_frames: int = 0
+    #: Found but not classified (quality gate), by reason: never part of cells or blasts.
+    unclassified: dict[str, int] = field(default_factory=dict)
+    out_of_focus_frames: int = 0
 
     def add(self, result: dict) -> None:
         self.frames += 1
         self.cells += result["counts"]["cells"]
         self.blasts += result["counts"]["blasts"]
+        for cell in result.get("unclassified", []):
+            self.unclassified[cell["reason"]] = self.unclassified.get(cell["reason"], 0) + 1
+        self.out_of_focus_frames += bool(result.get("out_of_focus"))
 
     def summary(self, device_id: str, *, final: bool = False) -> dict:
         low, high = wilson_interval(self.blasts, self.cells)
@@ -73,6 +88,9 @@ class SampleTally:
             "unreadable_frames": self.unreadable_frames,
             "cells": self.cells,
             "blasts": self.blasts,
+            "unclassified": sum(self.unclassified.values()),
+            "unclassified_reasons": dict(self.unclassified),
+            "out_of_focus_frames": self.out_of_focus_frames,
             "blast_fraction": self.blasts / self.cells if self.cells else None,
             "blast_fraction_ci95": [low, high] if self.cells else None,
         }

@@ -112,19 +112,50 @@ def _group_fragments(stats: np.ndarray, centroids: np.ndarray, keep: list[int], 
     return list(groups.values())
 
 
+#: A nucleus is at least this many cell diameters across (~5 µm at the 15 µm default): distance
+#: peaks shallower than half of it are lobes or necks, not the centres of separate cells.
+MIN_NUCLEUS_DIAMETERS = 0.35
+#: Two peaks are two cells when the distance dips between them below this fraction of the
+#: shallower peak (a neck where the cells touch); a lobed or oblong nucleus has no such dip.
+SADDLE_RATIO = 0.8
+
+
+def _separate(distance: np.ndarray, a: np.ndarray, b: np.ndarray, depth: float) -> bool:
+    """Whether the straight path from peak ``a`` to peak ``b`` dips below ``SADDLE_RATIO * depth``."""
+    steps = max(2, int(np.linalg.norm(b - a)))
+    xs = np.linspace(a[0], b[0], steps).round().astype(int)
+    ys = np.linspace(a[1], b[1], steps).round().astype(int)
+    return float(distance[ys, xs].min()) < SADDLE_RATIO * depth
+
+
 def _split_touching(component: np.ndarray, diameter: float) -> list[np.ndarray]:
-    """Touching cells separated by a watershed on the distance transform (one mask per cell)."""
+    """Touching cells separated at the physical scale. Each cell is a peak of the distance transform
+    deep enough to be a nucleus' centre (``MIN_NUCLEUS_DIAMETERS``) and parted from every deeper
+    peak by a neck (``SADDLE_RATIO``, a saddle test); then each cell is given
+    its pixels (nearest circle). A global threshold (half the deepest peak, tried before) missed smaller cells
+    beside a large one and merged chains of cells that overlap."""
     distance = cv2.distanceTransform(component, cv2.DIST_L2, 5)
-    peaks = (distance > 0.5 * distance.max()).astype(np.uint8)
-    count, markers = cv2.connectedComponents(peaks)
+    local_max = (distance >= cv2.dilate(distance, np.ones((5, 5), np.uint8))) & (distance >= MIN_NUCLEUS_DIAMETERS * diameter / 2)
+    count, markers, _, centres = cv2.connectedComponentsWithStats(local_max.astype(np.uint8), connectivity=8)
     if count <= 2:
         return [component]
-    markers = markers + 1
-    markers[(component > 0) & (peaks == 0)] = 0
-    markers[component == 0] = 1
-    relief = cv2.cvtColor((255 * (1 - distance / max(float(distance.max()), 1.0))).astype(np.uint8), cv2.COLOR_GRAY2BGR)
-    labels = cv2.watershed(relief, markers.astype(np.int32))
-    return [(labels == k).astype(np.uint8) for k in range(2, count + 1) if np.any(labels == k)]
+    depth = [0.0] + [float(distance[int(round(centres[k][1])), int(round(centres[k][0]))]) for k in range(1, count)]
+    kept: list[int] = []
+    for k in sorted(range(1, count), key=lambda k: -depth[k])[:64]:
+        if all(_separate(distance, centres[k], centres[j], depth[k]) for j in kept):
+            kept.append(k)
+    if len(kept) <= 1:
+        return [component]
+    # Each pixel goes to the cell whose circle (centre, inscribed radius) it lies deepest in: the
+    # boundary runs through the neck, and a larger cell keeps its larger share. (OpenCV's watershed
+    # floods by the image's gradient, not its values, and cut distance maps into onion rings.)
+    reach = np.empty((len(kept),) + component.shape, np.float32)
+    for index, k in enumerate(kept):
+        seed = np.ones(component.shape, np.uint8)
+        seed[markers == k] = 0
+        reach[index] = cv2.distanceTransform(seed, cv2.DIST_L2, 5) - depth[k]
+    owner = np.argmin(reach, axis=0)
+    return [((owner == index) & (component > 0)).astype(np.uint8) for index in range(len(kept))]
 
 
 def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = SegmentationSettings()) -> list[Cell]:

@@ -1,0 +1,147 @@
+"""The quality gate between segmentation and the classifier: which found objects are cells that
+can be classified, and why the others are not.
+
+Why: a count of blasts is only as good as what it counts. Leukaemic smears are full of smudge
+(basket) cells and ragged broken cells, which the model calls blasts with high confidence; a cell
+cut by the frame border, out of focus, or lying on red cells shows the model something it never
+saw in training; stain debris and platelet clumps are not white cells at all. Each such object is
+reported as "not classified" with its reason and is never counted.
+
+Every measure is physical (µm, µm²) or taken at one fixed resampling (``FOCUS_UM_PER_PX``), so the
+thresholds hold at any objective. The thresholds were set on clean single cells of three labs
+(PBC, C-NMC, BCCD) so that at most ~1% of clean cells fall below each (``benchmarks/bench_gate.py``
+measures the drop), and each rejects the defect it names on real cells made defective (tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from edge.segmentation import Cell, SegmentationSettings, _stained
+
+#: Focus is measured on the nucleus resampled to this scale, so that the number means the same at
+#: every objective (the variance of the Laplacian grows as pixels get finer).
+FOCUS_UM_PER_PX = 0.2
+#: Variance of the Laplacian (green, 0.2 µm/px) below which a nucleus is out of focus. Clean cells
+#: measure >= ~140 (BCCD p1; PBC and C-NMC higher); a 1 µm Gaussian blur brings all below 20.
+MIN_FOCUS = 50.0
+#: Smaller than this (µm², a disc of ~5 µm) is stain debris or a platelet, not a white cell
+#: (the smallest clean white cells measure ~27 µm²).
+MIN_AREA_UM2 = 20.0
+#: Lobed nuclei with trimmed cytoplasm go down to ~0.58 solidity; a torn, ragged cell lower.
+MIN_SOLIDITY = 0.5
+#: Larger than this with a washed-out nucleus is a smudge (basket) cell: its chromatin has spread
+#: into a pale smear with no cytoplasm. Intact cells of a normal film stay under ~230 µm².
+SMUDGE_AREA_UM2 = 250.0
+#: A smudge's nucleus is pale: its mean green is this close (0..1) to the background's.
+SMUDGE_PALENESS = 0.55
+#: A platelet clump: the stained object falls apart into this many pieces or more, each small.
+#: (A white cell's nucleus always has one body of >= ~15 µm²; a clump is of 2-3 µm platelets.)
+CLUMP_PIECES = 4
+CLUMP_LARGEST_UM2 = 12.0
+#: ... and small as a whole (pale monocyte nuclei also break into small stained pieces, but are larger).
+CLUMP_MAX_UM2 = 80.0
+#: Red-cell pixels are at most this much bluer (B - R) than the background; cytoplasm is bluer.
+RED_CELL_BLUE_EXCESS = 10
+#: A cell whose outline (convex hull) is more than this fraction red cell lies on red cells.
+MAX_RED_OVERLAP = 0.3
+
+#: A cell touching the frame's edge along more than this (µm) is cut: its crop would miss a part.
+#: (Segmentation already skips nuclei cut by the edge; this catches cells whose cytoplasm is.)
+MAX_BORDER_CONTACT_UM = 3.0
+
+REASONS = ("cut by border", "debris", "platelet clump", "broken", "smudge", "out of focus", "overlapping red cells")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a cell goes to the classifier, why not, and its focus (reported either way)."""
+
+    reason: str | None  # None: classify it
+    focus: float
+
+    @property
+    def classify(self) -> bool:
+        return self.reason is None
+
+
+def nucleus_focus(crop_rgb: np.ndarray, nucleus: np.ndarray, um_per_px: float) -> float:
+    """Variance of the Laplacian of the green channel over the nucleus, at ``FOCUS_UM_PER_PX``."""
+    factor = um_per_px / FOCUS_UM_PER_PX
+    size = (max(1, round(crop_rgb.shape[1] * factor)), max(1, round(crop_rgb.shape[0] * factor)))
+    grey = cv2.resize(crop_rgb[..., 1], size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+    inside = cv2.resize(nucleus.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    inside = cv2.erode(inside, np.ones((3, 3), np.uint8)).astype(bool)  # the nucleus' own edge is not texture
+    if inside.sum() < 20:
+        return 0.0
+    return float(cv2.Laplacian(grey.astype(np.float32), cv2.CV_32F, ksize=3)[inside].var())
+
+
+def frame_focus(verdicts: list[Verdict]) -> float | None:
+    """The frame's focus: the median of its cells' nucleus focus (None without cells). Measured on
+    nuclei, not the whole field, so it reads on the same scale as ``MIN_FOCUS`` whatever else the
+    frame holds, and costs nothing more."""
+    return float(np.median([v.focus for v in verdicts])) if verdicts else None
+
+
+def _red_cell_pixels(crop_rgb: np.ndarray, stained: np.ndarray) -> np.ndarray:
+    """Red-cell pixels: darker than the background in green (haemoglobin) and no bluer than the
+    background (a white cell's pale cytoplasm is darker too, but bluer), not stained violet."""
+    green = crop_rgb[..., 1]
+    excess = crop_rgb[..., 2].astype(np.int16) - crop_rgb[..., 0].astype(np.int16)
+    bright = green >= np.percentile(green, 95)
+    background, field_excess = float(green[bright].mean()), float(np.median(excess[bright]))
+    return (green < 0.85 * background) & (excess < field_excess + RED_CELL_BLUE_EXCESS) & ~stained
+
+
+def _border_contact(cell: Cell, shape: tuple[int, int]) -> int:
+    """Pixels of the cell's outline that lie on the frame's edge (a straight cut shows as a long run)."""
+    x, y, w, h = cell.bbox
+    mask = cell.mask
+    return int((mask[:, 0].sum() if x <= 0 else 0) + (mask[0].sum() if y <= 0 else 0)
+               + (mask[:, -1].sum() if x + w >= shape[1] else 0) + (mask[-1].sum() if y + h >= shape[0] else 0))
+
+
+def judge(frame_rgb: np.ndarray, cell: Cell, um_per_px: float,
+          settings: SegmentationSettings = SegmentationSettings()) -> Verdict:
+    """The gate's verdict on one found cell (``um_per_px``: the frame's scale)."""
+    x, y, w, h = cell.bbox
+    crop = frame_rgb[y:y + h, x:x + w]
+    mask = cell.mask
+    stained = _stained(crop, settings.blue_threshold, settings.dark_level).astype(bool)
+    nucleus = stained & mask if not cell.pre_cropped else mask
+    focus = nucleus_focus(crop, nucleus, um_per_px)
+    height, width = frame_rgb.shape[:2]
+    if not cell.pre_cropped and _border_contact(cell, (height, width)) * um_per_px > MAX_BORDER_CONTACT_UM:
+        return Verdict("cut by border", focus)
+    pixel_um2 = um_per_px * um_per_px
+    area_um2 = float(mask.sum()) * pixel_um2
+    if area_um2 < MIN_AREA_UM2:
+        return Verdict("debris", focus)
+    pieces, _, stats, _ = cv2.connectedComponentsWithStats(nucleus.astype(np.uint8), connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA] * pixel_um2
+    areas = areas[areas >= 1.0]  # specks of chromatin texture are not pieces
+    if len(areas) >= CLUMP_PIECES and float(areas.max()) < CLUMP_LARGEST_UM2 and area_um2 < CLUMP_MAX_UM2:
+        return Verdict("platelet clump", focus)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    hull = cv2.convexHull(np.vstack(contours))
+    hull_area = max(float(cv2.contourArea(hull)), 1.0)
+    if mask.sum() / hull_area < MIN_SOLIDITY:
+        return Verdict("broken", focus)
+    if area_um2 > SMUDGE_AREA_UM2 and not cell.pre_cropped:
+        background = float(np.percentile(crop[..., 1], 95))
+        inked = float(crop[..., 1][nucleus].mean()) if nucleus.any() else background
+        if inked > SMUDGE_PALENESS * background:
+            return Verdict("smudge", focus)
+    if focus < MIN_FOCUS:
+        return Verdict("out of focus", focus)
+    if not cell.pre_cropped:
+        outline = np.zeros(mask.shape, np.uint8)
+        cv2.fillConvexPoly(outline, hull, 1)
+        outline = outline.astype(bool)
+        if float(_red_cell_pixels(crop, stained)[outline].mean()) > MAX_RED_OVERLAP:
+            return Verdict("overlapping red cells", focus)
+    return Verdict(None, focus)

@@ -1,0 +1,148 @@
+"""`edge calibrate` and the agent's scale watch on real frames: PBC and BCCD red cells, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge.agent import ScaleWatch, calibrated
+from edge.calibration import SCALE_FILE, calibrate, measure_frame
+from edge.cli import main
+from edge.config import parse_config
+from edge.errors import UserError
+from edge.preprocessing import read_rgb
+from tests.conftest import BCCD, CNMC, SHARED_DATA, needs_bccd, needs_cnmc
+
+PBC = SHARED_DATA / "pbc-normal"
+needs_pbc = pytest.mark.skipif(not PBC.is_dir(), reason=f"real PBC images not found at {PBC} (../shared is absent in a bare clone)")
+
+
+def _pbc_images(step: int = 130) -> list[Path]:
+    return sorted(PBC.glob("*/*.jpg"))[::step]
+
+
+def _bccd_frames(count: int, tmp_path: Path) -> Path:
+    folder = tmp_path / "bccd"
+    folder.mkdir()
+    for path in sorted((BCCD / "JPEGImages").glob("*.jpg"))[100:100 + count]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+@needs_pbc
+def test_pbc_scale_is_measured_on_every_kind_of_image():
+    measured = calibrate([read_rgb(p) for p in _pbc_images()])
+    print(f"\nPBC: {measured.um_per_px:.4f} µm/px from {len(measured.usable)} of {len(measured.frames)} images, "
+          f"CV {measured.cv:.3f}, robust CV {measured.robust_cv:.3f}")
+    assert 0.095 < measured.um_per_px < 0.112  # 360 px images of a 100x objective: red cells ~70-80 px
+    assert len(measured.usable) >= 0.85 * len(measured.frames)
+    assert measured.robust_cv <= 0.06
+
+
+@needs_bccd
+def test_bccd_scale_agrees_with_its_white_cells():
+    """BCCD's white cells (~12-15 µm) are ~150-180 px: the red cells must give ~0.08-0.09 µm/px."""
+    measured = calibrate([read_rgb(p) for p in sorted((BCCD / "JPEGImages").glob("*.jpg"))[::18]])
+    assert 0.077 < measured.um_per_px < 0.09
+    assert measured.robust_cv <= 0.08
+
+
+@needs_bccd
+def test_scale_follows_the_magnification():
+    """The same frame upscaled 1.5x must measure 1.5x finer: the estimate is of size, not of texture."""
+    frame = read_rgb(sorted((BCCD / "JPEGImages").glob("*.jpg"))[200])
+    native = measure_frame(frame).um_per_px
+    larger = measure_frame(cv2.resize(frame, None, fx=1.5, fy=1.5, interpolation=cv2.INTER_CUBIC)).um_per_px
+    assert native and larger and abs(native / larger - 1.5) < 0.1
+
+
+@needs_bccd
+def test_cli_prints_scale_spread_and_per_image_estimates(tmp_path, capsys):
+    folder = _bccd_frames(6, tmp_path)
+    assert main(["calibrate", "--source", str(folder), "--json", "--write"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0.075 < report["um_per_px"] < 0.09 and report["red_cells"] >= 10
+    assert [p["name"] for p in report["per_image"]] == sorted(p.name for p in folder.glob("*.jpg"))
+    assert json.loads((folder / SCALE_FILE).read_text())["um_per_px"] == report["um_per_px"]
+
+
+@needs_bccd
+def test_cli_warns_when_the_scale_is_far_from_the_configured_one(tmp_path, capsys):
+    folder = _bccd_frames(4, tmp_path)
+    (folder / SCALE_FILE).write_text('{"um_per_px": 0.12}')
+    assert main(["calibrate", "--source", str(folder)]) == 0
+    captured = capsys.readouterr()
+    assert "µm per pixel" in captured.out
+    warning = captured.err.strip()
+    assert "warning" in warning and "0.12" in warning and "\n" not in warning
+
+
+@needs_cnmc
+def test_cli_pre_cropped_cells_have_no_red_cells(tmp_path, capsys):
+    folder = tmp_path / "cnmc"
+    folder.mkdir()
+    for path in sorted((CNMC / "all").glob("*.png"))[:3]:
+        shutil.copy(path, folder / path.name)
+    assert main(["calibrate", "--source", str(folder)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "too few red cells" in error and "um_per_px" in error and "\n" not in error
+
+
+def test_cli_black_frame_is_one_line(tmp_path, capsys):
+    cv2.imwrite(str(tmp_path / "black.png"), np.zeros((480, 640, 3), np.uint8))
+    assert main(["calibrate", "--source", str(tmp_path / "black.png")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "too few red cells" in error and "black" in error and "\n" not in error
+
+
+def test_cli_folder_of_non_images(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a frame")
+    assert main(["calibrate", "--source", str(tmp_path)]) == 2
+    assert "holds no images" in capsys.readouterr().err
+    (tmp_path / "broken.jpg").write_text("not a jpeg either")
+    assert main(["calibrate", "--source", str(tmp_path)]) == 2
+    assert "could be decoded" in capsys.readouterr().err
+
+
+def test_replay_without_a_scale_says_how_to_get_one(tmp_path, capsys):
+    cv2.imwrite(str(tmp_path / "frame.png"), np.full((48, 64, 3), 200, np.uint8))
+    assert main(["replay", "--source", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--um-per-px" in error and "edge calibrate" in error and "\n" not in error
+
+
+def _config(folder: Path, tmp_path: Path, **segmentation) -> dict:
+    return {"source": {"type": "folder", "path": str(folder)}, "segmentation": segmentation,
+            "mqtt": {"enabled": False}, "outbox": {"path": str(tmp_path / "outbox.sqlite3")}}
+
+
+@needs_bccd
+def test_agent_calibrates_on_start(tmp_path):
+    config = parse_config(_config(_bccd_frames(10, tmp_path), tmp_path, calibrate_on_start=True))
+    assert 0.075 < calibrated(config).segmentation.um_per_px < 0.09
+    fixed = parse_config(_config(tmp_path / "bccd", tmp_path, um_per_px=0.1, calibrate_on_start=True))
+    assert calibrated(fixed).segmentation.um_per_px == 0.1  # a configured scale is never replaced
+
+
+def test_agent_calibration_failure_tells_to_set_the_scale(tmp_path):
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"black{i}.png"), np.zeros((120, 160, 3), np.uint8))
+    config = parse_config(_config(tmp_path, tmp_path, calibrate_on_start=True))
+    with pytest.raises(UserError, match="set segmentation.um_per_px"):
+        calibrated(config)
+
+
+@needs_pbc
+def test_scale_watch_warns_on_drift_only():
+    frames = [read_rgb(p) for p in _pbc_images(400)[:6]]
+    right, wrong = ScaleWatch(0.102, every=2), ScaleWatch(0.085, every=2)  # PBC measures ~0.10
+    for frame in frames:
+        right.observe(frame)
+        wrong.observe(frame)
+    assert right.stats()["warning"] is None and right.drift < 0.1
+    assert wrong.drift > 0.1 and "scale drift" in wrong.stats()["warning"]

@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=ROOT / "models" / "default")
     parser.add_argument("--bccd", type=Path, default=ROOT.parent / "shared" / "data" / "bccd")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--um-per-px", type=float, default=0.082, help="the frames' scale (BCCD: 0.082, measured by edge calibrate)")
+    parser.add_argument("--um-per-px", type=float, default=0.083, help="the frames' scale (BCCD: 0.083, measured by edge calibrate)")
     args = parser.parse_args()
 
     sources = [read_rgb(p) for p in sorted((args.bccd / "JPEGImages").glob("*.jpg"))[:60]]

@@ -51,9 +51,13 @@ _NAME = re.compile(r"^UID_(?P<patient>H?\d+)_.*_(?P<label>all|hem)(?: \(\d+\))?$
 MAX_UNREADABLE_FRACTION = 0.01
 #: C-NMC's scale. Its crops show no red cells, so it was derived from the cells themselves: the median
 #: equivalent diameter of C-NMC normal B-cells (cnmc-dev hem, 200 cells: 183 px) was matched to that of
-#: PBC lymphocytes measured in µm through their red cells (200 cells: 10.8 µm at 0.110 µm/px), giving
-#: 10.8 / 183 = 0.059 µm/px; both are mature lymphoid cells segmented by the same code.
-CNMC_UM_PER_PX = 0.059
+#: PBC lymphocytes measured in µm through their red cells (200 cells: 10.1 µm at PBC's 0.1033 µm/px from
+#: `edge calibrate`), giving 10.1 / 183 = 0.0555 µm/px; both are mature lymphoid cells segmented by the
+#: same code. An estimate, good to the spread of lymphocyte sizes between donors (~5-10%).
+CNMC_UM_PER_PX = 0.0555
+#: Images measured for a source's scale when none is given (per-image spread ~7-13%: 150 images pin
+#: the median to ~1%).
+CALIBRATION_IMAGES = 150
 #: Folder names of the cell-type layout: every kind of normal white cell (label 0) and ALL blasts (1).
 NORMAL_TYPES = ("lymphocyte", "monocyte", "ig", "neutrophil", "eosinophil", "basophil", "erythroblast")
 BLAST_TYPES = ("blast",)
@@ -182,8 +186,8 @@ def _source_scale(root: Path, samples: list[Sample], given: float | None, is_cnm
         return declared, SCALE_FILE
     if is_cnmc:
         return CNMC_UM_PER_PX, "C-NMC reference"
-    step = max(1, len(samples) // 40)
-    measured = calibrate([read_rgb(s.path) for s in samples[::step][:40]])
+    step = max(1, len(samples) // CALIBRATION_IMAGES)  # spread over the folder: every cell type, every slide
+    measured = calibrate([read_rgb(s.path) for s in samples[::step][:CALIBRATION_IMAGES]])
     if measured.um_per_px is None:
         raise DataError(f"source {root} has no scale: its images show too few red cells to measure; give it as "
                         f"{root}=UM_PER_PX or write {SCALE_FILE} in it")

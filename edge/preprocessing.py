@@ -39,7 +39,7 @@ class CropContract:
     #: Model input side in pixels.
     size: int = 96
     #: Micrometres per model-input pixel: 96 px x 0.25 µm = a 24 µm field, room for a monocyte.
-    #: Coarser than every source's native scale (C-NMC ~0.06, PBC ~0.11, BCCD ~0.085 µm/px), so every
+    #: Coarser than every source's native scale (C-NMC ~0.056, PBC ~0.103, BCCD ~0.083 µm/px), so every
     #: source is downsampled and the sharpness of the lab's optics is equalised.
     um_per_px: float = 0.25
     #: Reference CIELAB mean and spread of a cell's pixels (OpenCV 8-bit LAB units): the mean of the
@@ -98,19 +98,17 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 def normalise_colour(cell_rgb: np.ndarray, mask: np.ndarray, contract: CropContract) -> np.ndarray:
     """Map the masked pixels' CIELAB mean and spread to the contract's reference; black outside."""
-    lab = cv2.cvtColor(cell_rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
     inside = mask.astype(bool)
     if inside.sum() < 4:
         return np.zeros_like(cell_rgb)
-    pixels = lab[inside]
-    mean, std = pixels.mean(axis=0), np.maximum(pixels.std(axis=0), 1.0)
-    pixels = (pixels - mean) / std * np.float32(contract.lab_std) + np.float32(contract.lab_mean)
-    lab[inside] = np.clip(pixels, 0, 255)
-    out = cv2.cvtColor(lab.astype(np.uint8), cv2.COLOR_LAB2RGB)
-    out[~inside] = 0
+    lab = cv2.cvtColor(cell_rgb, cv2.COLOR_RGB2LAB)
+    mean, std = (v.reshape(3) for v in cv2.meanStdDev(lab, mask=inside.view(np.uint8)))
+    gain = np.float32(contract.lab_std) / np.maximum(std, 1.0).astype(np.float32)
+    offset = np.float32(contract.lab_mean) - mean.astype(np.float32) * gain
+    lab = np.clip(lab * gain + offset, 0, 255).astype(np.uint8)
+    out = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
     # A normalised pixel must never read as background (black): the model tells cell from field by it.
-    out[inside] = np.maximum(out[inside], 1)
-    return out
+    return np.where(inside[..., None], np.maximum(out, 1), 0).astype(np.uint8)
 
 
 def crop_cell(frame_rgb: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int, int], frame_um_per_px: float,
@@ -123,14 +121,15 @@ def crop_cell(frame_rgb: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int
     if not frame_um_per_px > 0:
         raise DataError(f"frame scale {frame_um_per_px} µm per pixel must be positive; run `edge calibrate`")
     x, y, w, h = bbox
-    mask = fill_holes(mask)
-    cell = np.zeros((h, w, 3), np.uint8)
-    cv2.copyTo(frame_rgb[y:y + h, x:x + w], mask.view(np.uint8), cell)
-    cell = normalise_colour(cell, mask, contract)
     factor = frame_um_per_px / contract.um_per_px  # model pixels per frame pixel
     out_w, out_h = max(1, round(w * factor)), max(1, round(h * factor))
     interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-    small = cv2.resize(cell, (out_w, out_h), interpolation=interpolation)
+    # Resample first, then normalise: the colour maths runs on the model's few thousand pixels, not on
+    # a 12 MP frame's hundreds of thousands per cell. Cell and mask are resampled apart so the cell's
+    # edge does not blend with black before its colour statistics are taken.
+    small = cv2.resize(frame_rgb[y:y + h, x:x + w], (out_w, out_h), interpolation=interpolation)
+    small_mask = cv2.resize(fill_holes(mask).view(np.uint8) * np.uint8(255), (out_w, out_h), interpolation=interpolation) >= 128
+    small = normalise_colour(small, small_mask, contract)
     if contract.blur_sigma_px > 0:
         small = cv2.GaussianBlur(small, (0, 0), contract.blur_sigma_px)
     size = contract.size

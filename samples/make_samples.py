@@ -8,7 +8,7 @@
   frame, so the demo has frames with known ALL/normal cells. ``frames/labels.csv`` lists each
   placed cell: frame, bbox, label and source file. Cells are picked by a fixed rule (every
   k-th file of each class), not by how the model scores them.
-* ``frames/leukoscope-scale.json``: the frames' scale. BCCD frames measure 0.085 µm per pixel on
+* ``frames/leukoscope-scale.json``: the frames' scale. BCCD frames measure 0.083 µm per pixel on
   their red cells (`edge calibrate`); C-NMC cells are resized from C-NMC's reference scale to that,
   so every cell in every frame has its true physical size.
 """
@@ -29,8 +29,8 @@ from edge.dataset import CNMC_UM_PER_PX, SCALE_FILE
 HERE = Path(__file__).resolve().parent
 BCCD_FRAMES = ("BloodImage_00000.jpg", "BloodImage_00010.jpg", "BloodImage_00023.jpg")
 BACKGROUNDS = ("BloodImage_00133.jpg", "BloodImage_00135.jpg", "BloodImage_00228.jpg")  # no white cell, least stain
-#: BCCD's scale, measured on its red cells (median of 364 frames, per-frame spread ~7%).
-FRAME_UM_PER_PX = 0.085
+#: BCCD's scale, measured on its red cells by `edge calibrate` (median of 364 frames).
+FRAME_UM_PER_PX = 0.083
 CELL_SCALE = CNMC_UM_PER_PX / FRAME_UM_PER_PX  # C-NMC pixels to frame pixels: true physical size
 
 

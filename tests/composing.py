@@ -20,7 +20,7 @@ from tests.conftest import BCCD, CNMC, SHARED_DATA
 
 PBC = SHARED_DATA / "pbc-normal"
 #: Measured by `edge calibrate` on the images themselves (red cells; see tests/test_calibration.py).
-BCCD_UM_PER_PX = 0.082
+BCCD_UM_PER_PX = 0.083
 PBC_UM_PER_PX = 0.102
 #: Quarter-frame tiles of real BCCD smear, 320x240 (every BCCD frame, even those annotated with none,
 #: shows a white cell somewhere, so whole frames cannot serve as empty fields).

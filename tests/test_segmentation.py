@@ -12,7 +12,7 @@ from edge.segmentation import SegmentationSettings, find_cells
 from tests.conftest import BCCD, CNMC, needs_bccd, needs_cnmc
 
 #: BCCD's scale, measured by `edge calibrate` on its red cells (tests/test_calibration.py).
-BCCD_SETTINGS = SegmentationSettings(um_per_px=0.082)
+BCCD_SETTINGS = SegmentationSettings(um_per_px=0.083)
 
 BORDER = 5  # an annotated box this close to the edge is a cell cut by the border, which is skipped by design
 

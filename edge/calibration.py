@@ -257,6 +257,8 @@ def write_scale_file(folder: Path, calibration: Calibration) -> Path:
 
 def frames_scale(source: Path, given: float | None) -> float:
     """The scale of replayed frames: given (``--um-per-px``), else the folder's ``SCALE_FILE``; never a guess."""
+    if not source.exists():
+        raise UserError(f"{source} does not exist; pass a folder of frames or an image file")
     if given is not None:
         return check_scale(given, "--um-per-px")
     folder = source if source.is_dir() else source.parent

@@ -67,7 +67,8 @@ class Pipeline:
             unclassified=[{"bbox": list(cell.bbox), "area": cell.area, "reason": verdict.reason, "focus": round(verdict.focus, 1)}
                           for cell, verdict in zip(found, verdicts) if not verdict.classify],
             focus=frame_focus(verdicts), min_focus=MIN_FOCUS,
-            timings_ms={"segment": 1000 * (segmented - started),  # segmentation and the quality gate "crop": 1000 * (cropped - segmented),
+            # "segment" includes the quality gate.
+            timings_ms={"segment": 1000 * (segmented - started), "crop": 1000 * (cropped - segmented),
                         "classify": 1000 * (classified - cropped), "total": 1000 * (classified - started)},
             captured_at=frame.timestamp, positive_label=self.classifier.bundle.positive_label,
         )

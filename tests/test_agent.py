@@ -7,15 +7,18 @@ import threading
 import time
 
 from edge.agent import Agent
+from edge.calibration import read_scale_file
 from edge.config import parse_config
 from tests.conftest import ROOT
 
 FRAMES = ROOT / "samples" / "frames"
+SAMPLE_UM_PER_PX = read_scale_file(FRAMES)
 
 
 def _agent(tmp_path, **source) -> Agent:
     return Agent(parse_config({
         "source": {"type": "folder", "path": str(FRAMES), **source},
+        "segmentation": {"um_per_px": SAMPLE_UM_PER_PX},
         "mqtt": {"enabled": False},
         "outbox": {"path": str(tmp_path / "outbox.sqlite3")},
         "pipeline": {"queue_size": 1, "sample_id": "S9"},

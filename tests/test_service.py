@@ -45,7 +45,7 @@ def broker(tmp_path):
 def write_config(path: Path, *, port: int, frames: Path, outbox: Path, fps: float | None = None, loop: bool = False,
                  extra: str = "", device: str = "t1") -> Path:
     source = f'[source]\ntype = "folder"\npath = "{frames}"\nloop = {str(loop).lower()}\n' + (f"fps = {fps}\n" if fps else "")
-    path.write_text(f'[device]\nid = "{device}"\n{source}'
+    path.write_text(f'[device]\nid = "{device}"\n{source}[segmentation]\num_per_px = 0.083\n'
                     f'[classifier]\nbundle = "{ROOT / "models" / "default"}"\nnum_threads = 1\n'
                     f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nkeepalive_s = 5\nstats_interval_s = 1\nreconnect_max_s = 2\n{extra}\n'
                     f'[outbox]\npath = "{outbox}"\n[pipeline]\nsample_id = "S1"\n')

@@ -1,0 +1,95 @@
+"""Where the shipped int8 bundle holds, measured through the device's own pipeline.
+
+    python benchmarks/bench_crosslab.py [--bundle models/default] [--data ../shared/data] [--run runs/v2b]
+
+* BCCD (healthy blood, a lab never trained on): every BCCD frame through ``edge.pipeline`` exactly as
+  the device runs it (segmentation, quality gate, µm crop, int8 LiteRT) at the frames' scale measured on
+  their red cells; classified cells that match an annotated white cell are normal, so the share called
+  ALL is the false-blast rate.
+* With ``--run`` (the run the bundle was exported from): its validation cells (patients and images never
+  trained on) per source and cell type with the int8 model, and the float-vs-int8 decision agreement on them.
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from edge.calibration import calibrate  # noqa: E402
+from edge.classifier import Classifier  # noqa: E402
+from edge.pipeline import Pipeline  # noqa: E402
+from edge.preprocessing import read_rgb  # noqa: E402
+from edge.segmentation import SegmentationSettings  # noqa: E402
+from edge.sources import Frame  # noqa: E402
+from trainer.crosslab import _boxes, _iou  # noqa: E402
+
+
+def bccd(classifier: Classifier, root: Path) -> dict:
+    frames = sorted((root / "JPEGImages").glob("*.jpg"))
+    scale = calibrate([read_rgb(p) for p in frames[::max(1, len(frames) // 60)]]).um_per_px
+    pipeline = Pipeline(classifier, SegmentationSettings(um_per_px=scale))
+    annotated = classified = called = unclassified = 0
+    for path in frames:
+        truth = _boxes(root / "Annotations" / f"{path.stem}.xml")
+        annotated += len(truth)
+        result, _, _ = pipeline.process(Frame(image=read_rgb(path), name=path.name))
+        for cell in result["cells"]:
+            x, y, w, h = cell["bbox"]
+            if any(_iou((x, y, x + w, y + h), box) > 0.3 for box in truth):
+                classified += 1
+                called += cell["label"] == classifier.bundle.positive_label
+        unclassified += sum(1 for c in result["unclassified"]
+                            if any(_iou((c["bbox"][0], c["bbox"][1], c["bbox"][0] + c["bbox"][2], c["bbox"][1] + c["bbox"][3]), b) > 0.3
+                                   for b in truth))
+    return {"frames": len(frames), "um_per_px": round(float(scale), 4), "annotated_white_cells": annotated,
+            "classified": classified, "unclassified_by_gate": unclassified, "called_all": called,
+            "false_blast_rate": round(called / classified, 4) if classified else None}
+
+
+def validation(classifier: Classifier, run: Path) -> dict:
+    import keras
+
+    from edge.dataset import Sample, load_arrays
+    from trainer import pipeline
+    from trainer.fit import by_group
+
+    split = json.loads((run / "split.json").read_text())
+    samples = [Sample.from_record(r) for r in split["validation"]["samples"]]
+    images, samples = load_arrays(samples, classifier.contract, progress=False)
+    int8 = classifier.scores(images)
+    floats = pipeline.predict(keras.models.load_model(run / "model.keras"), images)
+    threshold = classifier.threshold
+    return {"cells": len(samples), "by_group_int8": by_group(samples, int8, threshold),
+            "float_vs_int8_decision_agreement": round(float(np.mean((floats >= threshold) == (int8 >= threshold))), 4),
+            "max_abs_score_difference": round(float(np.max(np.abs(floats - int8))), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, default=ROOT / "models" / "default")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--run", type=Path, default=None, help="the training run the bundle came from")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    classifier = Classifier(args.bundle)
+    report: dict = {"bundle": str(args.bundle), "threshold": classifier.threshold, "bccd": bccd(classifier, args.data / "bccd")}
+    if args.run:
+        report["validation"] = validation(classifier, args.run)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

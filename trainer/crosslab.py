@@ -1,7 +1,7 @@
 """Where the model holds: labs and conditions it never trained on.
 
 * BCCD (healthy smears from a third lab, never trained on): every interior white cell the
-  device's own segmentation finds and an annotator boxed is a normal cell, so the share called ALL
+  device's own segmentation finds, its quality gate passes and an annotator boxed is a normal cell, so the share called ALL
   is a false-blast rate on a microscope the model has never seen.
 * Scale: the same validation cells resampled to 0.7x and 1.4x pixel scale, with the matching
   µm per pixel, must get the same decision (the µm contract at work).
@@ -24,6 +24,7 @@ import numpy as np
 from edge.calibration import calibrate
 from edge.dataset import Sample, load_arrays
 from edge.errors import DataError
+from edge.gate import judge
 from edge.preprocessing import CropContract, crop_cell, read_rgb
 from edge.segmentation import SegmentationSettings, find_cells
 
@@ -68,7 +69,7 @@ def bccd_crops(root: Path, contract: CropContract, um_per_px: float | None = Non
         annotated += len(truth)
         for cell in find_cells(image, settings):
             x, y, w, h = cell.bbox
-            if any(_iou((x, y, x + w, y + h), box) > 0.3 for box in truth):
+            if any(_iou((x, y, x + w, y + h), box) > 0.3 for box in truth) and judge(image, cell, um_per_px, settings).classify:
                 crops.append(crop_cell(image, cell.mask, cell.bbox, um_per_px, contract))
     size = contract.size
     return (np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)), \

@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Quantize a `trainer fit` run to int8 (uint8 in/out), measure float-vs-int8 parity "
                                              "on the run's validation patients, and write a bundle the device verifies.")
     export.add_argument("run", type=Path, help="run folder written by `trainer fit`")
-    export.add_argument("--out", type=Path, required=True, help="bundle folder to create (must not exist or be empty)")
+    export.add_argument("--out", type=Path, required=True,
+                        help="bundle folder to write; it appears only when the bundle is complete (refused if not empty)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new bundle is complete")
     export.add_argument("--calibration", metavar="DIR[=UM_PER_PX]", help="data source for calibration (default: the run's training patients)")
     export.add_argument("--samples", type=int, default=300, help="calibration crops, stratified by class and patient (default 300)")
     export.add_argument("--data", dest="eval_data", metavar="DIR[=UM_PER_PX]",
@@ -67,15 +69,17 @@ def evaluate_bundle(path: Path, data: list[str], num_threads: int) -> dict:
     from edge.classifier import Classifier
     from edge.dataset import load_arrays, scan_sources
     from trainer import metrics as M
-    from trainer.fit import by_group
+    from trainer.fit import by_group, seen_in_training
 
     classifier = Classifier(path, num_threads=num_threads)
     images, samples = load_arrays(scan_sources(data, require_both=False)[0], classifier.contract)
-    from tqdm import tqdm
+    from edge.console import progress
 
-    scores = np.concatenate([classifier.scores(images[i:i + 64]) for i in tqdm(range(0, len(images), 64), desc="evaluate", unit="batch")])
+    scores = np.concatenate([classifier.scores(images[i:i + 64]) for i in progress(range(0, len(images), 64), desc="evaluate", unit="batch")])
     result = M.compute([s.label for s in samples], scores, classifier.threshold, [s.patient for s in samples])
-    result.update({"by_group": by_group(samples, scores, classifier.threshold), "bundle": str(path), "data": data})
+    source_run = classifier.bundle.manifest.get("provenance", {}).get("source_run")
+    result.update({"by_group": by_group(samples, scores, classifier.threshold), "bundle": str(path), "data": data,
+                   "seen_in_training": seen_in_training(Path(source_run), samples) if source_run else None})
     return result
 
 
@@ -90,13 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
             manifest = export(args.run, args.out, ExportOptions(
                 calibration=args.calibration, samples=args.samples, eval_data=args.eval_data, edgetpu=args.edgetpu,
-                min_agreement=args.min_agreement, max_auc_drop=args.max_auc_drop, accept_parity_loss=args.accept_parity_loss))
-            if args.float_twin:
-                import keras
-
-                from quantize.export import convert_float
-
-                (args.out / "model_float.tflite").write_bytes(convert_float(keras.models.load_model(args.run / "model.keras"), manifest["input"]["size"]))
+                min_agreement=args.min_agreement, max_auc_drop=args.max_auc_drop, accept_parity_loss=args.accept_parity_loss,
+                overwrite=args.overwrite, float_twin=args.float_twin))
             p = manifest["metrics"]["parity"]
             print(f"bundle written to {args.out} ({(args.out / 'model_int8.tflite').stat().st_size / 1024:.0f} KiB int8)")
             print(f"parity on {p['images']} cells: decision agreement {p['decision_agreement']:.4f}, "
@@ -120,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
                 verdict = info["edgetpu_check"]
                 print("Edge TPU: " + ("compatible" if verdict["compatible"] else "; ".join(verdict["problems"])))
         else:
+            from trainer.fit import seen_warning
+
             result = evaluate_bundle(args.bundle, args.data, args.num_threads)
+            warning = seen_warning(result, "the bundle's source run")
+            if warning:
+                print(f"quantize: warning: {warning}", file=sys.stderr)
             if args.json:
                 print(json.dumps(result))
             else:

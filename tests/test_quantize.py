@@ -49,7 +49,19 @@ def test_parity_below_limits_refuses_the_export(tiny_run, tmp_path, capsys):
     code = main(["export", str(tiny_run[1]), "--out", str(out), "--samples", "8", "--min-agreement", "1.01"])
     assert code == 2
     assert "int8 parity too low" in capsys.readouterr().err
-    assert not out.exists()  # nothing half-written is left behind
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left behind, not even a staging folder
+
+
+def test_a_non_empty_out_is_refused_unless_overwrite(tiny_run, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "stale.txt").write_text("")
+    assert main(["export", str(tiny_run[1]), "--out", str(out), "--samples", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "exists and is not empty" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert main(["export", str(tiny_run[1]), "--out", str(out), "--samples", "8", "--accept-parity-loss", "--overwrite"]) == 0
+    assert (out / "model_int8.tflite").is_file() and not (out / "stale.txt").exists()
+    load_bundle(out)
 
 
 def test_inspect_and_evaluate_json(tiny_run, tiny_bundle, capsys):
@@ -62,7 +74,9 @@ def test_inspect_and_evaluate_json(tiny_run, tiny_bundle, capsys):
     assert "Edge TPU: compatible" in capsys.readouterr().out
 
     assert main(["evaluate", str(tiny_bundle), "--data", str(tiny_run[0]), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert "not new-patient numbers" in captured.err and result["seen_in_training"]["cells"] > 0
     assert result["images"] == 40 and 0 <= result["weighted_f1"] <= 1
 
 

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from edge import DISCLAIMER
+from edge import DISCLAIMER, in_words
 from edge.console import run_command, setup_logging
 from edge.errors import UserError
 from trainer.metrics import summary_line
@@ -24,7 +24,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                         help="BCCD-layout smear frames (JPEGImages/ + Annotations/) scored as a lab never trained on")
     parser.add_argument("--leave-out-type", default=None, metavar="TYPE",
                         help="hold one cell type (e.g. lymphocyte) out of training entirely and report how often it is called ALL")
-    parser.add_argument("--out", type=Path, required=True, help="run folder to write (created)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="run folder to write; it appears only when the run is complete (refused if not empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new run is complete")
     parser.add_argument("--model", choices=["edge", "seed"], default="edge",
                         help="edge: the small int8/Edge-TPU model (default); seed: the published 30.6M-parameter CNN, the baseline")
     parser.add_argument("--epochs", type=int, default=40, help="maximum epochs; early stopping on validation AUC (default 40)")
@@ -100,26 +102,29 @@ def main(argv: list[str] | None = None) -> int:
         from trainer import fit as F
 
         if args.command == "fit":
-            result = F.fit(args.data, args.out, _config(args))
+            result = F.fit(args.data, args.out, _config(args), overwrite=args.overwrite)
             _print_metrics(result)
             for name, group in result.get("validation_by_group", {}).items():
-                print(f"{name:>28}: {group['cells']:>5} cells, {group['called_all']:.1%} called ALL")
+                print(f"{in_words(name):>28}: {group['cells']:>5} cells, {group['called_all']:.1%} called ALL")
             if "bccd" in result:
                 print(f"{'BCCD (never trained on)':>28}: {result['bccd']['white_cells_found']:>5} cells, "
                       f"{result['bccd']['false_blast_rate']:.1%} called ALL")
             print(f"run written to {args.out} (report: {args.out / 'report.md'})")
         elif args.command == "cv":
-            summary = F.cross_validate(args.data, args.out, _config(args), args.folds)
+            summary = F.cross_validate(args.data, args.out, _config(args), args.folds, overwrite=args.overwrite)
             for key, v in summary["summary"].items():
                 print(f"{key:>16}: {v['mean']:.3f} +- {v['std']:.3f} (min {v['min']:.3f}, max {v['max']:.3f})")
             print(f"cross-validation written to {args.out / 'cv.json'}")
         else:
             result = F.evaluate(args.run, args.data)
+            warning = F.seen_warning(result, "the run")
+            if warning:
+                print(f"trainer: warning: {warning}", file=sys.stderr)
             if args.json:
                 json.dump(result, sys.stdout)
                 print()
             else:
-                _print_metrics({"test": result})
+                print(f"{result['images']} cells: {summary_line(result)}")
         return 0
 
     return run_command(command, "trainer")

@@ -148,6 +148,9 @@ def _replay(args: argparse.Namespace) -> int:
         else:
             scores = " ".join(f"{c['p_all']:.2f}{'*' if c['label'] == classifier.bundle.positive_label else ''}" for c in result["cells"])
             print(f"{frame.name[:36]:<36} {result['counts']['cells']:>5} {result['counts']['blasts']:>6}  {scores}")
+    if not tally.frames:  # a sample of nothing is not a result: say so, and fail
+        raise UserError(f"{args.source}: none of its {tally.unreadable_frames} image file(s) could be read; "
+                        "point --source at smear frames (JPEG, PNG, BMP or TIFF)")
     summary = tally.summary(pipeline.device_id, final=True)
     if args.json:
         print(json.dumps(summary))

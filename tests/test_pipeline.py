@@ -93,6 +93,16 @@ def test_annotated_frames_say_what_a_lab_calls_the_cells(tmp_path, monkeypatch):
     assert texts == ["ALL blast 0.91", "normal 0.10"]
 
 
+def test_replay_of_a_folder_with_no_readable_frame_fails(tiny_bundle, tmp_path, capsys):
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / name).write_bytes(b"not an image")
+    (tmp_path / SCALE_FILE).write_text('{"um_per_px": 0.083}')
+    assert main(["replay", "--bundle", str(tiny_bundle), "--source", str(tmp_path), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no summary of a sample that was never seen
+    assert captured.err.splitlines()[-1].startswith(f"edge: error: {tmp_path}: none of its 2 image file(s) could be read")
+
+
 @needs_cnmc
 def test_the_device_crops_cells_exactly_as_training_did():
     """A C-NMC file through the device pipeline and through the trainer's loader: the same model input."""

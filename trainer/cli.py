@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from edge import DISCLAIMER, in_words
+from edge import DISCLAIMER, __version__, in_words
 from edge.console import run_command, setup_logging
 from edge.errors import UserError
 from trainer.metrics import summary_line
@@ -63,23 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: trainer fit --data ../shared/data/cnmc-dev --data ../shared/data/pbc-normal "
                "--bccd ../shared/data/bccd --out runs/edge",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, with the frameworks' output")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     fit = commands.add_parser("fit", help="train one model on a patient split and write a run folder",
-                              description="Train on a patient-disjoint split; writes the model, metrics, plots and report.")
+                              description="Train on a patient-disjoint split; writes the model, metrics, plots and report.",
+                              epilog="Example: trainer fit --data ../shared/data/cnmc-dev --out runs/edge")
     _add_training_options(fit)
     fit.add_argument("--test-fraction", type=float, default=0.0,
                      help="also hold out this share of patients as a test split never used for training or threshold (default 0)")
 
     cv = commands.add_parser("cv", help="grouped k-fold cross-validation: estimate performance on new patients",
                              description="Each fold leaves whole patients out and scores the model on them; "
-                                         "reports per-fold metrics and their spread in cv.json and cv_report.md.")
+                                         "reports per-fold metrics and their spread in cv.json and cv_report.md.",
+                             epilog="Example: trainer cv --data ../shared/data/cnmc-dev --folds 5 --out runs/edge-cv")
     _add_training_options(cv)
     cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
 
     evaluate = commands.add_parser("evaluate", help="metrics of a run's model on a data folder",
-                                   description="Score a run's saved model, at its stored threshold, on any data folder of the supported layouts.")
+                                   description="Score a run's saved model, at its stored threshold, on any data folder of the "
+                                               "supported layouts; warns when the cells include the run's training patients.",
+                                   epilog="Example: trainer evaluate runs/edge --data ../shared/data/cnmc-test")
     evaluate.add_argument("run", type=Path, help="run folder written by `trainer fit`")
     evaluate.add_argument("--data", action="append", required=True, metavar="DIR[=UM_PER_PX]",
                           help="data source (same layouts and scale rules as fit); repeat for several")

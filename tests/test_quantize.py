@@ -111,3 +111,14 @@ def test_export_of_an_incomplete_run_is_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip()
     assert "is not a complete training run" in err and len(err.splitlines()) == 1
+
+
+def test_model_card_states_the_threshold_and_its_rule_once(tiny_bundle):
+    from quantize.export import model_card
+    from trainer.metrics import choose_threshold
+
+    threshold, rule = choose_threshold(np.array([0, 0, 1]), np.array([0.1, 0.2, 0.9]))  # too few cells: the default
+    manifest = {**load_bundle(tiny_bundle).manifest, "threshold": threshold, "threshold_rule": rule}
+    card = model_card(manifest, {}, {"kind": "edge"})
+    assert "Decision threshold 0.500 (the default for class-balanced training: validation holds only 1 cells" in card
+    assert "0.500: 0.5" not in card

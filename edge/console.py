@@ -3,6 +3,8 @@ that appear only when complete."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import shutil
@@ -15,6 +17,8 @@ from typing import Any, Callable, Iterable, Iterator, TextIO, TypeVar
 from edge.errors import UserError
 
 T = TypeVar("T")
+#: Python loggers of the frameworks, kept to warnings unless ``-v``.
+FRAMEWORK_LOGGERS = ("tensorflow", "absl", "keras", "h5py", "matplotlib", "PIL")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -33,6 +37,36 @@ def setup_logging(verbose: bool = False) -> None:
     under_journal = bool(os.environ.get("JOURNAL_STREAM"))
     fmt = "%(levelname)s %(name)s: %(message)s" if under_journal else "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr, force=True)
+    for framework in FRAMEWORK_LOGGERS:  # their INFO lines ("Assets written to /tmp/...") mean nothing to a user
+        logging.getLogger(framework).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # Native TensorFlow logging (oneDNN and absl banners) is read once, when TensorFlow loads.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
+
+
+@contextmanager
+def stdout_to_debug_log(what: str) -> Iterator[None]:
+    """Send what is written to stdout, by Python or by native code (file descriptor 1), to the debug
+    log while the block runs: the TFLite converter prints a ``TensorSpec`` dump, some 70 lines, that
+    buries the few lines a person needs. ``-v`` shows it. Stderr is left alone: warnings and the
+    progress bar of the same block must still reach the user."""
+    sys.stdout.flush()
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        try:
+            saved: int | None = os.dup(1)
+            os.dup2(sink.fileno(), 1)
+        except OSError:  # no real descriptor 1 (some embedders): native output stays where it is
+            saved = None
+        try:
+            with contextlib.redirect_stdout(io.StringIO()) as python_stdout:
+                yield
+        finally:
+            if saved is not None:
+                os.dup2(saved, 1)
+                os.close(saved)
+            sink.seek(0)
+            text = (python_stdout.getvalue() + sink.read().decode(errors="replace")).rstrip()
+            if text:
+                logging.getLogger(__name__).debug("%s:\n%s", what, text)
 
 
 def run_command(command: Callable[[], int | None], program: str) -> int:

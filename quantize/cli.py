@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -112,7 +111,6 @@ def evaluate_bundle(path: Path, data: list[str], num_threads: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     def command() -> int:
         if args.command == "export":

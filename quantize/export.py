@@ -8,12 +8,11 @@ export that loses too much is refused unless the user says otherwise.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import random
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 from edge import DISCLAIMER, __version__
 from edge.bundle import load_bundle, write_manifest
 from edge.classifier import Classifier
-from edge.console import progress, staged_folder
+from edge.console import stdout_to_debug_log, progress, staged_folder
 from edge.dataset import LABELS, POSITIVE_LABEL, Sample, load_arrays, scan_sources
 from edge.errors import BundleError, UserError
 from edge.interpreter import open_interpreter
@@ -135,17 +134,16 @@ def convert_float(model, size: int) -> bytes:
 
 
 def _convert(converter, kind: str) -> bytes:
-    """Run the converter with its chatter (a ``TensorSpec`` dump per signature, some 70 lines on stdout)
-    kept for ``-v``: the lines that matter to a person come after it and would be lost in it."""
-    chatter = io.StringIO()
+    """Run the converter with its chatter (a ``TensorSpec`` dump per signature, some 70 lines) kept
+    for ``-v``: the lines that matter to a person come after it and would be lost in it."""
     try:
-        with contextlib.redirect_stdout(chatter):
+        with stdout_to_debug_log(f"TFLite converter ({kind})"), warnings.catch_warnings():
+            # The uint8 input is calibrated from the representative crops; no input statistics are needed.
+            warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
             return converter.convert()
     except Exception as error:  # the converter raises ConverterError and friends
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"{kind} conversion failed: {first}") from None
-    finally:
-        log.debug("TFLite converter (%s):\n%s", kind, chatter.getvalue().rstrip())
 
 
 def _tensor_record(detail: dict) -> dict:

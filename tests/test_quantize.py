@@ -52,14 +52,18 @@ def test_parity_below_limits_refuses_the_export(tiny_run, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []  # nothing half-written is left behind, not even a staging folder
 
 
-def test_a_non_empty_out_is_refused_unless_overwrite(tiny_run, tmp_path, capsys):
+def test_a_non_empty_out_is_refused_unless_overwrite(tiny_run, tmp_path, capfd):
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "stale.txt").write_text("")
     assert main(["export", str(tiny_run[1]), "--out", str(out), "--samples", "8"]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capfd.readouterr().err.strip()
     assert "exists and is not empty" in err and "--overwrite" in err and len(err.splitlines()) == 1
     assert main(["export", str(tiny_run[1]), "--out", str(out), "--samples", "8", "--accept-parity-loss", "--overwrite"]) == 0
+    captured = capfd.readouterr()
+    # The three lines a person needs, not buried in the converter's TensorSpec dump or framework logs.
+    assert [line.split(" ")[0] for line in captured.out.splitlines()] == ["bundle", "parity", "Edge"]
+    assert "TensorSpec" not in captured.err and "Assets written" not in captured.err and "\r" not in captured.err
     assert (out / "model_int8.tflite").is_file() and not (out / "stale.txt").exists()
     load_bundle(out)
 

@@ -12,3 +12,13 @@ DISCLAIMER = (
     "leukoscope is a research and screening aid, not a diagnostic device: "
     "every result must be reviewed by a qualified person."
 )
+
+#: What a person reads for each class label: "all"/"hem" are C-NMC's folder names, jargon to a lab.
+#: JSON, topics and file names keep the labels; annotated frames and console lines use these words.
+LABEL_WORDS = {"all": "ALL blast", "hem": "normal"}
+
+
+def in_words(label: str) -> str:
+    """A class label, or a ``source/cell_type`` group name, as a lab reads it ("cnmc/hem" -> "cnmc/normal")."""
+    group, slash, name = label.rpartition("/")
+    return group + slash + LABEL_WORDS.get(name, name)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from edge import DISCLAIMER
+from edge import DISCLAIMER, __version__
 from edge.calibration import SCALE_FILE
 from edge.console import run_command, setup_logging
 from edge.errors import UserError
@@ -19,11 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge", description="leukoscope on the microscope: find white cells, classify them, "
                                      "tally per sample and publish. " + DISCLAIMER)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     replay = commands.add_parser("replay", help="run the pipeline on image files (no camera, no broker)",
                                  description="Segment and classify every image of a folder (or one file) and print the "
-                                             "per-frame results and the sample tally.")
+                                             "per-frame results and the sample tally.",
+                                 epilog="Example: edge replay --source samples/frames --annotate review")
     replay.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help=f"model bundle folder (default: {DEFAULT_BUNDLE})")
     replay.add_argument("--source", type=Path, required=True, help="folder of frames or one image file")
     replay.add_argument("--json", action="store_true", help="JSON Lines on stdout: one frame result per line, then the sample summary")
@@ -36,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = commands.add_parser(
         "calibrate", help="measure the microscope's scale (µm per pixel) on the red cells of a few frames",
         description="Red cells are ~7.5 µm across in a normal film: their size in a few frames gives µm per pixel. "
-                    "Prints the scale, its spread between frames and the red cells counted; non-zero exit when it cannot measure.")
+                    "Prints the scale, its spread between frames and the red cells counted; non-zero exit when it cannot measure.",
+        epilog="Example: edge calibrate --source frames/ --write")
     calibrate.add_argument("--source", type=Path, required=True,
                            help="folder of frames, one image file, or an agent config (TOML) whose camera is read")
     calibrate.add_argument("--frames", type=int, default=40, help="frames to measure at most (default 40)")
@@ -44,17 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--write", action="store_true", help=f"write the scale to {SCALE_FILE} in the source folder")
 
     run = commands.add_parser("run", help="the service: camera -> pipeline -> durable outbox -> MQTT",
-                              description="Run the agent with a validated TOML config (see firmware_config/leukoscope.toml).")
+                              description="Run the agent with a validated TOML config (see firmware_config/leukoscope.toml).",
+                              epilog="Example: edge run --config /etc/leukoscope/leukoscope.toml")
     run.add_argument("--config", type=Path, required=True, help="agent config file (TOML)")
 
     demo = commands.add_parser("demo", help="the whole device on the bundled sample frames (no camera, no broker needed)",
                                description="Run the agent on samples/frames with the bundled model: durable outbox, a local "
-                                           "mosquitto and a subscriber where mosquitto is installed, annotated frames, a summary.")
+                                           "mosquitto and a subscriber where mosquitto is installed, annotated frames, a summary.",
+                               epilog="Example: edge demo --workdir /tmp/leukoscope-demo")
     demo.add_argument("--workdir", type=Path, default=None, help="where the outbox and annotated frames go (default: a new temporary folder)")
     demo.add_argument("--frames", type=Path, default=None, help="frames to replay (default: samples/frames)")
     demo.add_argument("--bundle", type=Path, default=None, help="model bundle (default: models/default)")
 
-    check = commands.add_parser("check", help="self-test: config, bundle, camera and broker; non-zero exit on failure")
+    check = commands.add_parser("check", help="self-test: config, bundle, camera and broker; non-zero exit on failure",
+                                description="Check a device before trusting it: the config validates, the bundle verifies and "
+                                            "loads, the camera gives a frame, the outbox opens and the broker answers. One "
+                                            "line per check; non-zero exit when any fails.",
+                                epilog="Example: edge check --config /etc/leukoscope/leukoscope.toml")
     check.add_argument("--config", type=Path, required=True, help="agent config file (TOML)")
     return parser
 
@@ -148,6 +157,9 @@ def _replay(args: argparse.Namespace) -> int:
         else:
             scores = " ".join(f"{c['p_all']:.2f}{'*' if c['label'] == classifier.bundle.positive_label else ''}" for c in result["cells"])
             print(f"{frame.name[:36]:<36} {result['counts']['cells']:>5} {result['counts']['blasts']:>6}  {scores}")
+    if not tally.frames:  # a sample of nothing is not a result: say so, and fail
+        raise UserError(f"{args.source}: none of its {tally.unreadable_frames} image file(s) could be read; "
+                        "point --source at smear frames (JPEG, PNG, BMP or TIFF)")
     summary = tally.summary(pipeline.device_id, final=True)
     if args.json:
         print(json.dumps(summary))

@@ -275,9 +275,9 @@ def load_arrays(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results: Iterable = pool.map(load, samples)
         if progress:
-            from tqdm import tqdm
+            from edge.console import progress as progress_bar
 
-            results = tqdm(results, total=len(samples), desc=f"crop {contract.size}px", unit="img")
+            results = progress_bar(results, total=len(samples), desc=f"crop {contract.size}px", unit="img")
         loaded = list(results)
     for source, seen in sides.items():
         if max(seen) > 1.25 * min(seen):

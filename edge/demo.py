@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edge import DISCLAIMER
+from edge import DISCLAIMER, in_words
 from edge.agent import Agent
 from edge.calibration import frames_scale
 from edge.config import parse_config
@@ -165,7 +165,7 @@ def _print_summary(results: list[dict], workdir: Path, frames: Path, delivered: 
         right = sum(1 for _, truth, guess, _ in known if truth == guess)
         print(f"\ncomposed frames (real C-NMC cells of known label): {right} of {len(known)} cells classified as labelled")
         for frame, truth, guess, p in known:
-            print(f"  {frame:<18} true {truth:<4} predicted {guess:<10}" + ("" if p is None else f" p(ALL) {p:.2f}"))
+            print(f"  {frame:<18} true {in_words(truth):<9} predicted {in_words(guess):<10}" + ("" if p is None else f" p(ALL) {p:.2f}"))
     print("\nThe BCCD frames show granulocytes and monocytes: the model knows only B-lineage cells, so its")
     print("output on them means nothing (see models/default/MODEL_CARD.md).")
     print(f"\nannotated frames: {workdir / 'review'}\noutbox: {workdir / 'outbox.sqlite3'}\n{DISCLAIMER}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edge import in_words
 from edge.classifier import Classifier
 from edge.gate import MIN_FOCUS, frame_focus, judge
 from edge.preprocessing import crop_cell
@@ -96,7 +97,7 @@ class ReviewWriter:
             flagged = cell["label"] == self.positive_label
             colour = FLAGGED_COLOUR if flagged else NORMAL_COLOUR
             cv2.rectangle(canvas, (x, y), (x + w, y + h), colour, thickness)
-            cv2.putText(canvas, f"{cell['label']} {cell['p_all']:.2f}", (x, max(12, y - 6)), cv2.FONT_HERSHEY_SIMPLEX,
+            cv2.putText(canvas, f"{in_words(cell['label'])} {cell['p_all']:.2f}", (x, max(12, y - 6)), cv2.FONT_HERSHEY_SIMPLEX,
                         0.5 * thickness, colour, thickness)
             if flagged:
                 self._keep(self.folder / "flagged" / f"{prefix}_{x}_{y}.png", crop[..., ::-1])

@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from edge import DISCLAIMER
+from edge import DISCLAIMER, __version__
 from edge.console import run_command, setup_logging
+from edge.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantize", description="Turn a trained run into a verified int8 model bundle for the device. " + DISCLAIMER)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, with the converter's and frameworks' output")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     export = commands.add_parser("export", help="full-integer int8 TFLite bundle from a run, parity measured",
                                  description="Quantize a `trainer fit` run to int8 (uint8 in/out), measure float-vs-int8 parity "
-                                             "on the run's validation patients, and write a bundle the device verifies.")
+                                             "on the run's validation patients, and write a bundle the device verifies.",
+                                 epilog="Example: quantize export runs/edge --out bundles/edge --edgetpu")
     export.add_argument("run", type=Path, help="run folder written by `trainer fit`")
-    export.add_argument("--out", type=Path, required=True, help="bundle folder to create (must not exist or be empty)")
+    export.add_argument("--out", type=Path, required=True,
+                        help="bundle folder to write; it appears only when the bundle is complete (refused if not empty)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new bundle is complete")
     export.add_argument("--calibration", metavar="DIR[=UM_PER_PX]", help="data source for calibration (default: the run's training patients)")
     export.add_argument("--samples", type=int, default=300, help="calibration crops, stratified by class and patient (default 300)")
     export.add_argument("--data", dest="eval_data", metavar="DIR[=UM_PER_PX]",
@@ -32,17 +36,40 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--accept-parity-loss", action="store_true", help="write the bundle even if parity is below the limits")
     export.add_argument("--float-twin", action="store_true", help="also write model_float.tflite (not part of the verified bundle) for benchmarks")
 
-    inspect = commands.add_parser("inspect", help="manifest, tensors, operators and Edge TPU verdict of a bundle")
-    inspect.add_argument("bundle", type=Path)
+    inspect = commands.add_parser("inspect", help="manifest, tensors, operators and Edge TPU verdict of a bundle",
+                                  description="Verify a bundle as the device does, then show its manifest, input and output "
+                                              "tensors with their quantization, file sizes, operators and whether they all "
+                                              "map to the Edge TPU.",
+                                  epilog="Example: quantize inspect bundles/edge")
+    _add_bundle(inspect)
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
 
-    evaluate = commands.add_parser("evaluate", help="metrics of a bundle's int8 model on a data folder (the device's interpreter code)")
-    evaluate.add_argument("bundle", type=Path)
+    evaluate = commands.add_parser("evaluate", help="metrics of a bundle's int8 model on a data folder (the device's interpreter code)",
+                                   description="Score cells of a data folder with the bundle's int8 model through the device's "
+                                               "own classifier, at the bundle's threshold; warns when the cells include the "
+                                               "source run's training patients.",
+                                   epilog="Example: quantize evaluate bundles/edge --data ../shared/data/cnmc-test")
+    _add_bundle(evaluate)
     evaluate.add_argument("--data", action="append", required=True, metavar="DIR[=UM_PER_PX]",
                           help="data source in the trainer's layouts, with the same scale rules; repeat for several")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    evaluate.add_argument("--num-threads", type=int, default=2)
+    evaluate.add_argument("--num-threads", type=int, default=2, help="interpreter threads (default 2)")
     return parser
+
+
+def _add_bundle(parser: argparse.ArgumentParser) -> None:
+    """The bundle as a positional (the thing the command is about) or as ``--bundle``, the name
+    ``edge replay`` gives it, so that neither spelling is wrong."""
+    parser.add_argument("bundle", type=Path, nargs="?", help="bundle folder written by `quantize export` (or --bundle)")
+    parser.add_argument("--bundle", dest="bundle_option", type=Path, metavar="BUNDLE", help="the same, as in `edge replay`")
+
+
+def _bundle(args: argparse.Namespace) -> Path:
+    if args.bundle and args.bundle_option and args.bundle != args.bundle_option:
+        raise UserError(f"two bundles given ({args.bundle} and --bundle {args.bundle_option}); give one")
+    if not (args.bundle or args.bundle_option):
+        raise UserError(f"no bundle given; quantize {args.command} BUNDLE (or --bundle BUNDLE)")
+    return args.bundle or args.bundle_option
 
 
 def inspect_bundle(path: Path) -> dict:
@@ -67,22 +94,23 @@ def evaluate_bundle(path: Path, data: list[str], num_threads: int) -> dict:
     from edge.classifier import Classifier
     from edge.dataset import load_arrays, scan_sources
     from trainer import metrics as M
-    from trainer.fit import by_group
+    from trainer.fit import by_group, seen_in_training
 
     classifier = Classifier(path, num_threads=num_threads)
     images, samples = load_arrays(scan_sources(data, require_both=False)[0], classifier.contract)
-    from tqdm import tqdm
+    from edge.console import progress
 
-    scores = np.concatenate([classifier.scores(images[i:i + 64]) for i in tqdm(range(0, len(images), 64), desc="evaluate", unit="batch")])
+    scores = np.concatenate([classifier.scores(images[i:i + 64]) for i in progress(range(0, len(images), 64), desc="evaluate", unit="batch")])
     result = M.compute([s.label for s in samples], scores, classifier.threshold, [s.patient for s in samples])
-    result.update({"by_group": by_group(samples, scores, classifier.threshold), "bundle": str(path), "data": data})
+    source_run = classifier.bundle.manifest.get("provenance", {}).get("source_run")
+    result.update({"by_group": by_group(samples, scores, classifier.threshold), "bundle": str(path), "data": data,
+                   "seen_in_training": seen_in_training(Path(source_run), samples) if source_run else None})
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     def command() -> int:
         if args.command == "export":
@@ -90,13 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
             manifest = export(args.run, args.out, ExportOptions(
                 calibration=args.calibration, samples=args.samples, eval_data=args.eval_data, edgetpu=args.edgetpu,
-                min_agreement=args.min_agreement, max_auc_drop=args.max_auc_drop, accept_parity_loss=args.accept_parity_loss))
-            if args.float_twin:
-                import keras
-
-                from quantize.export import convert_float
-
-                (args.out / "model_float.tflite").write_bytes(convert_float(keras.models.load_model(args.run / "model.keras"), manifest["input"]["size"]))
+                min_agreement=args.min_agreement, max_auc_drop=args.max_auc_drop, accept_parity_loss=args.accept_parity_loss,
+                overwrite=args.overwrite, float_twin=args.float_twin))
             p = manifest["metrics"]["parity"]
             print(f"bundle written to {args.out} ({(args.out / 'model_int8.tflite').stat().st_size / 1024:.0f} KiB int8)")
             print(f"parity on {p['images']} cells: decision agreement {p['decision_agreement']:.4f}, "
@@ -106,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Edge TPU: {'compatible' if tpu['compatible'] else 'NOT compatible: ' + '; '.join(tpu['problems'])}; "
                   + (f"compiled {tpu['file']} ({tpu['ops_on_edgetpu']} ops on the Edge TPU)" if tpu.get("compiled") else tpu["reason"]))
         elif args.command == "inspect":
+            args.bundle = _bundle(args)
             info = inspect_bundle(args.bundle)
             if args.json:
                 print(json.dumps(info))
@@ -120,7 +144,12 @@ def main(argv: list[str] | None = None) -> int:
                 verdict = info["edgetpu_check"]
                 print("Edge TPU: " + ("compatible" if verdict["compatible"] else "; ".join(verdict["problems"])))
         else:
-            result = evaluate_bundle(args.bundle, args.data, args.num_threads)
+            from trainer.fit import seen_warning
+
+            result = evaluate_bundle(_bundle(args), args.data, args.num_threads)
+            warning = seen_warning(result, "the bundle's source run")
+            if warning:
+                print(f"quantize: warning: {warning}", file=sys.stderr)
             if args.json:
                 print(json.dumps(result))
             else:

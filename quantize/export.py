@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
-import tempfile
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 from edge import DISCLAIMER, __version__
 from edge.bundle import load_bundle, write_manifest
 from edge.classifier import Classifier
+from edge.console import stdout_to_debug_log, progress, staged_folder
 from edge.dataset import LABELS, POSITIVE_LABEL, Sample, load_arrays, scan_sources
 from edge.errors import BundleError, UserError
 from edge.interpreter import open_interpreter
@@ -46,6 +46,8 @@ class ExportOptions:
     max_auc_drop: float = 0.01
     accept_parity_loss: bool = False
     seed: int = 0
+    overwrite: bool = False  # replace a non-empty --out once the new bundle is complete
+    float_twin: bool = False  # also write model_float.tflite (not part of the verified bundle)
 
 
 def _read_run(run: Path) -> tuple[dict, dict, dict]:
@@ -104,7 +106,6 @@ def batch_one(model, size: int):
 def convert_int8(model, size: int, calibration: np.ndarray) -> bytes:
     """Full-integer quantization: int8 inside, uint8 image in, uint8 probability out, batch 1."""
     import tensorflow as tf
-    from tqdm import tqdm
 
     # The device hands the model raw bytes (0..255). C-NMC crops are stain-normalised and rarely
     # reach 255, so one calibration crop gets a 255 pixel: the uint8 input then spans the whole byte
@@ -113,7 +114,7 @@ def convert_int8(model, size: int, calibration: np.ndarray) -> bytes:
     anchored[0].flat[0] = 255
 
     def representative():
-        for image in tqdm(anchored, desc="calibrate", unit="crop"):
+        for image in progress(anchored, desc="calibrate", unit="crop"):
             yield [image[None].astype(np.float32)]
 
     converter = tf.lite.TFLiteConverter.from_keras_model(batch_one(model, size))
@@ -122,18 +123,27 @@ def convert_int8(model, size: int, calibration: np.ndarray) -> bytes:
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.uint8
     converter.inference_output_type = tf.uint8
-    try:
-        return converter.convert()
-    except Exception as error:  # the converter raises ConverterError and friends
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"int8 conversion failed: {first}") from None
+    return _convert(converter, "int8")
 
 
 def convert_float(model, size: int) -> bytes:
     """The float32 TFLite twin (benchmarks compare against it)."""
     import tensorflow as tf
 
-    return tf.lite.TFLiteConverter.from_keras_model(batch_one(model, size)).convert()
+    return _convert(tf.lite.TFLiteConverter.from_keras_model(batch_one(model, size)), "float")
+
+
+def _convert(converter, kind: str) -> bytes:
+    """Run the converter with its chatter (a ``TensorSpec`` dump per signature, some 70 lines) kept
+    for ``-v``: the lines that matter to a person come after it and would be lost in it."""
+    try:
+        with stdout_to_debug_log(f"TFLite converter ({kind})"), warnings.catch_warnings():
+            # The uint8 input is calibrated from the representative crops; no input statistics are needed.
+            warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
+            return converter.convert()
+    except Exception as error:  # the converter raises ConverterError and friends
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{kind} conversion failed: {first}") from None
 
 
 def _tensor_record(detail: dict) -> dict:
@@ -162,91 +172,89 @@ def parity(float_scores: np.ndarray, int8_scores: np.ndarray, labels: np.ndarray
 
 
 def export(run: Path, out: Path, options: ExportOptions) -> dict:
+    """Quantize ``run`` into a bundle at ``out``, which appears only once the bundle is complete and verifies."""
+    meta, split, config = _read_run(run)
+    try:
+        contract = CropContract.from_manifest(meta.get("preprocessing", {}), str(run / "model.json"))
+    except BundleError as error:
+        raise UserError(str(error)) from None
+    with staged_folder(out, options.overwrite) as staging:
+        return _export(run, staging, options, meta, split, config, contract)
+
+
+def _export(run: Path, staging: Path, options: ExportOptions, meta: dict, split: dict, config: dict,
+            contract: CropContract) -> dict:
+    """Write the bundle into ``staging`` (renamed into place by the caller); returns its manifest."""
     import keras
 
     from trainer import pipeline
     from trainer.fit import fingerprint
 
-    meta, split, config = _read_run(run)
     size = int(meta["input_size"])
-    try:
-        contract = CropContract.from_manifest(meta.get("preprocessing", {}), str(run / "model.json"))
-    except BundleError as error:
-        raise UserError(str(error)) from None
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; choose a new --out or remove it")
-
     train_samples = scan_sources([options.calibration])[0] if options.calibration else _recorded(split, "train", run)
     eval_samples = scan_sources([options.eval_data], require_both=False)[0] if options.eval_data else _recorded(split, "validation", run)
     calibration, calibration_samples = load_arrays(stratified_subset(train_samples, options.samples, options.seed), contract)
     eval_images, eval_samples = load_arrays(eval_samples, contract)
     model = keras.models.load_model(run / "model.keras")
 
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent if out.parent.exists() else None))
-    try:
-        (staging / CPU_MODEL).write_bytes(convert_int8(model, size, calibration))
-        interpreter = open_interpreter(str(staging / CPU_MODEL), num_threads=2, plain_ops=True)
-        verdict = edgetpu.check(interpreter)
-        models = {"cpu": CPU_MODEL}
-        compile_record = {"compiled": False, "reason": "not requested (--edgetpu)"}
-        if options.edgetpu:
-            compile_record = edgetpu.compile_model(staging / CPU_MODEL, staging)
-            if compile_record["compiled"]:
-                models["edgetpu"] = compile_record["file"]
-            else:
-                log.warning("%s", compile_record["reason"])
-            if not verdict["compatible"]:
-                log.warning("Edge TPU: %s", "; ".join(verdict["problems"]))
-        manifest = {
-            "labels": list(LABELS),
-            "positive_label": POSITIVE_LABEL,
-            "input": {**_tensor_record(interpreter.get_input_details()[0]), "size": size, "color_order": COLOR_ORDER},
-            "output": {**_tensor_record(interpreter.get_output_details()[0]), "meaning": f"P({POSITIVE_LABEL})"},
-            "preprocessing": contract.to_manifest(),
-            "threshold": float(meta["threshold"]),
-            "threshold_rule": _threshold_rule(run),
-            "models": models,
-            "edgetpu": {**verdict, **compile_record},
-            "provenance": {
-                "source_run": str(run.resolve()),
-                "model_kind": meta["kind"],
-                "training_data_fingerprint": config.get("data_fingerprint"),
-                "calibration": {"images": len(calibration_samples), "patients": len({s.patient for s in calibration_samples}),
-                                "source": str(options.calibration) if options.calibration else "run training split",
-                                "fingerprint": fingerprint(calibration_samples)},
-                "versions": {**config.get("versions", {}), "exported_with": __version__},
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            },
-        }
-        write_manifest(staging, manifest)
+    (staging / CPU_MODEL).write_bytes(convert_int8(model, size, calibration))
+    interpreter = open_interpreter(str(staging / CPU_MODEL), num_threads=2, plain_ops=True)
+    verdict = edgetpu.check(interpreter)
+    models = {"cpu": CPU_MODEL}
+    compile_record = {"compiled": False, "reason": "not requested (--edgetpu)"}
+    if options.edgetpu:
+        compile_record = edgetpu.compile_model(staging / CPU_MODEL, staging)
+        if compile_record["compiled"]:
+            models["edgetpu"] = compile_record["file"]
+        else:
+            log.warning("%s", compile_record["reason"])
+        if not verdict["compatible"]:
+            log.warning("Edge TPU: %s", "; ".join(verdict["problems"]))
+    manifest = {
+        "labels": list(LABELS),
+        "positive_label": POSITIVE_LABEL,
+        "input": {**_tensor_record(interpreter.get_input_details()[0]), "size": size, "color_order": COLOR_ORDER},
+        "output": {**_tensor_record(interpreter.get_output_details()[0]), "meaning": f"P({POSITIVE_LABEL})"},
+        "preprocessing": contract.to_manifest(),
+        "threshold": float(meta["threshold"]),
+        "threshold_rule": _threshold_rule(run),
+        "models": models,
+        "edgetpu": {**verdict, **compile_record},
+        "provenance": {
+            "source_run": str(run.resolve()),
+            "model_kind": meta["kind"],
+            "training_data_fingerprint": config.get("data_fingerprint"),
+            "calibration": {"images": len(calibration_samples), "patients": len({s.patient for s in calibration_samples}),
+                            "source": str(options.calibration) if options.calibration else "run training split",
+                            "fingerprint": fingerprint(calibration_samples)},
+            "versions": {**config.get("versions", {}), "exported_with": __version__},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    }
+    write_manifest(staging, manifest)
 
-        labels = np.array([s.label for s in eval_samples])
-        float_scores = pipeline.predict(model, eval_images)
-        int8_scores = Classifier(staging, num_threads=2).scores(eval_images)
-        result = parity(float_scores, int8_scores, labels, float(meta["threshold"]), [s.patient for s in eval_samples])
-        result["eval_source"] = str(options.eval_data) if options.eval_data else "run validation split (patients unseen in training)"
-        result["limits"] = {"min_agreement": options.min_agreement, "max_auc_drop": options.max_auc_drop}
-        failures = []
-        if result["decision_agreement"] < options.min_agreement:
-            failures.append(f"decision agreement {result['decision_agreement']:.4f} < {options.min_agreement}")
-        if result["auc_drop"] is not None and result["auc_drop"] > options.max_auc_drop:
-            failures.append(f"AUC drop {result['auc_drop']:.4f} > {options.max_auc_drop}")
-        result["passed"] = not failures
-        if failures and not options.accept_parity_loss:
-            raise UserError(f"int8 parity too low ({'; '.join(failures)}); calibrate with more --samples, "
-                            "or pass --accept-parity-loss to export anyway")
-        manifest["metrics"] = {"parity": result}
-        write_manifest(staging, manifest)
-        run_metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
-        (staging / "MODEL_CARD.md").write_text(model_card(manifest, config, meta, run_metrics))
-        load_bundle(staging)  # what we hand over must verify
-        staging.chmod(0o755)  # mkdtemp makes it private; a service user must be able to read the bundle
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            out.rmdir()
-        shutil.move(str(staging), out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    labels = np.array([s.label for s in eval_samples])
+    float_scores = pipeline.predict(model, eval_images)
+    int8_scores = Classifier(staging, num_threads=2).scores(eval_images)
+    result = parity(float_scores, int8_scores, labels, float(meta["threshold"]), [s.patient for s in eval_samples])
+    result["eval_source"] = str(options.eval_data) if options.eval_data else "run validation split (patients unseen in training)"
+    result["limits"] = {"min_agreement": options.min_agreement, "max_auc_drop": options.max_auc_drop}
+    failures = []
+    if result["decision_agreement"] < options.min_agreement:
+        failures.append(f"decision agreement {result['decision_agreement']:.4f} < {options.min_agreement}")
+    if result["auc_drop"] is not None and result["auc_drop"] > options.max_auc_drop:
+        failures.append(f"AUC drop {result['auc_drop']:.4f} > {options.max_auc_drop}")
+    result["passed"] = not failures
+    if failures and not options.accept_parity_loss:
+        raise UserError(f"int8 parity too low ({'; '.join(failures)}); calibrate with more --samples, "
+                        "or pass --accept-parity-loss to export anyway")
+    manifest["metrics"] = {"parity": result}
+    write_manifest(staging, manifest)
+    run_metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    (staging / "MODEL_CARD.md").write_text(model_card(manifest, config, meta, run_metrics))
+    load_bundle(staging)  # what we hand over must verify
+    if options.float_twin:
+        (staging / "model_float.tflite").write_bytes(convert_float(model, size))
     return manifest
 
 
@@ -281,7 +289,7 @@ Given one segmented white cell, it gives P(ALL): the probability that the cell i
 leukaemia blast rather than any other white cell. The cell is cut out by the device's segmentation, placed on
 black at {contract['um_per_px']} µm per pixel ({contract['size']}x{contract['size']} RGB, a {contract['size'] * contract['um_per_px']:.0f} µm field),
 its colour mapped to a reference (preprocessing `{manifest['preprocessing']['name']}`). The device must know its
-own scale (`edge calibrate`). Decision threshold {manifest['threshold']:.3f}: {manifest.get('threshold_rule', '')}.
+own scale (`edge calibrate`). Decision threshold {manifest['threshold']:.3f} ({manifest.get('threshold_rule', 'chosen on validation')}).
 
 ## Intended use and limits
 - Research and screening support on stained blood or bone-marrow smears, with a person reviewing every flagged sample.

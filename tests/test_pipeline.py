@@ -79,6 +79,30 @@ def test_replay_bad_input_is_one_line(tiny_bundle, frames, args, message, capsys
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_annotated_frames_say_what_a_lab_calls_the_cells(tmp_path, monkeypatch):
+    import cv2
+
+    from edge.pipeline import ReviewWriter
+
+    texts = []
+    monkeypatch.setattr(cv2, "putText", lambda canvas, text, *args: texts.append(text))
+    result = {"sequence": 1, "source": "f.jpg", "unclassified": [],
+              "cells": [{"bbox": [2, 2, 10, 10], "label": "all", "p_all": 0.91},
+                        {"bbox": [20, 20, 10, 10], "label": "hem", "p_all": 0.1}]}
+    ReviewWriter(tmp_path, "all").write(np.zeros((40, 40, 3), np.uint8), result, np.zeros((2, 8, 8, 3), np.uint8))
+    assert texts == ["ALL blast 0.91", "normal 0.10"]
+
+
+def test_replay_of_a_folder_with_no_readable_frame_fails(tiny_bundle, tmp_path, capsys):
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / name).write_bytes(b"not an image")
+    (tmp_path / SCALE_FILE).write_text('{"um_per_px": 0.083}')
+    assert main(["replay", "--bundle", str(tiny_bundle), "--source", str(tmp_path), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no summary of a sample that was never seen
+    assert captured.err.splitlines()[-1].startswith(f"edge: error: {tmp_path}: none of its 2 image file(s) could be read")
+
+
 @needs_cnmc
 def test_the_device_crops_cells_exactly_as_training_did():
     """A C-NMC file through the device pipeline and through the trainer's loader: the same model input."""

@@ -49,7 +49,23 @@ def test_parity_below_limits_refuses_the_export(tiny_run, tmp_path, capsys):
     code = main(["export", str(tiny_run[1]), "--out", str(out), "--samples", "8", "--min-agreement", "1.01"])
     assert code == 2
     assert "int8 parity too low" in capsys.readouterr().err
-    assert not out.exists()  # nothing half-written is left behind
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left behind, not even a staging folder
+
+
+def test_a_non_empty_out_is_refused_unless_overwrite(tiny_run, tmp_path, capfd):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "stale.txt").write_text("")
+    assert main(["export", str(tiny_run[1]), "--out", str(out), "--samples", "8"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert "exists and is not empty" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert main(["export", str(tiny_run[1]), "--out", str(out), "--samples", "8", "--accept-parity-loss", "--overwrite"]) == 0
+    captured = capfd.readouterr()
+    # The three lines a person needs, not buried in the converter's TensorSpec dump or framework logs.
+    assert [line.split(" ")[0] for line in captured.out.splitlines()] == ["bundle", "parity", "Edge"]
+    assert "TensorSpec" not in captured.err and "Assets written" not in captured.err and "\r" not in captured.err
+    assert (out / "model_int8.tflite").is_file() and not (out / "stale.txt").exists()
+    load_bundle(out)
 
 
 def test_inspect_and_evaluate_json(tiny_run, tiny_bundle, capsys):
@@ -62,7 +78,9 @@ def test_inspect_and_evaluate_json(tiny_run, tiny_bundle, capsys):
     assert "Edge TPU: compatible" in capsys.readouterr().out
 
     assert main(["evaluate", str(tiny_bundle), "--data", str(tiny_run[0]), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert "not new-patient numbers" in captured.err and result["seen_in_training"]["cells"] > 0
     assert result["images"] == 40 and 0 <= result["weighted_f1"] <= 1
 
 
@@ -97,3 +115,14 @@ def test_export_of_an_incomplete_run_is_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip()
     assert "is not a complete training run" in err and len(err.splitlines()) == 1
+
+
+def test_model_card_states_the_threshold_and_its_rule_once(tiny_bundle):
+    from quantize.export import model_card
+    from trainer.metrics import choose_threshold
+
+    threshold, rule = choose_threshold(np.array([0, 0, 1]), np.array([0.1, 0.2, 0.9]))  # too few cells: the default
+    manifest = {**load_bundle(tiny_bundle).manifest, "threshold": threshold, "threshold_rule": rule}
+    card = model_card(manifest, {}, {"kind": "edge"})
+    assert "Decision threshold 0.500 (the default for class-balanced training: validation holds only 1 cells" in card
+    assert "0.500: 0.5" not in card

@@ -1,6 +1,8 @@
 """The trainer end to end on a tiny real dataset: 1-2 training steps, then evaluate reads the run back."""
 
 import json
+import warnings
+import shutil
 
 import pytest
 
@@ -25,17 +27,28 @@ def test_edge_model_is_small_and_edge_tpu_friendly():
     assert {type(layer).__name__ for layer in model.layers} <= allowed
 
 
-def _tiny(tmp_path, tiny_data):
+def _tiny(tmp_path, tiny_data, *extra: str):
     run = tmp_path / "run"
     code = main(["fit", "--data", str(tiny_data), "--out", str(run), "--epochs", "2", "--steps-per-epoch", "1",
-                 "--batch-size", "8", "--image-size", "64", "--val-fraction", "0.34", "--allow-collapse"])
+                 "--batch-size", "8", "--image-size", "64", "--val-fraction", "0.34", "--allow-collapse", *extra])
     assert code == 0
     return run
 
 
 def test_fit_writes_a_complete_run_and_evaluate_reads_it(tmp_path, tiny_data, capsys):
-    run = _tiny(tmp_path, tiny_data)
-    assert RUN_FILES <= {p.name for p in run.iterdir()}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{}")  # an older run's leftover
+    (tmp_path / "run" / "stale.txt").write_text("")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = _tiny(tmp_path, tiny_data, "--overwrite")
+    assert not [w for w in caught if "shuffle" in str(w.message)]
+    out, err = capsys.readouterr()
+    assert "/ALL blast:" in out and "/normal:" in out and "/hem:" not in out  # words a lab reads
+    # Not a terminal: plain lines, no progress-bar redraws or colour codes.
+    assert "\r" not in out + err and "\x1b[" not in out + err and "Epoch 2/2" in out
+    assert RUN_FILES <= {p.name for p in run.iterdir()} and not (run / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]  # no staging folder left beside it
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and metrics["input_size"] == 64
     assert 0 < metrics["threshold"] < 1
@@ -44,10 +57,22 @@ def test_fit_writes_a_complete_run_and_evaluate_reads_it(tmp_path, tiny_data, ca
     capsys.readouterr()
 
     assert main(["evaluate", str(run), "--data", str(tiny_data), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
     assert result["images"] == 40
+    assert "not new-patient numbers" in captured.err and result["seen_in_training"]["cells"] > 0
     assert set(result) >= {"accuracy", "weighted_f1", "sensitivity_all", "specificity_all", "roc_auc", "per_patient_accuracy"}
     assert len(result["per_patient_accuracy"]) == 8
+
+    # Only the validation patients' cells: numbers on patients it never trained on, said without "test".
+    unseen = tmp_path / "unseen"
+    for record in split["validation"]["samples"]:
+        (unseen / record["cell_type"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(record["path"], unseen / record["cell_type"])
+    assert main(["evaluate", str(run), "--data", str(unseen)]) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err and "test" not in captured.out
+    assert captured.out.startswith(f"{len(split['validation']['samples'])} cells: weighted F1")
 
 
 def test_a_collapsed_model_fails_the_run_loudly(tmp_path, tiny_data, capsys):
@@ -70,6 +95,33 @@ def test_bad_input_gives_one_line(args, message, capsys, tmp_path, monkeypatch):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["fit", "cv"])
+def test_a_non_empty_out_is_refused_before_any_work(command, tmp_path, tiny_data, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    assert main([command, "--data", str(tiny_data), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "exists and is not empty" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["metrics.json"]
+
+
+def test_an_interrupted_run_leaves_nothing_that_looks_like_a_run(tmp_path, tiny_data, capsys, monkeypatch):
+    from trainer import plots
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C after the model, history and split are written, before the report
+
+    monkeypatch.setattr(plots, "training_curves", interrupt)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "old.txt").write_text("the previous run")
+    code = main(["fit", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--overwrite", "--epochs", "1",
+                 "--steps-per-epoch", "1", "--batch-size", "8", "--image-size", "32", "--val-fraction", "0.34",
+                 "--allow-collapse"])
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]  # no partial folder beside it
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["old.txt"]  # the old run untouched
 
 
 def test_corrupt_model_file_is_named(tmp_path, tiny_data, capsys):

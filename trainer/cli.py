@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from edge import DISCLAIMER
+from edge import DISCLAIMER, __version__, in_words
 from edge.console import run_command, setup_logging
 from edge.errors import UserError
 from trainer.metrics import summary_line
@@ -24,7 +23,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                         help="BCCD-layout smear frames (JPEGImages/ + Annotations/) scored as a lab never trained on")
     parser.add_argument("--leave-out-type", default=None, metavar="TYPE",
                         help="hold one cell type (e.g. lymphocyte) out of training entirely and report how often it is called ALL")
-    parser.add_argument("--out", type=Path, required=True, help="run folder to write (created)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="run folder to write; it appears only when the run is complete (refused if not empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new run is complete")
     parser.add_argument("--model", choices=["edge", "seed"], default="edge",
                         help="edge: the small int8/Edge-TPU model (default); seed: the published 30.6M-parameter CNN, the baseline")
     parser.add_argument("--epochs", type=int, default=40, help="maximum epochs; early stopping on validation AUC (default 40)")
@@ -61,23 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: trainer fit --data ../shared/data/cnmc-dev --data ../shared/data/pbc-normal "
                "--bccd ../shared/data/bccd --out runs/edge",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, with the frameworks' output")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     fit = commands.add_parser("fit", help="train one model on a patient split and write a run folder",
-                              description="Train on a patient-disjoint split; writes the model, metrics, plots and report.")
+                              description="Train on a patient-disjoint split; writes the model, metrics, plots and report.",
+                              epilog="Example: trainer fit --data ../shared/data/cnmc-dev --out runs/edge")
     _add_training_options(fit)
     fit.add_argument("--test-fraction", type=float, default=0.0,
                      help="also hold out this share of patients as a test split never used for training or threshold (default 0)")
 
     cv = commands.add_parser("cv", help="grouped k-fold cross-validation: estimate performance on new patients",
                              description="Each fold leaves whole patients out and scores the model on them; "
-                                         "reports per-fold metrics and their spread in cv.json and cv_report.md.")
+                                         "reports per-fold metrics and their spread in cv.json and cv_report.md.",
+                             epilog="Example: trainer cv --data ../shared/data/cnmc-dev --folds 5 --out runs/edge-cv")
     _add_training_options(cv)
     cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
 
     evaluate = commands.add_parser("evaluate", help="metrics of a run's model on a data folder",
-                                   description="Score a run's saved model, at its stored threshold, on any data folder of the supported layouts.")
+                                   description="Score a run's saved model, at its stored threshold, on any data folder of the "
+                                               "supported layouts; warns when the cells include the run's training patients.",
+                                   epilog="Example: trainer evaluate runs/edge --data ../shared/data/cnmc-test")
     evaluate.add_argument("run", type=Path, help="run folder written by `trainer fit`")
     evaluate.add_argument("--data", action="append", required=True, metavar="DIR[=UM_PER_PX]",
                           help="data source (same layouts and scale rules as fit); repeat for several")
@@ -94,32 +100,34 @@ def _print_metrics(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     def command() -> int:
         from trainer import fit as F
 
         if args.command == "fit":
-            result = F.fit(args.data, args.out, _config(args))
+            result = F.fit(args.data, args.out, _config(args), overwrite=args.overwrite)
             _print_metrics(result)
             for name, group in result.get("validation_by_group", {}).items():
-                print(f"{name:>28}: {group['cells']:>5} cells, {group['called_all']:.1%} called ALL")
+                print(f"{in_words(name):>28}: {group['cells']:>5} cells, {group['called_all']:.1%} called ALL")
             if "bccd" in result:
                 print(f"{'BCCD (never trained on)':>28}: {result['bccd']['white_cells_found']:>5} cells, "
                       f"{result['bccd']['false_blast_rate']:.1%} called ALL")
             print(f"run written to {args.out} (report: {args.out / 'report.md'})")
         elif args.command == "cv":
-            summary = F.cross_validate(args.data, args.out, _config(args), args.folds)
+            summary = F.cross_validate(args.data, args.out, _config(args), args.folds, overwrite=args.overwrite)
             for key, v in summary["summary"].items():
                 print(f"{key:>16}: {v['mean']:.3f} +- {v['std']:.3f} (min {v['min']:.3f}, max {v['max']:.3f})")
             print(f"cross-validation written to {args.out / 'cv.json'}")
         else:
             result = F.evaluate(args.run, args.data)
+            warning = F.seen_warning(result, "the run")
+            if warning:
+                print(f"trainer: warning: {warning}", file=sys.stderr)
             if args.json:
                 json.dump(result, sys.stdout)
                 print()
             else:
-                _print_metrics({"test": result})
+                print(f"{result['images']} cells: {summary_line(result)}")
         return 0
 
     return run_command(command, "trainer")

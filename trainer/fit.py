@@ -21,6 +21,7 @@ import numpy as np
 
 from edge import DISCLAIMER, __version__
 from edge.dataset import LABELS, POSITIVE_LABEL, Sample, describe, load_arrays, scan_sources
+from edge.console import interactive, staged_folder
 from edge.errors import UserError
 from edge.preprocessing import COLOR_ORDER, DEFAULT_CONTRACT, CropContract
 from trainer import metrics as M
@@ -170,7 +171,9 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
         validation_data=pipeline.dataset(images[val], labels[val], batch_size=64, training=False, seed=config.seed,
                                          weights=balanced_weights([samples[i] for i in val])),
         epochs=config.epochs, steps_per_epoch=steps,
-        callbacks=callbacks, verbose="auto",
+        # A bar per epoch on a terminal; one plain line per epoch in a file or the journal. The
+        # dataset shuffles itself (shuffle=True would only earn a warning that Keras ignores it).
+        callbacks=callbacks, verbose=1 if interactive() else 2, shuffle=False,
     )
     train_seconds = time.monotonic() - started
     model.save(out / "model.keras")
@@ -325,41 +328,45 @@ def _load(data: Sequence[str | Path], config: FitConfig) -> tuple[np.ndarray, li
     return images, samples, sources, left_out
 
 
-def fit(data: Sequence[str | Path], out: Path, config: FitConfig) -> dict:
-    images, samples, sources, left_out = _load(data, config)
-    split = patient_split(samples, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
-    result = train_on_split(images, samples, split, out, config, sources)
-    if left_out:
-        import keras
+def fit(data: Sequence[str | Path], out: Path, config: FitConfig, overwrite: bool = False) -> dict:
+    """Train one model on a patient split; ``out`` appears only once the run is complete."""
+    with staged_folder(out, overwrite) as staging:
+        images, samples, sources, left_out = _load(data, config)
+        split = patient_split(samples, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
+        result = train_on_split(images, samples, split, staging, config, sources)
+        if left_out:
+            import keras
 
-        from trainer import pipeline
+            from trainer import pipeline
 
-        held, held_samples = load_arrays(left_out, config.contract())
-        scores = pipeline.predict(keras.models.load_model(out / "model.keras"), held)
-        result["left_out_type"] = {"cell_type": config.leave_out_type, "cells": len(held_samples),
-                                   "called_all": round(float(np.mean(scores >= result["threshold"])), 4)}
-        _write_report(out, result, config, split, samples)
+            held, held_samples = load_arrays(left_out, config.contract())
+            scores = pipeline.predict(keras.models.load_model(staging / "model.keras"), held)
+            result["left_out_type"] = {"cell_type": config.leave_out_type, "cells": len(held_samples),
+                                       "called_all": round(float(np.mean(scores >= result["threshold"])), 4)}
+            _write_report(staging, result, config, split, samples)
     return result
 
 
-def cross_validate(data: Sequence[str | Path], out: Path, config: FitConfig, folds: int) -> dict:
-    """Grouped k-fold: each fold trains on some donors and is scored on donors it never saw."""
-    images, samples, sources, _ = _load(data, config)
-    fold_metrics = []
-    for number, split in enumerate(grouped_folds(samples, folds=folds, val_fraction=config.val_fraction, seed=config.seed)):
-        log.info("fold %d/%d: %d train, %d validation, %d test images", number + 1, folds,
-                 len(split.train), len(split.validation), len(split.test))
-        result = train_on_split(images, samples, split, out / f"fold_{number}", config, sources)
-        fold_metrics.append(result.get("test_cnmc", result["test"]))
-    summary = {"folds": folds, "model": config.model, "per_fold": fold_metrics, "summary": M.summarize_folds(fold_metrics)}
-    (out / "cv.json").write_text(json.dumps(summary, indent=2) + "\n")
-    rows = [f"| {key} | {v['mean']:.3f} | {v['std']:.3f} | {v['min']:.3f} | {v['max']:.3f} |" for key, v in summary["summary"].items()]
-    (out / "cv_report.md").write_text("\n".join([
-        f"# Grouped {folds}-fold cross-validation, `{config.model}` model", "", f"> {DISCLAIMER}", "",
-        "Each fold is scored on patients its model never saw (whole donors left out); the metrics are those of "
-        "the C-NMC cells (ALL blasts vs normal B-cells) among them.", "",
-        "| metric | mean | std | min | max |", "| --- | --- | --- | --- | --- |", *rows, "",
-    ]))
+def cross_validate(data: Sequence[str | Path], out: Path, config: FitConfig, folds: int, overwrite: bool = False) -> dict:
+    """Grouped k-fold: each fold trains on some donors and is scored on donors it never saw.
+    ``out`` appears only once every fold and the summary are written."""
+    with staged_folder(out, overwrite) as staging:
+        images, samples, sources, _ = _load(data, config)
+        fold_metrics = []
+        for number, split in enumerate(grouped_folds(samples, folds=folds, val_fraction=config.val_fraction, seed=config.seed)):
+            log.info("fold %d/%d: %d train, %d validation, %d test images", number + 1, folds,
+                     len(split.train), len(split.validation), len(split.test))
+            result = train_on_split(images, samples, split, staging / f"fold_{number}", config, sources)
+            fold_metrics.append(result.get("test_cnmc", result["test"]))
+        summary = {"folds": folds, "model": config.model, "per_fold": fold_metrics, "summary": M.summarize_folds(fold_metrics)}
+        (staging / "cv.json").write_text(json.dumps(summary, indent=2) + "\n")
+        rows = [f"| {key} | {v['mean']:.3f} | {v['std']:.3f} | {v['min']:.3f} | {v['max']:.3f} |" for key, v in summary["summary"].items()]
+        (staging / "cv_report.md").write_text("\n".join([
+            f"# Grouped {folds}-fold cross-validation, `{config.model}` model", "", f"> {DISCLAIMER}", "",
+            "Each fold is scored on patients its model never saw (whole donors left out); the metrics are those of "
+            "the C-NMC cells (ALL blasts vs normal B-cells) among them.", "",
+            "| metric | mean | std | min | max |", "| --- | --- | --- | --- | --- |", *rows, "",
+        ]))
     return summary
 
 
@@ -388,5 +395,30 @@ def evaluate(run: Path, data: Sequence[str | Path]) -> dict:
     labels = np.array([s.label for s in samples])
     result = M.compute(labels, scores, float(meta["threshold"]), [s.patient for s in samples])
     result.update({"by_group": by_group(samples, scores, float(meta["threshold"])), "run": str(run),
-                   "data": [str(d) for d in data]})
+                   "data": [str(d) for d in data], "seen_in_training": seen_in_training(run, samples)})
     return result
+
+
+def seen_in_training(run: Path, samples: Sequence[Sample]) -> dict | None:
+    """How many of ``samples`` the run trained on, or come from its training patients; None when
+    the run's ``split.json`` is not at hand. Numbers on such cells are not new-patient numbers: a
+    model is always better on the people it has seen, so they must not pass for an estimate."""
+    path = run / "split.json"
+    if not path.is_file():
+        return None
+    train = json.loads(path.read_text()).get("train", {})
+    paths = {record["path"] for record in train.get("samples", [])}
+    patients = set(train.get("patients", []))
+    seen = [s for s in samples if s.patient in patients or str(s.path.resolve()) in paths]
+    return {"cells": len(seen), "patients": len({s.patient for s in seen})}
+
+
+def seen_warning(result: dict, what: str) -> str | None:
+    """The one line a person must read before trusting an evaluation; None when it is clean."""
+    seen = result.get("seen_in_training")
+    if seen is None:
+        return f"cannot tell whether these cells include {what}'s training patients (its split.json is not here)"
+    if seen["cells"]:
+        return (f"{seen['cells']} of {result['images']} cells come from {seen['patients']} of {what}'s training "
+                "patients: these are not new-patient numbers; evaluate on patients it never saw")
+    return None

@@ -33,7 +33,7 @@ def choose_threshold(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray
     """
     counts = np.bincount(np.asarray(labels, dtype=int), minlength=2)
     if counts.min() < MIN_CELLS_FOR_THRESHOLD:
-        return 0.5, f"0.5 (validation holds only {counts.min()} cells of one class; class-balanced training)"
+        return 0.5, f"the default for class-balanced training: validation holds only {counts.min()} cells of one class"
     fpr, tpr, thresholds = roc_curve(labels, scores, sample_weight=weights)
     best = int(np.argmax(tpr - fpr))
     rule = "max Youden J on validation patients" + (", sources and cell types balanced" if weights is not None else "")

@@ -103,22 +103,29 @@ def _known_labels(results: list[dict], labels_csv: Path) -> list[tuple[str, str,
     return rows
 
 
-def run_demo(workdir: Path | None = None, frames: Path = SAMPLES, bundle: Path | None = None) -> int:
-    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="leukoscope-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    print(f"leukoscope demo: {DISCLAIMER}\nworking folder: {workdir}\n", flush=True)
-    broker = _start_broker(workdir)
+def demo_config(workdir: Path, frames: Path, bundle: Path | None, broker_port: int | None) -> dict:
+    """The agent's config for the demo: the frames' own scale (their leukoscope-scale.json, as `edge
+    replay` reads it, so both make the same crops), a local broker if one runs, everything annotated."""
     config = {
         "device": {"id": "demo-scope"},
         "source": {"type": "folder", "path": str(frames)},
-        "segmentation": {"um_per_px": frames_scale(frames, None)},  # the frames' leukoscope-scale.json
-        "mqtt": {"enabled": broker is not None, "host": "127.0.0.1", "port": broker[1] if broker else 1883, "stats_interval_s": 60},
+        "segmentation": {"um_per_px": frames_scale(frames, None)},
+        "mqtt": {"enabled": broker_port is not None, "host": "127.0.0.1", "port": broker_port or 1883, "stats_interval_s": 60},
         "outbox": {"path": str(workdir / "outbox.sqlite3")},
         "pipeline": {"sample_id": "DEMO-1", "log_results": True},
         "review": {"folder": str(workdir / "review"), "all_frames": True},
     }
     if bundle:
         config["classifier"] = {"bundle": str(bundle)}
+    return config
+
+
+def run_demo(workdir: Path | None = None, frames: Path = SAMPLES, bundle: Path | None = None) -> int:
+    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="leukoscope-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"leukoscope demo: {DISCLAIMER}\nworking folder: {workdir}\n", flush=True)
+    broker = _start_broker(workdir)
+    config = demo_config(workdir, frames, bundle, broker[1] if broker else None)
     lines: list[str] = []
     subscriber = None
     if broker:

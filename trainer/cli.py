@@ -21,6 +21,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                              "leukoscope-scale.json in DIR, C-NMC's reference, or measured on the images' red cells")
     parser.add_argument("--bccd", default=None, metavar="DIR",
                         help="BCCD-layout smear frames (JPEGImages/ + Annotations/) scored as a lab never trained on")
+    parser.add_argument("--compose-share", type=float, default=0.5, metavar="F",
+                        help="share of C-NMC cells put on smear backgrounds (from the cell-type sources) and cut by the "
+                             "device's smear path, so the way a cell was cut cannot tell its source (default 0.5; 0: off)")
     parser.add_argument("--leave-out-type", default=None, metavar="TYPE",
                         help="hold one cell type (e.g. lymphocyte) out of training entirely and report how often it is called ALL")
     parser.add_argument("--out", type=Path, required=True,
@@ -49,10 +52,13 @@ def _config(args: argparse.Namespace):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < args.val_fraction < 0.5:
         raise UserError("--val-fraction must be between 0 and 0.5")
+    if not 0 <= args.compose_share <= 1:
+        raise UserError("--compose-share must be between 0 and 1")
     return FitConfig(model=args.model, epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
                      seed=args.seed, val_fraction=args.val_fraction, test_fraction=getattr(args, "test_fraction", 0.0),
                      patience=args.patience, steps_per_epoch=args.steps_per_epoch, allow_collapse=args.allow_collapse,
-                     time_budget_min=args.time_budget, bccd=args.bccd, leave_out_type=args.leave_out_type)
+                     time_budget_min=args.time_budget, bccd=args.bccd, leave_out_type=args.leave_out_type,
+                     compose_share=args.compose_share)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -123,3 +123,18 @@ def invariance(score: Scorer, samples: Sequence[Sample], contract: CropContract,
     index = {id(s): i for i, s in enumerate(samples)}
     result["stain_shift"] = round(float(np.mean((score(images) >= threshold) == base[[index[id(s)] for s in kept]])), 4)
     return result
+
+
+def on_smear(score: Scorer, cnmc: Sequence[Sample], smears: Sequence[Sample], contract: CropContract,
+             threshold: float) -> dict:
+    """C-NMC cells, every one put on a smear background and cut by the device's smear path: how a
+    blast on a real smear is scored, against the same cells cut on black."""
+    from trainer import metrics as M
+    from trainer.compose import SmearComposer
+
+    composer = SmearComposer.from_samples(list(smears), count=60, share=1.0)
+    if composer is None:
+        return {}
+    images, kept = load_arrays(cnmc, contract, transform=composer, progress=False)
+    scores = score(images)
+    return M.compute([s.label for s in kept], scores, threshold)

@@ -48,6 +48,9 @@ class FitConfig:
     bccd: str | None = None
     #: A cell type held out of training and validation entirely, and scored as unseen.
     leave_out_type: str | None = None
+    #: Share of C-NMC cells put back on a smear background and cut by the device's smear path
+    #: (``trainer.compose``); 0 turns it off.
+    compose_share: float = 0.5
 
     def resolved_size(self) -> int:
         return self.image_size or (256 if self.model == "seed" else DEFAULT_CONTRACT.size)
@@ -224,6 +227,12 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     log.info("measuring scale and stain invariance on %d validation cells", len(robust))
     result["invariance"] = crosslab.invariance(score, [val_samples[i] for i in robust], contract, threshold,
                                                val_scores[robust], seed=config.seed)
+    smear_record = next((r["on_smear"] for r in sources.values() if "on_smear" in r), None)
+    if smear_record and cnmc_val:
+        log.info("scoring C-NMC validation cells on a smear, through the device's smear path")
+        result["validation_cnmc_on_smear"] = crosslab.on_smear(score, [val_samples[i] for i in cnmc_val],
+                                                               [s for s in samples if s.cell_type not in LABELS],
+                                                               contract, threshold)
     curves = {"validation": (labels[val], val_scores)}
     if len(test):
         test_scores = pipeline.predict(saved, images[test])
@@ -288,6 +297,10 @@ def _report(result: dict, config: FitConfig, split: Split, samples: Sequence[Sam
     if "left_out_type" in result:
         t = result["left_out_type"]
         lines.append(f"| {t['cell_type']} (left out of training entirely) | {t['cells']} | {t['called_all']:.1%} |")
+    smear = result.get("validation_cnmc_on_smear")
+    if smear:
+        lines += ["", f"C-NMC validation cells put on a smear and cut by the device's smear path ({smear['images']} cells): "
+                      f"{M.summary_line(smear)}."]
     inv = result.get("invariance", {})
     if inv:
         lines += ["", f"Same decision after resampling to 0.7x / 1.4x pixel scale (with the matching µm per pixel): "
@@ -317,6 +330,8 @@ def _write_report(out: Path, result: dict, config: FitConfig, split: Split, samp
 
 def _load(data: Sequence[str | Path], config: FitConfig) -> tuple[np.ndarray, list[Sample], dict, list[Sample]]:
     """(images, samples, sources record, left-out samples) of every source, cropped by the contract."""
+    from trainer.compose import SmearComposer
+
     samples, sources = scan_sources(data)
     left_out: list[Sample] = []
     if config.leave_out_type:
@@ -324,7 +339,16 @@ def _load(data: Sequence[str | Path], config: FitConfig) -> tuple[np.ndarray, li
         if not left_out:
             raise UserError(f"--leave-out-type {config.leave_out_type}: no such cell type in the data")
         samples = [s for s in samples if s.cell_type != config.leave_out_type]
-    images, samples = load_arrays(samples, config.contract())
+    smears = [s for s in samples if s.cell_type not in LABELS]
+    composer = SmearComposer.from_samples(smears, share=config.compose_share) if config.compose_share > 0 else None
+    if composer:
+        log.info("%.0f%% of C-NMC cells go onto %d smear backgrounds (%s) and through the device's smear path",
+                 100 * config.compose_share, len(composer.backgrounds), smears[0].source)
+        for record in sources.values():
+            if record["layout"] == "C-NMC":
+                record["on_smear"] = {"share": config.compose_share, "backgrounds_from": smears[0].source,
+                                      "backgrounds": len(composer.backgrounds), "um_per_px": composer.um_per_px}
+    images, samples = load_arrays(samples, config.contract(), transform=composer)
     return images, samples, sources, left_out
 
 

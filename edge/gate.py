@@ -107,15 +107,25 @@ def _border_contact(cell: Cell, shape: tuple[int, int]) -> int:
 
 def judge(frame_rgb: np.ndarray, cell: Cell, um_per_px: float,
           settings: SegmentationSettings = SegmentationSettings()) -> Verdict:
-    """The gate's verdict on one found cell (``um_per_px``: the frame's scale)."""
+    """The gate's verdict on one found cell (``um_per_px``: the frame's scale).
+
+    Every rule is in micrometres, so the cell is judged at ``FOCUS_UM_PER_PX`` (or its own scale if
+    coarser): a 12 MP frame's cells then cost what a VGA frame's do."""
     x, y, w, h = cell.bbox
     crop = frame_rgb[y:y + h, x:x + w]
     mask = cell.mask
+    height, width = frame_rgb.shape[:2]
+    border_um = _border_contact(cell, (height, width)) * um_per_px
+    factor = um_per_px / FOCUS_UM_PER_PX
+    if factor < 1:
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
+        mask = cv2.resize(mask.view(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+        um_per_px = FOCUS_UM_PER_PX
     stained = _stained(crop, settings.blue_threshold, settings.dark_level).astype(bool)
     nucleus = stained & mask if not cell.pre_cropped else mask
     focus = nucleus_focus(crop, nucleus, um_per_px)
-    height, width = frame_rgb.shape[:2]
-    if not cell.pre_cropped and _border_contact(cell, (height, width)) * um_per_px > MAX_BORDER_CONTACT_UM:
+    if not cell.pre_cropped and border_um > MAX_BORDER_CONTACT_UM:
         return Verdict("cut by border", focus)
     pixel_um2 = um_per_px * um_per_px
     area_um2 = float(mask.sum()) * pixel_um2

@@ -5,6 +5,10 @@ them, and deletes a row only when the broker's PUBACK for it arrives. While conn
 retransmits unacknowledged messages itself after a reconnect; after a restart of the process
 the outbox still holds every unacknowledged row and they are sent again, oldest first
 (subscribers drop duplicates by ``message_id``).
+
+A row is matched to its acknowledgement through the ``MQTTMessageInfo`` paho returned for that very
+publish, never through the bare message id: ids wrap after 65,535 publishes and are shared with the
+status, stats and command replies, so an id alone cannot say which message the broker acknowledged.
 """
 
 from __future__ import annotations
@@ -41,9 +45,7 @@ class Publisher:
         self.published = 0
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._inflight: dict[int, int] = {}  # paho mid -> outbox id
-        self._early: set[int] = set()  # PUBACKs that arrived before their mid was recorded
-        self._acked: list[int] = []
+        self._inflight: dict[int, mqtt.MQTTMessageInfo] = {}  # outbox id -> paho's handle on that publish
         self._cursor = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -102,12 +104,12 @@ class Publisher:
             log.warning("%s; reconnecting with backoff", self.last_error)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        """Only a wake-up: which rows are acknowledged is read from their own MQTTMessageInfo.
+
+        The mid may belong to a status, stats or reply message, or be one that an outbox row got
+        again after the wrap; and paho marks the message published only after this returns.
+        """
         with self._wake:
-            row = self._inflight.pop(mid, None)
-            if row is None:
-                self._early.add(mid)
-            else:
-                self._acked.append(row)
             self._wake.notify_all()
 
     def _on_message(self, client, userdata, message) -> None:
@@ -132,8 +134,11 @@ class Publisher:
             self._wake.notify_all()
 
     def _flush_acks(self) -> None:
+        """Delete the rows whose own publish the broker acknowledged (PUBACK) from the outbox."""
         with self._wake:
-            acked, self._acked = self._acked, []
+            acked = [row for row, info in self._inflight.items() if info.is_published()]
+            for row in acked:
+                del self._inflight[row]
         if acked:
             self.outbox.ack(acked)
             self.published += len(acked)
@@ -151,18 +156,17 @@ class Publisher:
             batch = self.outbox.pending(limit=room, after=cursor)
             if not batch:
                 with self._wake:
-                    if not self._acked:
-                        self._wake.wait(0.05)
+                    self._wake.wait(0.05)
                 continue
             for message in batch:
                 # If the connection dropped just now, paho keeps the message and sends it on reconnect.
                 info = self.client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+                if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+                    # Not sent: after a wrap, its id is still held by an unacknowledged status or reply.
+                    # The cursor stays put, so this row goes again, with the next id, on the next round.
+                    break
                 with self._wake:
-                    if info.mid in self._early:
-                        self._early.discard(info.mid)
-                        self._acked.append(message.id)
-                    else:
-                        self._inflight[info.mid] = message.id
+                    self._inflight[message.id] = info
                     self._cursor = message.id
 
     def publish_now(self, subtopic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:

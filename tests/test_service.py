@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import select
 import shutil
 import signal
 import sqlite3
@@ -18,7 +19,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.broker import MOSQUITTO, Broker
+from tests.broker import MOSQUITTO, Broker, Relay
 from tests.conftest import BCCD, ROOT
 
 pytestmark = pytest.mark.slow
@@ -165,6 +166,84 @@ def test_sigkill_mid_run_loses_nothing(broker, frames, tmp_path):
     again = start_agent(write_config(tmp_path / "b.toml", port=broker.port, frames=one, outbox=outbox))
     assert again.wait(timeout=120) == 0, again.log()
     assert sub.wait_for(lambda: set(stored) <= set(sub.results()), 15)
+    sub.close()
+
+
+def _read_line(process: subprocess.Popen, timeout: float) -> str:
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    if not ready:
+        process.kill()
+        pytest.fail(f"no answer from the child within {timeout} s; stderr:\n{process.stderr.read()}")
+    return process.stdout.readline().strip()
+
+
+def test_a_reused_message_id_never_acknowledges_an_unsent_result(broker, tmp_path):
+    """Message ids wrap at 65,535: a result that gets the id of an earlier status or stats message must
+    still wait for its own PUBACK. Network cut silently, publisher SIGKILLed, restarted: all arrive."""
+    from edge.config import MQTTConfig
+    from edge.outbox import Outbox
+    from edge.publisher import Publisher
+
+    sub = Subscriber(broker.port)
+    relay = Relay(broker.port)
+    outbox = tmp_path / "outbox.db"
+    child = subprocess.Popen([sys.executable, "-m", "tests.publishing_child", str(outbox), str(relay.port)], cwd=ROOT,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _read_line(child, 30) == "ready"
+        assert sub.wait_for(lambda: len(sub.payloads("/wrap/stats")) == 3, 10)
+        relay.cut.set()
+        child.stdin.write("store 6\n")
+        child.stdin.flush()
+        word, *stored = _read_line(child, 10).split()
+        assert word == "stored" and len(stored) == 6
+        assert sub.wait_for(lambda: relay.swallowed >= 6 * 40, 10), "the results were not sent into the cut"
+        time.sleep(0.3)  # time enough to acknowledge (wrongly) and delete rows
+    finally:
+        child.kill()
+        child.wait()
+        relay.close()
+    box = Outbox(outbox)
+    publisher = Publisher(MQTTConfig(host="127.0.0.1", port=broker.port), box, "wrap")
+    publisher.start()
+    try:
+        assert publisher.wait_drained(timeout=15)
+    finally:
+        publisher.stop()
+        box.close()
+    assert sub.wait_for(lambda: set(stored) <= set(sub.results()), 10), \
+        f"{len(set(stored) - set(sub.results()))} of 6 stored results never arrived"
+    sub.close()
+
+
+def test_a_result_whose_id_is_still_taken_is_sent_again_not_acknowledged(broker, tmp_path):
+    """paho refuses a QoS 1 publish whose id an unacknowledged command reply still holds (after a wrap):
+    that result was never sent, so the reply's PUBACK must not delete it. Broker paused with SIGSTOP."""
+    from edge.config import MQTTConfig
+    from edge.outbox import Outbox
+    from edge.publisher import Publisher
+
+    sub = Subscriber(broker.port)
+    box = Outbox(tmp_path / "outbox.db")
+    publisher = Publisher(MQTTConfig(host="127.0.0.1", port=broker.port), box, "taken")
+    publisher.start()
+    try:
+        assert publisher.connected.wait(10)
+        broker.process.send_signal(signal.SIGSTOP)
+        try:
+            publisher.publish_now("reply/ping", b"{}")  # waits for a PUBACK that cannot come yet
+            publisher.client._last_mid -= 1  # the next publish, a result, gets the reply's id
+            message_id = "00000000-0000-4000-8000-000000000001"
+            box.put("leukoscope/taken/results", json.dumps({"message_id": message_id}).encode())
+            publisher.notify()
+            time.sleep(0.3)
+        finally:
+            broker.process.send_signal(signal.SIGCONT)
+        assert publisher.wait_drained(timeout=10)
+    finally:
+        publisher.stop()
+        box.close()
+    assert sub.wait_for(lambda: message_id in sub.results(), 5), "the result left the outbox without being delivered"
     sub.close()
 
 

@@ -25,7 +25,7 @@ from edge.errors import UserError
 from edge.notify import notify, watchdog_interval
 from edge.outbox import Outbox
 from edge.pipeline import Pipeline, ReviewWriter
-from edge.results import SampleTally
+from edge.results import RUN_ID, SampleTally, numbered
 from edge.sources import Frame, resilient
 
 log = logging.getLogger(__name__)
@@ -145,11 +145,11 @@ class Agent:
         self.last_progress = time.monotonic()
         for stage, ms in result["timings_ms"].items():
             self.stage_ms[stage] = 0.9 * self.stage_ms.get(stage, ms) + 0.1 * ms
-        if self.review and (self.snapshot_requested or result["counts"]["blasts"] or self.config.review.all_frames):
-            self.review.write(frame.image, result, crops)
-            self.snapshot_requested = False
-        if self.outbox.put(f"{self.base}/results", json.dumps(result).encode()) is None:
+        if self.outbox.put_numbered(f"{self.base}/results", lambda sequence: numbered(result, sequence)) is None:
             self.counters["results_refused_outbox_full"] += 1
+        if self.review and (self.snapshot_requested or result["counts"]["blasts"] or self.config.review.all_frames):
+            self.review.write(frame.image, result, crops)  # named by the sequence, so after storing
+            self.snapshot_requested = False
         if self.tally.frames % SUMMARY_EVERY == 0:
             self._summary(final=False)
         if self.config.pipeline.log_results:
@@ -230,6 +230,7 @@ class Agent:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         return {
             "device_id": self.device_id,
+            "run_id": RUN_ID,
             "uptime_s": round(elapsed, 1),
             "fps": round(self.counters["frames_processed"] / elapsed, 2),
             "stage_ms": {k: round(v, 2) for k, v in self.stage_ms.items()},

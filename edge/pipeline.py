@@ -30,7 +30,6 @@ class Pipeline:
         self.segmentation = segmentation
         self.device_id = device_id
         self.window = int(round(segmentation.diameter() / CNMC_CELL_FRACTION))
-        self.sequence = 0
 
     def crops(self, image: np.ndarray, cells: list[Cell]) -> np.ndarray:
         size = self.classifier.size
@@ -46,7 +45,7 @@ class Pipeline:
         return batch
 
     def process(self, frame: Frame, sample_id: str | None = None) -> tuple[dict, list[Cell], np.ndarray]:
-        """(result payload, cells found, model inputs) for a readable frame."""
+        """(result payload, cells found, model inputs) for a readable frame; the caller numbers the result."""
         assert frame.image is not None
         started = time.perf_counter()
         cells = find_cells(frame.image, self.segmentation)
@@ -56,9 +55,8 @@ class Pipeline:
         scores = self.classifier.scores(batch)
         classified = time.perf_counter()
         labels = self.classifier.labels(scores)
-        self.sequence += 1
         result = frame_result(
-            device_id=self.device_id, sequence=self.sequence, sample_id=sample_id, source=frame.name,
+            device_id=self.device_id, sample_id=sample_id, source=frame.name,
             cells=[{"bbox": list(cell.bbox), "area": cell.area, "p_all": round(float(score), 4), "label": label}
                    for cell, score, label in zip(cells, scores, labels)],
             timings_ms={"segment": 1000 * (segmented - started), "crop": 1000 * (cropped - segmented),

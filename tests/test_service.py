@@ -148,7 +148,7 @@ def test_broker_restart_mid_run_loses_nothing(broker, frames, tmp_path):
     sub.close()
 
 
-def test_sigkill_mid_run_loses_nothing(broker, frames, tmp_path):
+def test_sigkill_mid_run_loses_nothing_and_the_sequence_goes_on(broker, frames, tmp_path):
     sub = Subscriber(broker.port)
     outbox = tmp_path / "outbox.db"
     agent = start_agent(write_config(tmp_path / "a.toml", port=broker.port, frames=frames, outbox=outbox, fps=12))
@@ -160,12 +160,17 @@ def test_sigkill_mid_run_loses_nothing(broker, frames, tmp_path):
     produced = {r["sequence"] for r in list(stored.values()) + list(seen.values())}
     assert produced == set(range(1, max(produced) + 1)), "a result vanished between the pipeline and the outbox"
 
-    one = tmp_path / "one"
-    one.mkdir()
-    shutil.copy(next(frames.iterdir()), one)
-    again = start_agent(write_config(tmp_path / "b.toml", port=broker.port, frames=one, outbox=outbox))
+    two = tmp_path / "two"
+    two.mkdir()
+    for path in sorted(frames.iterdir())[:2]:
+        shutil.copy(path, two)
+    again = start_agent(write_config(tmp_path / "b.toml", port=broker.port, frames=two, outbox=outbox))
     assert again.wait(timeout=120) == 0, again.log()
-    assert sub.wait_for(lambda: set(stored) <= set(sub.results()), 15)
+    assert sub.wait_for(lambda: set(stored) <= set(sub.results()) and len(sub.results()) == len(produced) + 2, 15)
+    results = sub.results().values()
+    assert sorted(r["sequence"] for r in results) == list(range(1, len(produced) + 3)), "a gap or a reused number"
+    first, second = ({r["run_id"] for r in results if (r["sequence"] > len(produced)) == restarted} for restarted in (False, True))
+    assert len(first) == len(second) == 1 and first != second  # each run says which it is
     sub.close()
 
 

@@ -32,6 +32,32 @@ log = logging.getLogger(__name__)
 FATAL_REASONS = {"Bad user name or password", "Not authorized", "Client identifier not valid", "Banned"}
 
 
+class _SocketErrors(logging.Handler):
+    """Keeps paho's last error line (a failed socket read or write) to say why the connection ended.
+
+    paho reports both a clean close by the broker and a reset as "Unspecified error"; only its log
+    tells them apart. The line goes into our one disconnect warning instead of being logged twice.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = record.getMessage()
+
+
+def describe_disconnect(reason: str, socket_error: str | None, keepalive_s: int) -> str:
+    """What happened, in words, from paho's on_disconnect reason and its last socket error."""
+    if reason == "Keep alive timeout":
+        return f"the broker stopped answering (nothing back within keepalive_s={keepalive_s})"
+    if socket_error:
+        return f"the connection failed ({socket_error})"
+    if reason == "Unspecified error":  # paho's name for a connection that simply ended
+        return "the broker closed the connection"
+    return reason
+
+
 class Publisher:
     def __init__(self, config: MQTTConfig, outbox: Outbox, device_id: str,
                  on_command: Callable[[str, bytes], None] = lambda topic, payload: None) -> None:
@@ -71,6 +97,10 @@ class Publisher:
         client.reconnect_delay_set(1, int(max(1, c.reconnect_max_s)))
         client.max_inflight_messages_set(c.max_inflight)
         client.max_queued_messages_set(0)
+        paho_log = logging.Logger("paho", logging.ERROR)  # unregistered: it goes away with this publisher
+        self._socket_errors = _SocketErrors()
+        paho_log.addHandler(self._socket_errors)
+        client.enable_logger(paho_log)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -90,7 +120,7 @@ class Publisher:
                 log.warning("%s", self.last_error)
             return
         log.info("connected to %s:%d", self.config.host, self.config.port)
-        self.last_error = None
+        self.last_error = self._socket_errors.last = None
         client.publish(f"{self.base}/status", b"online", qos=1, retain=True)
         client.subscribe(f"{self.base}/cmd/#", qos=1)
         with self._wake:
@@ -99,8 +129,10 @@ class Publisher:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
+        socket_error, self._socket_errors.last = self._socket_errors.last, None
         if not self._stopping:
-            self.last_error = f"disconnected from {self.config.host}:{self.config.port} ({reason_code})"
+            what = describe_disconnect(str(reason_code), socket_error, self.config.keepalive_s)
+            self.last_error = f"disconnected from {self.config.host}:{self.config.port}: {what}"
             log.warning("%s; reconnecting with backoff", self.last_error)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:

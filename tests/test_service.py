@@ -145,6 +145,7 @@ def test_broker_restart_mid_run_loses_nothing(broker, frames, tmp_path):
     count = len(list(frames.iterdir()))
     assert sub.wait_for(lambda: len({r["sequence"] for r in sub.results().values()}) == count, 15)
     assert {r["sequence"] for r in sub.results().values()} == set(range(1, count + 1))
+    assert "disconnected from 127.0.0.1:%d: the broker closed the connection" % broker.port in agent.log()
     sub.close()
 
 

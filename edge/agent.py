@@ -284,9 +284,10 @@ class Agent:
             if self.publisher.fatal:
                 self.publisher.stop(offline=False)
                 raise UserError(self.publisher.fatal)
-            drained = self.publisher.wait_drained(timeout=10)
+            drained = self.publisher.wait_drained(timeout=self.config.mqtt.stop_timeout_s)
             if not drained:
-                log.warning("%d result(s) not yet acknowledged stay in the outbox for the next start", len(self.outbox))
+                log.warning("%d message(s) not acknowledged within mqtt.stop_timeout_s=%g stay in the outbox for the next start",
+                            len(self.outbox), self.config.mqtt.stop_timeout_s)
             self.publisher.publish_now("stats", json.dumps(self.stats()).encode(), qos=0)
             self.publisher.stop()
         self.outbox.close()

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -71,6 +72,15 @@ def start_agent(config: Path) -> Agent:
     return Agent(config)
 
 
+def wait_for(condition: Callable[[], object], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 class Subscriber:
     """A real paho subscriber with a persistent session, so the broker queues for it while it is away."""
 
@@ -89,13 +99,8 @@ class Subscriber:
         with self.lock:
             self.messages.append((message.topic, message.payload, message.retain))
 
-    def wait_for(self, condition, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if condition():
-                return True
-            time.sleep(0.05)
-        return False
+    def wait_for(self, condition: Callable[[], object], timeout: float) -> bool:
+        return wait_for(condition, timeout)
 
     def results(self) -> dict[str, dict]:
         with self.lock:
@@ -147,6 +152,19 @@ def test_broker_restart_mid_run_loses_nothing(broker, frames, tmp_path):
     assert {r["sequence"] for r in sub.results().values()} == set(range(1, count + 1))
     assert "disconnected from 127.0.0.1:%d: the broker closed the connection" % broker.port in agent.log()
     sub.close()
+
+
+def test_sigterm_with_the_broker_down_waits_stop_timeout_then_keeps_the_rest(broker, frames, tmp_path):
+    broker.stop()
+    outbox = tmp_path / "outbox.db"
+    agent = start_agent(write_config(tmp_path / "a.toml", port=broker.port, frames=frames, outbox=outbox, fps=20,
+                                     loop=True, extra="stop_timeout_s = 1.5"))
+    assert wait_for(lambda: outbox.exists() and pending_results(outbox), 30), agent.log()
+    started = time.monotonic()
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=30) == 0, agent.log()
+    assert 1.5 <= time.monotonic() - started < 5
+    assert "stay in the outbox for the next start" in agent.log()
 
 
 def test_sigkill_mid_run_loses_nothing_and_the_sequence_goes_on(broker, frames, tmp_path):

@@ -13,6 +13,7 @@ status, stats and command replies, so an id alone cannot say which message the b
 
 from __future__ import annotations
 
+import errno
 import logging
 import ssl
 import threading
@@ -33,10 +34,10 @@ FATAL_REASONS = {"Bad user name or password", "Not authorized", "Client identifi
 
 
 class _SocketErrors(logging.Handler):
-    """Keeps paho's last error line (a failed socket read or write) to say why the connection ended.
+    """Keeps paho's last socket error line ("failed to receive on socket: ...") to say why a connection ended.
 
     paho reports both a clean close by the broker and a reset as "Unspecified error"; only its log
-    tells them apart. The line goes into our one disconnect warning instead of being logged twice.
+    tells them apart, and the line then goes into the one disconnect warning.
     """
 
     def __init__(self) -> None:
@@ -44,13 +45,18 @@ class _SocketErrors(logging.Handler):
         self.last: str | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.last = record.getMessage()
+        message = record.getMessage()
+        if "on socket" in message:
+            self.last = message
 
 
 def describe_disconnect(reason: str, socket_error: str | None, keepalive_s: int) -> str:
     """What happened, in words, from paho's on_disconnect reason and its last socket error."""
     if reason == "Keep alive timeout":
         return f"the broker stopped answering (nothing back within keepalive_s={keepalive_s})"
+    if socket_error and f"[Errno {errno.ECONNRESET}]" in socket_error:
+        # What a broker that stops with our data still unread sends; a firewall or NAT may too.
+        return "the connection was reset (by the broker, or on the way)"
     if socket_error:
         return f"the connection failed ({socket_error})"
     if reason == "Unspecified error":  # paho's name for a connection that simply ended

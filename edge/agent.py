@@ -262,11 +262,19 @@ class Agent:
         notify(f"STATUS=analysing frames from {self.config.source.type} source")
         watchdog = watchdog_interval()
         next_watchdog = next_stats = time.monotonic()
+        failed = False
         while not self.stop_event.is_set() and threads[1].is_alive():
             now = time.monotonic()
             if self.publisher and self.publisher.fatal:
                 log.error("%s", self.publisher.fatal)
                 self.stop_event.set()
+                break
+            if self.publisher and not self.publisher.sending():
+                # Analysing on without delivering would only fill the outbox: exit 1, and systemd
+                # (Restart=on-failure) starts a fresh agent that sends the outbox from the start.
+                log.error("the publisher's sending thread died (traceback above); stopping with exit status 1 "
+                          "so that the service restarts; the outbox keeps every result")
+                failed = True
                 break
             stalled = now - self.last_progress > self.config.pipeline.watchdog_stall_s
             if watchdog and now >= next_watchdog and not stalled:
@@ -284,8 +292,7 @@ class Agent:
             if self.publisher.fatal:
                 self.publisher.stop(offline=False)
                 raise UserError(self.publisher.fatal)
-            drained = self.publisher.wait_drained(timeout=self.config.mqtt.stop_timeout_s)
-            if not drained:
+            if not failed and not self.publisher.wait_drained(timeout=self.config.mqtt.stop_timeout_s):
                 log.warning("%d message(s) not acknowledged within mqtt.stop_timeout_s=%g stay in the outbox for the next start",
                             len(self.outbox), self.config.mqtt.stop_timeout_s)
             self.publisher.publish_now("stats", json.dumps(self.stats()).encode(), qos=0)
@@ -294,7 +301,7 @@ class Agent:
         fraction = summary["blast_fraction"]
         log.info("sample %s: %d frames, %d cells, %d flagged as ALL blasts (%s)", summary["sample_id"], summary["frames"],
                  summary["cells"], summary["blasts"], "n/a" if fraction is None else f"{fraction:.1%}")
-        return 0
+        return 1 if failed else 0
 
 
 def run(config_path: Path) -> int:

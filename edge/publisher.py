@@ -197,11 +197,15 @@ class Publisher:
                     self._wake.wait(0.05)
                 continue
             for message in batch:
-                # If the connection dropped just now, paho keeps the message and sends it on reconnect.
                 info = self.client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
-                if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-                    # Not sent: after a wrap, its id is still held by an unacknowledged status or reply.
-                    # The cursor stays put, so this row goes again, with the next id, on the next round.
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    # A publish whose PUBACK cannot be followed: the cursor stays put and the row goes again.
+                    # QUEUE_SIZE: not sent; after a wrap, its id is still held by an unacknowledged status or reply.
+                    # NO_CONN: the connection died a moment ago. paho keeps this copy and sends it after the
+                    # reconnect, but its MQTTMessageInfo then never reports the PUBACK (is_published() raises
+                    # for that rc); the copy is a duplicate with the same message_id, which subscribers drop.
+                    with self._wake:
+                        self._wake.wait(0.05)  # let on_disconnect land: one such copy, not one per row
                     break
                 with self._wake:
                     self._inflight[message.id] = info
@@ -210,6 +214,10 @@ class Publisher:
     def publish_now(self, subtopic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
         """Fire-and-forget for things that are not results (status, stats, command replies)."""
         self.client.publish(f"{self.base}/{subtopic}", payload, qos=qos, retain=retain)
+
+    def sending(self) -> bool:
+        """False once the sending thread has died (a bug: its traceback is in the log)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def inflight(self) -> int:
         with self._wake:

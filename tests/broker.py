@@ -132,13 +132,23 @@ class Relay:
         for sock in (source, target):
             sock.close()
 
-    def close(self) -> None:
-        """Stop listening and drop every connection (shutdown first: it wakes the blocked threads)."""
+    def drop(self) -> None:
+        """End every connection now, as a broker restart would; new ones are still relayed."""
         with self._lock:
-            sockets = [self._listener, *self._sockets]
-        for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+            sockets, self._sockets = self._sockets, []
+        _shut(sockets)
+
+    def close(self) -> None:
+        """Stop listening and drop every connection."""
+        with self._lock:
+            sockets, self._sockets = [self._listener, *self._sockets], []
+        _shut(sockets)
+
+
+def _shut(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the threads blocked on it, which close() alone does not
+        except OSError:
+            pass
+        sock.close()

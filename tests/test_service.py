@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -272,6 +273,54 @@ def test_a_result_whose_id_is_still_taken_is_sent_again_not_acknowledged(broker,
     sub.close()
 
 
+def test_a_connection_lost_in_the_middle_of_a_batch_stalls_nothing(broker, tmp_path):
+    """Results published just after the connection died (paho: 'not currently connected') are sent
+    again after the reconnect; the backlog still drains and every result arrives."""
+    sub = Subscriber(broker.port)
+    relay = Relay(broker.port)
+    box = Outbox(tmp_path / "outbox.db")
+    stored = [str(uuid.uuid4()) for _ in range(3000)]
+    for message_id in stored:
+        box.put("leukoscope/batch/results", json.dumps({"message_id": message_id}).encode())
+    publisher = Publisher(MQTTConfig(host="127.0.0.1", port=relay.port, max_inflight=len(stored)), box, "batch")
+    publisher.start()
+    try:
+        assert wait_for(lambda: publisher.inflight() > 0, 10)  # one batch of 3000 publishes has begun
+        relay.cut.set()  # no more PUBACKs to read first: the publisher sees the end of the connection at once
+        relay.drop()
+        relay.cut.clear()
+        assert publisher.wait_drained(timeout=20), f"{len(box)} results stuck in the outbox"
+    finally:
+        publisher.stop()
+        box.close()
+        relay.close()
+    assert sub.wait_for(lambda: set(stored) <= set(sub.results()), 10)
+    sub.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread this test kills
+def test_a_dead_sending_thread_stops_the_agent_for_a_restart(broker, tmp_path):
+    """Analysing on while nothing is delivered would only fill the outbox: the agent exits 1 instead,
+    and systemd (Restart=on-failure) starts a fresh one. The fault: the outbox cannot be read."""
+    import edge.agent
+    from edge.config import parse_config
+
+    agent = edge.agent.Agent(parse_config({
+        "source": {"type": "folder", "path": str(ROOT / "samples" / "frames"), "loop": True, "fps": 20},
+        "mqtt": {"host": "127.0.0.1", "port": broker.port}, "outbox": {"path": str(tmp_path / "outbox.db")}}))
+
+    def unreadable(limit: int = 100, after: int = 0) -> list:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    agent.outbox.pending = unreadable  # type: ignore[method-assign]
+    timer = threading.Timer(30, agent.stop_event.set)  # a bound, should it not stop by itself
+    timer.start()
+    try:
+        assert agent.run() == 1
+    finally:
+        timer.cancel()
+
+
 def test_last_will_marks_the_device_offline(broker, frames, tmp_path):
     sub = Subscriber(broker.port, topic="leukoscope/+/status")
     agent = start_agent(write_config(tmp_path / "a.toml", port=broker.port, frames=frames, outbox=tmp_path / "o.db",
@@ -319,7 +368,7 @@ def test_malformed_commands_are_answered_not_fatal(broker, frames, tmp_path):
     errors = [json.loads(p) for p in sub.payloads("") if not json.loads(p)["ok"]]
     assert errors and all(e["error"] for e in errors)
     agent.send_signal(signal.SIGTERM)
-    assert agent.wait(timeout=60) == 0
+    assert agent.wait(timeout=60) == 0, agent.log()[-3000:]
     sub.close()
 
 

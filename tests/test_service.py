@@ -23,7 +23,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.config import MQTTConfig
+import edge.agent
+from edge.config import MQTTConfig, parse_config
 from edge.outbox import Outbox
 from edge.publisher import Publisher
 from tests.broker import MOSQUITTO, Broker, Relay
@@ -302,9 +303,6 @@ def test_a_connection_lost_in_the_middle_of_a_batch_stalls_nothing(broker, tmp_p
 def test_a_dead_sending_thread_stops_the_agent_for_a_restart(broker, tmp_path):
     """Analysing on while nothing is delivered would only fill the outbox: the agent exits 1 instead,
     and systemd (Restart=on-failure) starts a fresh one. The fault: the outbox cannot be read."""
-    import edge.agent
-    from edge.config import parse_config
-
     agent = edge.agent.Agent(parse_config({
         "source": {"type": "folder", "path": str(ROOT / "samples" / "frames"), "loop": True, "fps": 20},
         "mqtt": {"host": "127.0.0.1", "port": broker.port}, "outbox": {"path": str(tmp_path / "outbox.db")}}))

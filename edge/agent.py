@@ -29,7 +29,7 @@ from edge.errors import UserError
 from edge.notify import notify, watchdog_interval
 from edge.outbox import Outbox
 from edge.pipeline import Pipeline, ReviewWriter
-from edge.results import SampleTally
+from edge.results import RUN_ID, SampleTally, numbered
 from edge.sources import Frame, resilient
 
 log = logging.getLogger(__name__)
@@ -240,11 +240,11 @@ class Agent:
         self.last_progress = time.monotonic()
         for stage, ms in result["timings_ms"].items():
             self.stage_ms[stage] = 0.9 * self.stage_ms.get(stage, ms) + 0.1 * ms
-        if self.review and (self.snapshot_requested or result["counts"]["blasts"] or self.config.review.all_frames):
-            self.review.write(frame.image, result, crops)
-            self.snapshot_requested = False
-        if self.outbox.put(f"{self.base}/results", json.dumps(result).encode()) is None:
+        if self.outbox.put_numbered(f"{self.base}/results", lambda sequence: numbered(result, sequence)) is None:
             self.counters["results_refused_outbox_full"] += 1
+        if self.review and (self.snapshot_requested or result["counts"]["blasts"] or self.config.review.all_frames):
+            self.review.write(frame.image, result, crops)  # named by the sequence, so after storing
+            self.snapshot_requested = False
         if self.tally.frames % SUMMARY_EVERY == 0:
             self._summary(final=False)
         if self.config.pipeline.log_results:
@@ -338,6 +338,7 @@ class Agent:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         return {
             "device_id": self.device_id,
+            "run_id": RUN_ID,
             "uptime_s": round(elapsed, 1),
             "fps": round(self.counters["frames_processed"] / elapsed, 2),
             "stage_ms": {k: round(v, 2) for k, v in self.stage_ms.items()},
@@ -371,11 +372,19 @@ class Agent:
         notify(f"STATUS=analysing frames from {self.config.source.type} source")
         watchdog = watchdog_interval()
         next_watchdog = next_stats = time.monotonic()
+        failed = False
         while not self.stop_event.is_set() and threads[1].is_alive():
             now = time.monotonic()
             if self.publisher and self.publisher.fatal:
                 log.error("%s", self.publisher.fatal)
                 self.stop_event.set()
+                break
+            if self.publisher and not self.publisher.sending():
+                # Analysing on without delivering would only fill the outbox: exit 1, and systemd
+                # (Restart=on-failure) starts a fresh agent that sends the outbox from the start.
+                log.error("the publisher's sending thread died (traceback above); stopping with exit status 1 "
+                          "so that the service restarts; the outbox keeps every result")
+                failed = True
                 break
             stalled = now - self.last_progress > self.config.pipeline.watchdog_stall_s
             if watchdog and now >= next_watchdog and not stalled:
@@ -393,16 +402,16 @@ class Agent:
             if self.publisher.fatal:
                 self.publisher.stop(offline=False)
                 raise UserError(self.publisher.fatal)
-            drained = self.publisher.wait_drained(timeout=10)
-            if not drained:
-                log.warning("%d result(s) not yet acknowledged stay in the outbox for the next start", len(self.outbox))
+            if not failed and not self.publisher.wait_drained(timeout=self.config.mqtt.stop_timeout_s):
+                log.warning("%d message(s) not acknowledged within mqtt.stop_timeout_s=%g stay in the outbox for the next start",
+                            len(self.outbox), self.config.mqtt.stop_timeout_s)
             self.publisher.publish_now("stats", json.dumps(self.stats()).encode(), qos=0)
             self.publisher.stop()
         self.outbox.close()
         fraction = summary["blast_fraction"]
         log.info("sample %s: %d frames, %d cells, %d flagged as ALL blasts (%s)", summary["sample_id"], summary["frames"],
                  summary["cells"], summary["blasts"], "n/a" if fraction is None else f"{fraction:.1%}")
-        return 0
+        return 1 if failed else 0
 
 
 def run(config_path: Path) -> int:

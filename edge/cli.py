@@ -131,7 +131,7 @@ def _replay(args: argparse.Namespace) -> int:
     from edge.calibration import frames_scale
     from edge.classifier import Classifier
     from edge.pipeline import Pipeline, ReviewWriter
-    from edge.results import SampleTally
+    from edge.results import SampleTally, numbered
     from edge.segmentation import SegmentationSettings
     from edge.sources.folder import FolderSourceSettings, open_source
 
@@ -143,17 +143,20 @@ def _replay(args: argparse.Namespace) -> int:
     review = ReviewWriter(args.annotate, classifier.bundle.positive_label) if args.annotate else None
     if not args.json:
         print(f"{'frame':<36} {'cells':>5} {'blasts':>6}  p(ALL) per cell")
+    sequence = 0  # no outbox here, so no persistent sequence: each replay numbers its results from 1
     for frame in open_source(FolderSourceSettings(path=args.source)):
         if frame.image is None:
             tally.unreadable_frames += 1
             print(f"edge: skipped {frame.name}: {frame.error}", file=sys.stderr)
             continue
         result, _, crops = pipeline.process(frame, sample_id)
+        sequence += 1
+        line = numbered(result, sequence)
         tally.add(result)
         if review:
             review.write(frame.image, result, crops)
         if args.json:
-            print(json.dumps(result), flush=True)
+            print(line.decode(), flush=True)
         else:
             scores = " ".join(f"{c['p_all']:.2f}{'*' if c['label'] == classifier.bundle.positive_label else ''}" for c in result["cells"])
             print(f"{frame.name[:36]:<36} {result['counts']['cells']:>5} {result['counts']['blasts']:>6}  {scores}")

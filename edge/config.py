@@ -81,6 +81,13 @@ class TLSConfig(Strict):
     insecure_skip_verify: bool = False
 
 
+#: systemd/leukoscope-edge.service's TimeoutStopSec: after it, systemd SIGKILLs the agent.
+UNIT_TIMEOUT_STOP_S = 30.0
+#: What a stop needs besides delivering the backlog: the frame in hand, the final summary, the
+#: ``offline`` status (up to 2 s) and the publisher's threads. mqtt.stop_timeout_s gets the rest.
+STOP_OVERHEAD_S = 10.0
+
+
 class MQTTConfig(Strict):
     enabled: bool = True
     host: str = "localhost"
@@ -94,12 +101,23 @@ class MQTTConfig(Strict):
     max_inflight: int = Field(100, ge=1, le=65535)
     reconnect_max_s: float = Field(30.0, gt=0)
     stats_interval_s: float = Field(30.0, gt=0)
+    stop_timeout_s: float = Field(10.0, ge=0, description="on stop, how long to keep delivering the outbox before "
+                                  "exiting; what is left waits there for the next start")
 
     @field_validator("topic_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
         if not value or any(c in value for c in "+#") or value.startswith("/") or value.endswith("/"):
             raise ValueError("use a plain topic path such as 'lab1/leukoscope' (no +, #, or leading/trailing /)")
+        return value
+
+    @field_validator("stop_timeout_s")
+    @classmethod
+    def _stop_within_the_unit(cls, value: float) -> float:
+        limit = UNIT_TIMEOUT_STOP_S - STOP_OVERHEAD_S
+        if value > limit:
+            raise ValueError(f"use at most {limit:g} s: the whole stop must end within the unit's "
+                             f"TimeoutStopSec={UNIT_TIMEOUT_STOP_S:g}, or systemd kills the agent")
         return value
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from edge import DISCLAIMER, in_words
 from edge.agent import Agent
@@ -135,14 +136,17 @@ def run_demo(workdir: Path | None = None, frames: Path = SAMPLES, bundle: Path |
         print("no mosquitto found: results go to the durable outbox and this terminal only\n", flush=True)
     agent = Agent(parse_config(config, "demo config"))
     results: list[dict] = []
-    original = agent.outbox.put
+    original = agent.outbox.put_numbered
 
-    def keep(topic: str, payload: bytes, **kwargs):
-        if topic.endswith("/results"):
+    def keep(topic: str, render: Callable[[int], bytes], **kwargs) -> int | None:
+        def rendered(sequence: int) -> bytes:
+            payload = render(sequence)
             results.append(json.loads(payload))
-        return original(topic, payload, **kwargs)
+            return payload
 
-    agent.outbox.put = keep  # type: ignore[method-assign]  # the demo also shows what went into the outbox
+        return original(topic, rendered, **kwargs)
+
+    agent.outbox.put_numbered = keep  # type: ignore[method-assign]  # the demo also shows the results it stored
     try:
         agent.run()
         if subscriber:

@@ -4,6 +4,10 @@ SQLite in WAL mode with ``synchronous=FULL``: a committed row survives SIGKILL a
 Rows are sent oldest first; the publisher deletes a row only when the broker has acknowledged
 it (PUBACK for QoS 1). The outbox is bounded: when full, the configured policy drops the oldest
 (or refuses the newest) and the dropped count is kept on disk and reported in ``stats``.
+
+The outbox is also the one home of the device's result ``sequence``: a counter on disk, taken in the
+same transaction that stores the row, so numbers continue across restarts and a crash can neither
+skip one nor hand one out twice.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from edge.errors import UserError
 
@@ -55,9 +60,21 @@ class Outbox:
 
     def put(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int | None:
         """Store a message durably; returns its id (None if it was refused because the outbox is full)."""
+        return self._put(topic, lambda: payload, qos, retain)
+
+    def put_numbered(self, topic: str, render: Callable[[int], bytes], *, qos: int = 1, retain: bool = False) -> int | None:
+        """Store ``render(n)``, n being the next number of the persistent sequence (1, 2, ... for the life of the file).
+
+        A message refused or dropped because the outbox is full keeps its number: the gap is what a
+        subscriber sees of it (``stats`` counts it). If ``render`` raises, nothing is stored or used up.
+        """
+        return self._put(topic, lambda: render(self._bump("sequence", 1)), qos, retain)
+
+    def _put(self, topic: str, payload: Callable[[], bytes], qos: int, retain: bool) -> int | None:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                body = payload()
                 if self._count >= self.max_messages:
                     if self.when_full == "drop_newest":
                         self._bump("dropped", 1)
@@ -68,7 +85,7 @@ class Outbox:
                     self._count -= excess
                     self._bump("dropped", excess)
                 cursor = self._db.execute("INSERT INTO outbox (topic, payload, qos, retain) VALUES (?, ?, ?, ?)",
-                                          (topic, payload, qos, int(retain)))
+                                          (topic, body, qos, int(retain)))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -76,9 +93,11 @@ class Outbox:
             self._count += 1
             return int(cursor.lastrowid)
 
-    def _bump(self, name: str, by: int) -> None:
+    def _bump(self, name: str, by: int) -> int:
+        """Add to a counter inside the caller's transaction; returns its new value."""
         self._db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
                          "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (name, by))
+        return int(self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0])
 
     def pending(self, limit: int = 100, after: int = 0) -> list[Message]:
         """Oldest first, with ids greater than ``after``."""
@@ -100,11 +119,19 @@ class Outbox:
     def __len__(self) -> int:
         return self._count
 
+    def _counter(self, name: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
     @property
     def dropped(self) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
-        return int(row[0]) if row else 0
+        return self._counter("dropped")
+
+    @property
+    def sequence(self) -> int:
+        """The last number ``put_numbered`` gave out (0 before the first)."""
+        return self._counter("sequence")
 
     def close(self) -> None:
         with self._lock:

@@ -35,7 +35,6 @@ class Pipeline:
         self.device_id = device_id
         segmentation.diameter()  # the frame scale must be known: one line now, not at the first frame
         self.um_per_px = float(segmentation.um_per_px)  # type: ignore[arg-type]
-        self.sequence = 0
 
     def crops(self, image: np.ndarray, cells: list[Cell]) -> np.ndarray:
         """Model inputs by the bundle's crop contract, from the frame at its configured scale."""
@@ -46,8 +45,9 @@ class Pipeline:
         return batch
 
     def process(self, frame: Frame, sample_id: str | None = None) -> tuple[dict, list[Cell], np.ndarray]:
-        """(result payload, cells classified, their model inputs) for a readable frame. Cells the
-        quality gate stops are reported under ``unclassified`` with their reason and never classified."""
+        """(result payload, cells classified, their model inputs) for a readable frame; the caller numbers
+        the result. Cells the quality gate stops are reported under ``unclassified`` with their reason and
+        never classified."""
         assert frame.image is not None
         started = time.perf_counter()
         found = find_cells(frame.image, self.segmentation)
@@ -60,9 +60,8 @@ class Pipeline:
         scores = self.classifier.scores(batch)
         classified = time.perf_counter()
         labels = self.classifier.labels(scores)
-        self.sequence += 1
         result = frame_result(
-            device_id=self.device_id, sequence=self.sequence, sample_id=sample_id, source=frame.name,
+            device_id=self.device_id, sample_id=sample_id, source=frame.name,
             cells=[{"bbox": list(cell.bbox), "area": cell.area, "p_all": round(float(score), 4), "label": label,
                     "focus": round(focus[id(cell)], 1)} for cell, score, label in zip(cells, scores, labels)],
             unclassified=[{"bbox": list(cell.bbox), "area": cell.area, "reason": verdict.reason, "focus": round(verdict.focus, 1)}

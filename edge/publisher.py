@@ -5,10 +5,15 @@ them, and deletes a row only when the broker's PUBACK for it arrives. While conn
 retransmits unacknowledged messages itself after a reconnect; after a restart of the process
 the outbox still holds every unacknowledged row and they are sent again, oldest first
 (subscribers drop duplicates by ``message_id``).
+
+A row is matched to its acknowledgement through the ``MQTTMessageInfo`` paho returned for that very
+publish, never through the bare message id: ids wrap after 65,535 publishes and are shared with the
+status, stats and command replies, so an id alone cannot say which message the broker acknowledged.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import ssl
 import threading
@@ -28,6 +33,37 @@ log = logging.getLogger(__name__)
 FATAL_REASONS = {"Bad user name or password", "Not authorized", "Client identifier not valid", "Banned"}
 
 
+class _SocketErrors(logging.Handler):
+    """Keeps paho's last socket error line ("failed to receive on socket: ...") to say why a connection ended.
+
+    paho reports both a clean close by the broker and a reset as "Unspecified error"; only its log
+    tells them apart, and the line then goes into the one disconnect warning.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "on socket" in message:
+            self.last = message
+
+
+def describe_disconnect(reason: str, socket_error: str | None, keepalive_s: int) -> str:
+    """What happened, in words, from paho's on_disconnect reason and its last socket error."""
+    if reason == "Keep alive timeout":
+        return f"the broker stopped answering (nothing back within keepalive_s={keepalive_s})"
+    if socket_error and f"[Errno {errno.ECONNRESET}]" in socket_error:
+        # What a broker that stops with our data still unread sends; a firewall or NAT may too.
+        return "the connection was reset (by the broker, or on the way)"
+    if socket_error:
+        return f"the connection failed ({socket_error})"
+    if reason == "Unspecified error":  # paho's name for a connection that simply ended
+        return "the broker closed the connection"
+    return reason
+
+
 class Publisher:
     def __init__(self, config: MQTTConfig, outbox: Outbox, device_id: str,
                  on_command: Callable[[str, bytes], None] = lambda topic, payload: None) -> None:
@@ -41,9 +77,7 @@ class Publisher:
         self.published = 0
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._inflight: dict[int, int] = {}  # paho mid -> outbox id
-        self._early: set[int] = set()  # PUBACKs that arrived before their mid was recorded
-        self._acked: list[int] = []
+        self._inflight: dict[int, mqtt.MQTTMessageInfo] = {}  # outbox id -> paho's handle on that publish
         self._cursor = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -69,6 +103,10 @@ class Publisher:
         client.reconnect_delay_set(1, int(max(1, c.reconnect_max_s)))
         client.max_inflight_messages_set(c.max_inflight)
         client.max_queued_messages_set(0)
+        paho_log = logging.Logger("paho", logging.ERROR)  # unregistered: it goes away with this publisher
+        self._socket_errors = _SocketErrors()
+        paho_log.addHandler(self._socket_errors)
+        client.enable_logger(paho_log)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -88,7 +126,7 @@ class Publisher:
                 log.warning("%s", self.last_error)
             return
         log.info("connected to %s:%d", self.config.host, self.config.port)
-        self.last_error = None
+        self.last_error = self._socket_errors.last = None
         client.publish(f"{self.base}/status", b"online", qos=1, retain=True)
         client.subscribe(f"{self.base}/cmd/#", qos=1)
         with self._wake:
@@ -97,17 +135,19 @@ class Publisher:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
+        socket_error, self._socket_errors.last = self._socket_errors.last, None
         if not self._stopping:
-            self.last_error = f"disconnected from {self.config.host}:{self.config.port} ({reason_code})"
+            what = describe_disconnect(str(reason_code), socket_error, self.config.keepalive_s)
+            self.last_error = f"disconnected from {self.config.host}:{self.config.port}: {what}"
             log.warning("%s; reconnecting with backoff", self.last_error)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        """Only a wake-up: which rows are acknowledged is read from their own MQTTMessageInfo.
+
+        The mid may belong to a status, stats or reply message, or be one that an outbox row got
+        again after the wrap; and paho marks the message published only after this returns.
+        """
         with self._wake:
-            row = self._inflight.pop(mid, None)
-            if row is None:
-                self._early.add(mid)
-            else:
-                self._acked.append(row)
             self._wake.notify_all()
 
     def _on_message(self, client, userdata, message) -> None:
@@ -132,8 +172,11 @@ class Publisher:
             self._wake.notify_all()
 
     def _flush_acks(self) -> None:
+        """Delete the rows whose own publish the broker acknowledged (PUBACK) from the outbox."""
         with self._wake:
-            acked, self._acked = self._acked, []
+            acked = [row for row, info in self._inflight.items() if info.is_published()]
+            for row in acked:
+                del self._inflight[row]
         if acked:
             self.outbox.ack(acked)
             self.published += len(acked)
@@ -151,23 +194,30 @@ class Publisher:
             batch = self.outbox.pending(limit=room, after=cursor)
             if not batch:
                 with self._wake:
-                    if not self._acked:
-                        self._wake.wait(0.05)
+                    self._wake.wait(0.05)
                 continue
             for message in batch:
-                # If the connection dropped just now, paho keeps the message and sends it on reconnect.
                 info = self.client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    # A publish whose PUBACK cannot be followed: the cursor stays put and the row goes again.
+                    # QUEUE_SIZE: not sent; after a wrap, its id is still held by an unacknowledged status or reply.
+                    # NO_CONN: the connection died a moment ago. paho keeps this copy and sends it after the
+                    # reconnect, but its MQTTMessageInfo then never reports the PUBACK (is_published() raises
+                    # for that rc); the copy is a duplicate with the same message_id, which subscribers drop.
+                    with self._wake:
+                        self._wake.wait(0.05)  # let on_disconnect land: one such copy, not one per row
+                    break
                 with self._wake:
-                    if info.mid in self._early:
-                        self._early.discard(info.mid)
-                        self._acked.append(message.id)
-                    else:
-                        self._inflight[info.mid] = message.id
+                    self._inflight[message.id] = info
                     self._cursor = message.id
 
     def publish_now(self, subtopic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
         """Fire-and-forget for things that are not results (status, stats, command replies)."""
         self.client.publish(f"{self.base}/{subtopic}", payload, qos=qos, retain=retain)
+
+    def sending(self) -> bool:
+        """False once the sending thread has died (a bug: its traceback is in the log)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def inflight(self) -> int:
         with self._wake:

@@ -2,11 +2,14 @@
 
 Every payload carries ``schema`` and ``schema_version`` (documented as JSON Schema in
 ``edge/schemas/``) and a unique ``message_id``, so a subscriber can drop the duplicates that
-QoS 1 may deliver after a reconnect.
+QoS 1 may deliver after a reconnect. ``run_id`` names the run of the process that made it, and a
+frame result's ``sequence`` is numbered by the outbox, persistently, so that a subscriber can tell a
+restart (new ``run_id``, the sequence goes on) from a lost result (a gap in the sequence).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -16,6 +19,8 @@ from dataclasses import dataclass, field
 SCHEMA_VERSION = 2
 FRAME_SCHEMA = "leukoscope/frame-result"
 SAMPLE_SCHEMA = "leukoscope/sample-summary"
+#: Made once per process start: every payload of this run of the agent carries it.
+RUN_ID = str(uuid.uuid4())
 
 
 def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -28,12 +33,12 @@ def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float,
     return max(0.0, centre - spread), min(1.0, centre + spread)
 
 
-def frame_result(*, device_id: str, sequence: int, sample_id: str | None, source: str, cells: list[dict],
+def frame_result(*, device_id: str, sample_id: str | None, source: str, cells: list[dict],
                  timings_ms: dict[str, float], captured_at: float, positive_label: str,
                  unclassified: list[dict] | None = None, focus: float | None = None, min_focus: float | None = None) -> dict:
-    """One frame's payload. ``cells`` were classified and are counted; ``unclassified`` were found but
-    stopped by the quality gate (``reason``) and are not. ``focus``: the median nucleus focus, with
-    ``out_of_focus`` when it is below ``min_focus``."""
+    """One frame's payload, its ``sequence`` still None (see ``numbered``). ``cells`` were classified and
+    are counted; ``unclassified`` were found but stopped by the quality gate (``reason``) and are not.
+    ``focus``: the median nucleus focus, with ``out_of_focus`` when it is below ``min_focus``."""
     blasts = sum(1 for c in cells if c["label"] == positive_label)
     unclassified = unclassified or []
     return {
@@ -41,7 +46,8 @@ def frame_result(*, device_id: str, sequence: int, sample_id: str | None, source
         "schema_version": SCHEMA_VERSION,
         "message_id": str(uuid.uuid4()),
         "device_id": device_id,
-        "sequence": sequence,
+        "run_id": RUN_ID,
+        "sequence": None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(captured_at)) + f".{int(captured_at % 1 * 1000):03d}Z",
         "sample_id": sample_id,
         "source": source,
@@ -52,6 +58,16 @@ def frame_result(*, device_id: str, sequence: int, sample_id: str | None, source
         "out_of_focus": focus is not None and min_focus is not None and focus < min_focus,
         "timings_ms": {k: round(v, 2) for k, v in timings_ms.items()},
     }
+
+
+def numbered(result: dict, sequence: int) -> bytes:
+    """Fill in the result's ``sequence`` and serialise it.
+
+    The agent calls this from ``Outbox.put_numbered``, inside the transaction that stores the result,
+    so the number is the outbox's persistent one; ``edge replay`` (no outbox) numbers from 1 itself.
+    """
+    result["sequence"] = sequence
+    return json.dumps(result).encode()
 
 
 @dataclass
@@ -81,6 +97,7 @@ class SampleTally:
             "schema_version": SCHEMA_VERSION,
             "message_id": str(uuid.uuid4()),
             "device_id": device_id,
+            "run_id": RUN_ID,
             "sample_id": self.sample_id,
             "final": final,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),

@@ -1,4 +1,5 @@
-"""A real MQTT broker for the tests: mosquitto on a free loopback port, or amqtt where mosquitto is absent."""
+"""A real MQTT broker for the tests: mosquitto on a free loopback port, or amqtt where mosquitto is absent;
+and a relay in front of it whose network path can be cut."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -82,3 +84,71 @@ class Broker:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self.process = None
+
+
+class Relay:
+    """A TCP relay in front of a broker whose link can be cut silently, like a dead network path.
+
+    While cut, bytes in both directions are swallowed: no FIN, no RST, so the client still believes
+    it is connected and keeps sending into the void (``swallowed`` counts what it sent).
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.cut = threading.Event()
+        self.swallowed = 0
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, name="relay", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                return
+            with self._lock:
+                self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, outbound: bool) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if self.cut.is_set():
+                    if outbound:
+                        with self._lock:
+                            self.swallowed += len(data)
+                    continue
+                target.sendall(data)
+            except OSError:
+                break
+        for sock in (source, target):
+            sock.close()
+
+    def drop(self) -> None:
+        """End every connection now, as a broker restart would; new ones are still relayed."""
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        _shut(sockets)
+
+    def close(self) -> None:
+        """Stop listening and drop every connection."""
+        with self._lock:
+            sockets, self._sockets = [self._listener, *self._sockets], []
+        _shut(sockets)
+
+
+def _shut(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the threads blocked on it, which close() alone does not
+        except OSError:
+            pass
+        sock.close()

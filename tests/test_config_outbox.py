@@ -86,6 +86,32 @@ def test_outbox_survives_reopen_and_acks_remove(tmp_path):
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_outbox_sequence_persists_and_is_taken_with_the_row(tmp_path):
+    path = tmp_path / "o.db"
+    box = Outbox(path)
+    for _ in range(3):
+        box.put_numbered("t/results", lambda n: f"r{n}".encode())
+    box.close()
+    box = Outbox(path)  # as after a crash and restart: the numbers go on
+    box.put_numbered("t/results", lambda n: f"r{n}".encode())
+
+    def broken(n: int) -> bytes:
+        raise ValueError("not serialisable")
+
+    with pytest.raises(ValueError):
+        box.put_numbered("t/results", broken)  # rolled back: no row, no number used up
+    box.put_numbered("t/results", lambda n: f"r{n}".encode())
+    assert [m.payload for m in box.pending()] == [b"r1", b"r2", b"r3", b"r4", b"r5"] and box.sequence == 5
+
+
+def test_a_result_refused_by_a_full_outbox_keeps_its_number(tmp_path):
+    box = Outbox(tmp_path / "o.db", max_messages=2, when_full="drop_newest")
+    assert [box.put_numbered("t", lambda n: f"r{n}".encode()) is None for _ in range(3)] == [False, False, True]
+    box.ack([m.id for m in box.pending()])
+    box.put_numbered("t", lambda n: f"r{n}".encode())
+    assert [m.payload for m in box.pending()] == [b"r4"]  # the gap at 3 is what a subscriber sees of the drop
+
+
 @pytest.mark.parametrize("policy, kept", [("drop_oldest", [b"m2", b"m3", b"m4"]), ("drop_newest", [b"m0", b"m1", b"m2"])])
 def test_outbox_is_bounded_and_counts_what_it_drops(tmp_path, policy, kept):
     box = Outbox(tmp_path / "o.db", max_messages=3, when_full=policy)

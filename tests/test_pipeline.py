@@ -51,6 +51,7 @@ def test_replay_json_lines_end_to_end(tiny_bundle, frames, tmp_path, capsys):
     *results, summary = lines
     readable = sorted(p.name for p in frames.iterdir() if p.name not in ("zz_corrupt.png", SCALE_FILE))
     assert [r["source"] for r in results] == readable
+    assert [r["sequence"] for r in results] == list(range(1, len(readable) + 1))  # no outbox: numbered per replay
     for result in results:
         jsonschema.validate(result, FRAME_SCHEMA)
         assert result["counts"]["cells"] == len(result["cells"])

@@ -1,10 +1,13 @@
-"""The edge agent against a real broker: nothing lost across broker restarts and SIGKILL, last will,
-credentials, TLS, and a storm of malformed commands."""
+"""The edge agent against a real broker: nothing lost across broker restarts, SIGKILL and the wrap of
+MQTT message ids, a sequence that goes on across restarts, last will, credentials, TLS, and a storm of
+malformed commands."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
+import select
 import shutil
 import signal
 import sqlite3
@@ -12,14 +15,21 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
+from typing import Callable
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.broker import MOSQUITTO, Broker
+import edge.agent
+from edge.config import MQTTConfig, parse_config
+from edge.outbox import Outbox
+from edge.publisher import Publisher
+from tests.broker import MOSQUITTO, Broker, Relay
 from tests.conftest import BCCD, ROOT
+from tests.publishing_child import TOPIC
 
 pytestmark = pytest.mark.slow
 needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="credentials/TLS tests need mosquitto (apt-get install mosquitto)")
@@ -70,6 +80,15 @@ def start_agent(config: Path) -> Agent:
     return Agent(config)
 
 
+def wait_for(condition: Callable[[], object], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 class Subscriber:
     """A real paho subscriber with a persistent session, so the broker queues for it while it is away."""
 
@@ -88,13 +107,8 @@ class Subscriber:
         with self.lock:
             self.messages.append((message.topic, message.payload, message.retain))
 
-    def wait_for(self, condition, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if condition():
-                return True
-            time.sleep(0.05)
-        return False
+    def wait_for(self, condition: Callable[[], object], timeout: float) -> bool:
+        return wait_for(condition, timeout)
 
     def results(self) -> dict[str, dict]:
         with self.lock:
@@ -136,7 +150,7 @@ def test_broker_restart_mid_run_loses_nothing(broker, frames, tmp_path):
     sub = Subscriber(broker.port)
     config = write_config(tmp_path / "a.toml", port=broker.port, frames=frames, outbox=tmp_path / "outbox.db", fps=12)
     agent = start_agent(config)
-    time.sleep(1.0)
+    assert sub.wait_for(lambda: b"online" in sub.payloads("/status"), 30), agent.log()
     broker.stop()
     time.sleep(1.5)
     broker.start()
@@ -144,10 +158,26 @@ def test_broker_restart_mid_run_loses_nothing(broker, frames, tmp_path):
     count = len(list(frames.iterdir()))
     assert sub.wait_for(lambda: len({r["sequence"] for r in sub.results().values()}) == count, 15)
     assert {r["sequence"] for r in sub.results().values()} == set(range(1, count + 1))
+    # Said in words (a stop with our data still unread makes the broker reset the connection instead).
+    assert re.search(r"disconnected from 127\.0\.0\.1:\d+: (the broker closed the connection|the connection was reset)",
+                     agent.log()), [line for line in agent.log().splitlines() if "WARNING" in line]
     sub.close()
 
 
-def test_sigkill_mid_run_loses_nothing(broker, frames, tmp_path):
+def test_sigterm_with_the_broker_down_waits_stop_timeout_then_keeps_the_rest(broker, frames, tmp_path):
+    broker.stop()
+    outbox = tmp_path / "outbox.db"
+    agent = start_agent(write_config(tmp_path / "a.toml", port=broker.port, frames=frames, outbox=outbox, fps=20,
+                                     loop=True, extra="stop_timeout_s = 1.5"))
+    assert wait_for(lambda: outbox.exists() and pending_results(outbox), 30), agent.log()
+    started = time.monotonic()
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=30) == 0, agent.log()
+    assert 1.5 <= time.monotonic() - started < 5
+    assert "stay in the outbox for the next start" in agent.log()
+
+
+def test_sigkill_mid_run_loses_nothing_and_the_sequence_goes_on(broker, frames, tmp_path):
     sub = Subscriber(broker.port)
     outbox = tmp_path / "outbox.db"
     agent = start_agent(write_config(tmp_path / "a.toml", port=broker.port, frames=frames, outbox=outbox, fps=12))
@@ -159,13 +189,134 @@ def test_sigkill_mid_run_loses_nothing(broker, frames, tmp_path):
     produced = {r["sequence"] for r in list(stored.values()) + list(seen.values())}
     assert produced == set(range(1, max(produced) + 1)), "a result vanished between the pipeline and the outbox"
 
-    one = tmp_path / "one"
-    one.mkdir()
-    shutil.copy(next(frames.iterdir()), one)
-    again = start_agent(write_config(tmp_path / "b.toml", port=broker.port, frames=one, outbox=outbox))
+    two = tmp_path / "two"
+    two.mkdir()
+    for path in sorted(frames.iterdir())[:2]:
+        shutil.copy(path, two)
+    again = start_agent(write_config(tmp_path / "b.toml", port=broker.port, frames=two, outbox=outbox))
     assert again.wait(timeout=120) == 0, again.log()
-    assert sub.wait_for(lambda: set(stored) <= set(sub.results()), 15)
+    assert sub.wait_for(lambda: set(stored) <= set(sub.results()) and len(sub.results()) == len(produced) + 2, 15)
+    results = sub.results().values()
+    assert sorted(r["sequence"] for r in results) == list(range(1, len(produced) + 3)), "a gap or a reused number"
+    first, second = ({r["run_id"] for r in results if (r["sequence"] > len(produced)) == restarted} for restarted in (False, True))
+    assert len(first) == len(second) == 1 and first != second  # each run says which it is
     sub.close()
+
+
+def _read_line(process: subprocess.Popen, timeout: float) -> str:
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    if not ready:
+        process.kill()
+        pytest.fail(f"no answer from the child within {timeout} s; stderr:\n{process.stderr.read()}")
+    return process.stdout.readline().strip()
+
+
+def test_a_reused_message_id_never_acknowledges_an_unsent_result(broker, tmp_path):
+    """Message ids wrap at 65,535: a result that gets the id of an earlier status or stats message must
+    still wait for its own PUBACK. Network cut silently, publisher SIGKILLed, restarted: all arrive."""
+    sub = Subscriber(broker.port)
+    relay = Relay(broker.port)
+    outbox = tmp_path / "outbox.db"
+    child = subprocess.Popen([sys.executable, "-m", "tests.publishing_child", str(outbox), str(relay.port)], cwd=ROOT,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _read_line(child, 30) == "ready"
+        assert sub.wait_for(lambda: len(sub.payloads("/wrap/stats")) == 3, 10)
+        relay.cut.set()
+        child.stdin.write("store 6\n")
+        child.stdin.flush()
+        word, *stored = _read_line(child, 10).split()
+        assert word == "stored" and len(stored) == 6
+        sent = 6 * len(TOPIC + json.dumps({"message_id": stored[0]}))  # topics and payloads, without headers
+        assert sub.wait_for(lambda: relay.swallowed >= sent, 10), "the results were not all sent into the cut"
+        time.sleep(0.3)  # time enough to acknowledge (wrongly) and delete rows
+    finally:
+        child.kill()
+        child.wait()
+        relay.close()
+    box = Outbox(outbox)
+    publisher = Publisher(MQTTConfig(host="127.0.0.1", port=broker.port), box, "wrap")
+    publisher.start()
+    try:
+        assert publisher.wait_drained(timeout=15)
+    finally:
+        publisher.stop()
+        box.close()
+    assert sub.wait_for(lambda: set(stored) <= set(sub.results()), 10), \
+        f"{len(set(stored) - set(sub.results()))} of 6 stored results never arrived"
+    sub.close()
+
+
+def test_a_result_whose_id_is_still_taken_is_sent_again_not_acknowledged(broker, tmp_path):
+    """paho refuses a QoS 1 publish whose id an unacknowledged command reply still holds (after a wrap):
+    that result was never sent, so the reply's PUBACK must not delete it. Broker paused with SIGSTOP."""
+    sub = Subscriber(broker.port)
+    box = Outbox(tmp_path / "outbox.db")
+    publisher = Publisher(MQTTConfig(host="127.0.0.1", port=broker.port), box, "taken")
+    publisher.start()
+    try:
+        assert publisher.connected.wait(10)
+        broker.process.send_signal(signal.SIGSTOP)
+        try:
+            publisher.publish_now("reply/ping", b"{}")  # waits for a PUBACK that cannot come yet
+            publisher.client._last_mid -= 1  # the next publish, a result, gets the reply's id
+            message_id = "00000000-0000-4000-8000-000000000001"
+            box.put("leukoscope/taken/results", json.dumps({"message_id": message_id}).encode())
+            publisher.notify()
+            assert wait_for(lambda: publisher.inflight() == 1, 5)  # the publisher has tried it
+        finally:
+            broker.process.send_signal(signal.SIGCONT)
+        assert publisher.wait_drained(timeout=10)
+    finally:
+        publisher.stop()
+        box.close()
+    assert sub.wait_for(lambda: message_id in sub.results(), 5), "the result left the outbox without being delivered"
+    sub.close()
+
+
+def test_a_connection_lost_in_the_middle_of_a_batch_stalls_nothing(broker, tmp_path):
+    """Results published just after the connection died (paho: 'not currently connected') are sent
+    again after the reconnect; the backlog still drains and every result arrives."""
+    sub = Subscriber(broker.port)
+    relay = Relay(broker.port)
+    box = Outbox(tmp_path / "outbox.db")
+    stored = [str(uuid.uuid4()) for _ in range(3000)]
+    for message_id in stored:
+        box.put("leukoscope/batch/results", json.dumps({"message_id": message_id}).encode())
+    publisher = Publisher(MQTTConfig(host="127.0.0.1", port=relay.port, max_inflight=len(stored)), box, "batch")
+    publisher.start()
+    try:
+        assert wait_for(lambda: publisher.inflight() > 0, 10)  # one batch of 3000 publishes has begun
+        relay.cut.set()  # no more PUBACKs to read first: the publisher sees the end of the connection at once
+        relay.drop()
+        relay.cut.clear()
+        assert publisher.wait_drained(timeout=20), f"{len(box)} results stuck in the outbox"
+    finally:
+        publisher.stop()
+        box.close()
+        relay.close()
+    assert sub.wait_for(lambda: set(stored) <= set(sub.results()), 10)
+    sub.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread this test kills
+def test_a_dead_sending_thread_stops_the_agent_for_a_restart(broker, tmp_path):
+    """Analysing on while nothing is delivered would only fill the outbox: the agent exits 1 instead,
+    and systemd (Restart=on-failure) starts a fresh one. The fault: the outbox cannot be read."""
+    agent = edge.agent.Agent(parse_config({
+        "source": {"type": "folder", "path": str(ROOT / "samples" / "frames"), "loop": True, "fps": 20},
+        "mqtt": {"host": "127.0.0.1", "port": broker.port}, "outbox": {"path": str(tmp_path / "outbox.db")}}))
+
+    def unreadable(limit: int = 100, after: int = 0) -> list:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    agent.outbox.pending = unreadable  # type: ignore[method-assign]
+    timer = threading.Timer(30, agent.stop_event.set)  # a bound, should it not stop by itself
+    timer.start()
+    try:
+        assert agent.run() == 1
+    finally:
+        timer.cancel()
 
 
 def test_last_will_marks_the_device_offline(broker, frames, tmp_path):
@@ -215,7 +366,7 @@ def test_malformed_commands_are_answered_not_fatal(broker, frames, tmp_path):
     errors = [json.loads(p) for p in sub.payloads("") if not json.loads(p)["ok"]]
     assert errors and all(e["error"] for e in errors)
     agent.send_signal(signal.SIGTERM)
-    assert agent.wait(timeout=60) == 0
+    assert agent.wait(timeout=60) == 0, agent.log()[-3000:]
     sub.close()
 
 

@@ -31,3 +31,14 @@ def test_unit_is_a_notify_service_with_watchdog_and_credentials():
     for line in ("Type=notify", "WatchdogSec=", "StateDirectory=leukoscope", "LoadCredential=mqtt-password:", "User=leukoscope",
                  "RestartPreventExitStatus=2"):
         assert line in text
+
+
+def test_the_longest_allowed_stop_fits_in_timeout_stop_sec():
+    from edge.config import STOP_OVERHEAD_S, UNIT_TIMEOUT_STOP_S, parse_config
+    from edge.errors import UserError
+
+    assert float(re.search(r"^TimeoutStopSec=(\d+)$", UNIT.read_text(), re.M).group(1)) == UNIT_TIMEOUT_STOP_S
+    longest = UNIT_TIMEOUT_STOP_S - STOP_OVERHEAD_S
+    assert parse_config({"source": {"type": "folder", "path": "/f"}, "mqtt": {"stop_timeout_s": longest}})
+    with pytest.raises(UserError, match="mqtt.stop_timeout_s: use at most 20 s: the whole stop must end within"):
+        parse_config({"source": {"type": "folder", "path": "/f"}, "mqtt": {"stop_timeout_s": longest + 1}})

@@ -1,0 +1,126 @@
+"""The collector's configuration: one validated schema, defaults in code, one TOML file.
+
+Follows ``edge/config.py``: unknown keys are errors (a typo must not fall back to a default silently)
+and every problem is one line naming the key. ``firmware_config/collector.toml`` is the documented
+example; the tests load and validate it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edge.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+DEFAULT_CONFIG = Path("/etc/leukoscope/collector.toml")
+EXAMPLE = "firmware_config/collector.toml"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BrokerConfig(Strict):
+    host: str = "localhost"
+    port: int = Field(1883, ge=1, le=65535)
+    topic_prefix: str = "leukoscope"
+    username: str | None = None
+    password_file: Path | None = Field(None, description="file holding the password; a bare name is looked up in $CREDENTIALS_DIRECTORY")
+    #: Fixed, so that the broker keeps this session (and queues for it) while the collector is down.
+    client_id: str = "leukoscope-collector"
+    keepalive_s: int = Field(30, ge=5)
+    reconnect_max_s: float = Field(30.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0, description="how long to wait for the broker's answer at start")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value or any(c in value for c in "+#") or value.startswith("/") or value.endswith("/"):
+            raise ValueError("use a plain topic path such as 'lab1/leukoscope' (no +, #, or leading/trailing /)")
+        return value
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+            raise ValueError("use 1-64 letters, digits, '.', '_' or '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> "BrokerConfig":
+        if self.password_file and not self.username:
+            raise ValueError("password_file is set but username is not; set mqtt.username")
+        return self
+
+    def password(self) -> str | None:
+        """Read the password (never logged). A relative name is looked up in systemd's credentials directory."""
+        if not self.password_file:
+            return None
+        path = self.password_file
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not path.is_absolute() and credentials and (Path(credentials) / path).is_file():
+            path = Path(credentials) / path
+        try:
+            return path.read_text().rstrip("\r\n")
+        except OSError as error:
+            raise UserError(f"mqtt.password_file {self.password_file} cannot be read ({error.strerror}); "
+                            "check the path or the LoadCredential= line of the unit") from None
+
+
+class DatabaseConfig(Strict):
+    path: Path = Field(Path(os.environ.get("STATE_DIRECTORY", "/var/lib/leukoscope-collector")) / "results.sqlite3",
+                       description="SQLite database file; created with its folder's permissions")
+
+
+class BatchConfig(Strict):
+    """Writes are committed in batches: one transaction per batch, and the broker is acknowledged
+    (PUBACK) only after the commit, so a crash between the two redelivers instead of losing."""
+
+    max_messages: int = Field(500, ge=1, le=100_000, description="commit after this many messages")
+    max_delay_ms: int = Field(200, ge=1, le=60_000, description="commit at most this long after a batch's first message")
+
+
+class CollectorConfig(Strict):
+    mqtt: BrokerConfig = Field(default_factory=BrokerConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key; remove it or check its spelling (see {EXAMPLE})"
+    message = error["msg"].removeprefix("Value error, ")
+    if "input" in error and not isinstance(error["input"], dict):
+        return f"{key}: {message} (got {error['input']!r})"
+    return f"{key}: {message}"
+
+
+def parse_config(data: dict, origin: str = "config") -> CollectorConfig:
+    try:
+        return CollectorConfig.model_validate(data)
+    except ValidationError as error:
+        raise UserError(f"{origin}: " + "; ".join(_describe(e) for e in error.errors())) from None
+
+
+def load_config(path: Path) -> CollectorConfig:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist; copy {EXAMPLE} there and edit it") from None
+    except OSError as error:
+        raise UserError(f"config file {path} cannot be read ({error.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{path}: not valid TOML ({error})") from None
+    return parse_config(data, str(path))

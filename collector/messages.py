@@ -1,0 +1,85 @@
+"""What arrives on the lab's topics, checked and sorted: a record to store, or a dead letter with its reason.
+
+Results and sample summaries are validated against the JSON Schemas the device side documents
+(``edge/schemas``), so that the collector and the devices cannot drift apart silently. Nothing that
+fails is dropped: it becomes a ``DeadLetter`` that the store keeps with the topic and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+from jsonschema import Draft202012Validator, FormatChecker
+
+STATUS_VALUES = {"online", "offline"}
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message that passed its checks. ``kind``: results, samples, status or stats."""
+
+    kind: str
+    topic: str
+    device_id: str
+    body: dict | str
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    topic: str
+    reason: str
+    raw: bytes
+
+
+@lru_cache(maxsize=None)
+def validator(name: str) -> Draft202012Validator:
+    """The validator of ``edge/schemas/<name>.schema.json`` (read once; ``edge``'s package only, no OpenCV)."""
+    text = resources.files("edge").joinpath("schemas", f"{name}.schema.json").read_text()
+    return Draft202012Validator(json.loads(text), format_checker=FormatChecker())
+
+
+def subscriptions(prefix: str) -> list[str]:
+    """The topic filters the collector subscribes to (QoS 1); ``cmd`` and ``reply`` are not the lab's data."""
+    return [f"{prefix}/+/results", f"{prefix}/+/samples/#", f"{prefix}/+/status", f"{prefix}/+/stats"]
+
+
+def _schema_problem(name: str, body: object) -> str | None:
+    error = next(iter(sorted(validator(name).iter_errors(body), key=lambda e: list(e.absolute_path))), None)
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+    return f"does not match edge/schemas/{name}.schema.json at {where}: {error.message[:200]}"
+
+
+def classify(topic: str, payload: bytes, prefix: str) -> Message | DeadLetter:
+    """Check one message: its topic names a device and a kind, its payload is what that kind must be."""
+    parts = topic[len(prefix) + 1:].split("/") if topic.startswith(prefix + "/") else []
+    if len(parts) < 2:
+        return DeadLetter(topic, f"topic is not under {prefix}/<device_id>/", payload)
+    device_id, kind = parts[0], parts[1]
+    if kind == "status" and len(parts) == 2:
+        text = payload.decode("utf-8", "replace")
+        if text not in STATUS_VALUES:
+            return DeadLetter(topic, f"status must be 'online' or 'offline', got {text[:40]!r}", payload)
+        return Message("status", topic, device_id, text, payload)
+    try:
+        body = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return DeadLetter(topic, f"not JSON ({error})", payload)
+    if kind == "results" and len(parts) == 2:
+        problem = _schema_problem("frame-result", body)
+    elif kind == "samples" and len(parts) >= 3:
+        problem = _schema_problem("sample-summary", body)
+    elif kind == "stats" and len(parts) == 2:
+        problem = None if isinstance(body, dict) else "stats must be a JSON object"
+    else:
+        return DeadLetter(topic, f"unknown topic kind {'/'.join(parts[1:])!r}", payload)
+    if problem:
+        return DeadLetter(topic, problem, payload)
+    if isinstance(body, dict) and body.get("device_id", device_id) != device_id:
+        return DeadLetter(topic, f"payload device_id {body['device_id']!r} differs from the topic's {device_id!r}", payload)
+    return Message(kind, topic, device_id, body, payload)

@@ -1,0 +1,260 @@
+"""The results collector against a real mosquitto: repeats stored once, dead letters kept, gaps reported,
+the persistent session across a collector outage, one-line errors, reports, and no TensorFlow/OpenCV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from collector.cli import main
+from collector.config import load_config, parse_config
+from collector.report import build_report, to_html
+from collector.store import Store
+from edge import DISCLAIMER
+from edge.errors import UserError
+from edge.results import SampleTally, frame_result, numbered
+from tests.broker import MOSQUITTO, Broker, free_port
+from tests.conftest import ROOT
+
+needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="the collector's tests need mosquitto (apt-get install mosquitto)")
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
+def write_config(tmp_path: Path, port: int, extra: str = "") -> Path:
+    path = tmp_path / "collector.toml"
+    path.write_text(f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nclient_id = "test-collector"\nconnect_timeout_s = 5\n{extra}'
+                    f'[database]\npath = "{tmp_path / "results.sqlite3"}"\n[batch]\nmax_messages = 50\nmax_delay_ms = 50\n')
+    return path
+
+
+class CollectorProcess(subprocess.Popen):
+    """``collect run`` in a child process, stopped with SIGTERM like systemd does."""
+
+    def __init__(self, config: Path) -> None:
+        self.log_path = config.with_suffix(".log")
+        self._log = self.log_path.open("w")
+        super().__init__([sys.executable, "-m", "collector.cli", "run", "--config", str(config)], cwd=ROOT, env=ENV,
+                         stdout=self._log, stderr=subprocess.STDOUT, text=True)
+
+    def wait_connected(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while "connected to" not in self.log_path.read_text():
+            assert self.poll() is None and time.monotonic() < deadline, self.log_path.read_text()
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        self.send_signal(signal.SIGTERM)
+        code = self.wait(timeout=15)
+        self._log.close()
+        return code
+
+
+def device(port: int, client_id: str = "scope-01") -> mqtt.Client:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client
+
+
+def publish(client: mqtt.Client, topic: str, payload: bytes, *, retain: bool = False) -> None:
+    client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(timeout=5)
+
+
+def result(sequence: int, *, device_id: str = "scope-01", sample: str = "BM-42", scores: tuple[float, ...] = (0.9, 0.2)) -> bytes:
+    cells = [{"bbox": [10, 10, 50, 50], "area": 2000, "p_all": p, "label": "all" if p >= 0.5 else "hem", "focus": 300.0} for p in scores]
+    gated = [{"bbox": [0, 0, 40, 40], "area": 900, "reason": "cut by border", "focus": 120.0}]
+    body = frame_result(device_id=device_id, sample_id=sample, source=f"test#{sequence}", cells=cells, timings_ms={"total": 5.0},
+                        captured_at=1_790_000_000 + sequence, positive_label="all", unclassified=gated, focus=300.0, min_focus=50.0)
+    return numbered(body, sequence)
+
+
+def count(db: Path, table: str) -> int:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as connection:
+        try:
+            return connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        except sqlite3.OperationalError:  # not created yet
+            return 0
+
+
+def wait_rows(db: Path, table: str, expected: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while count(db, table) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert count(db, table) == expected
+
+
+@needs_mosquitto
+def test_repeats_stored_once_dead_letters_kept_gap_reported_and_report(tmp_path, broker, capsys):
+    config = write_config(tmp_path, broker.port)
+    db = tmp_path / "results.sqlite3"
+    collector = CollectorProcess(config)
+    collector.wait_connected()
+    scope = device(broker.port)
+    second = result(2)
+    for payload in (result(1), second, second, result(4)):  # #2 twice (a QoS 1 redelivery), #3 never sent
+        publish(scope, "leukoscope/scope-01/results", payload)
+    invalid = json.loads(result(5))
+    invalid["counts"]["cells"] = -1
+    publish(scope, "leukoscope/scope-01/results", json.dumps(invalid).encode())
+    publish(scope, "leukoscope/scope-01/results", b"{not json")
+    tally = SampleTally("BM-42")
+    for sequence in (1, 2, 3, 4):
+        tally.add(json.loads(result(sequence)))
+    publish(scope, "leukoscope/scope-01/samples/BM-42", json.dumps(tally.summary("scope-01", final=True)).encode(), retain=True)
+    publish(scope, "leukoscope/scope-01/status", b"online", retain=True)
+    publish(scope, "leukoscope/scope-01/stats", json.dumps({"device_id": "scope-01", "scale": {"um_per_px": 0.083}}).encode())
+    wait_rows(db, "dead_letters", 2)
+    wait_rows(db, "frame_results", 3)
+    wait_rows(db, "device_stats", 1)
+    assert collector.stop() == 0
+    scope.loop_stop()
+
+    store = Store(db)
+    reasons = sorted(reason for _, _, reason, _ in store.dead_letters())
+    assert reasons[0].startswith("does not match edge/schemas/frame-result.schema.json at counts/cells")
+    assert reasons[1].startswith("not JSON")
+    assert store.db.execute("SELECT status FROM device_status WHERE device_id = 'scope-01'").fetchone() == ("online",)
+    store.close()
+
+    assert main(["gaps", "--config", str(config)]) == 3
+    out = capsys.readouterr().out
+    assert "scope-01: 3 results, sequence 1..4, 1 missing" in out and "gap scope-01 #3: 1 result(s) never received" in out
+
+    assert main(["report", "BM-42", "--format", "csv", "--config", str(config)]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    blank = rows.index([])
+    summary, frames = dict(rows[1:blank]), rows[blank + 2:]
+    assert rows[0] == ["field", "value"] and rows[blank + 1][:3] == ["device_id", "run_id", "sequence"]
+    assert (summary["frames stored"], summary["classified cells"], summary["ALL blasts"]) == ("3", "6", "3")
+    assert summary["blast fraction"] == "50.0% (95% CI 18.8% to 81.2%, Wilson)"
+    assert summary["unclassified: cut by border"] == "3"
+    assert summary["device scope-01: its own tally"] == "4 frames, 8 cells, 4 blasts (final)"
+    assert summary["missing results"] == "scope-01 #3..3 (1)" and summary["device scope-01: scale"] == "0.083 µm/px"
+    assert summary["disclaimer"] == DISCLAIMER
+    assert [int(row[2]) for row in frames] == [1, 2, 4]  # one row per stored frame, the repeat once
+
+    out_file = tmp_path / "BM-42.html"
+    assert main(["report", "BM-42", "--out", str(out_file), "--config", str(config)]) == 0
+    page = out_file.read_text()
+    assert DISCLAIMER in page and "<h1>Sample BM-42</h1>" in page
+    pytest.importorskip("matplotlib")
+    assert "<svg" in page and "Score histogram" in page
+
+
+@needs_mosquitto
+def test_persistent_session_keeps_what_the_device_sent_while_the_collector_was_down(tmp_path, broker):
+    config = write_config(tmp_path, broker.port)
+    db = tmp_path / "results.sqlite3"
+    collector = CollectorProcess(config)
+    collector.wait_connected()
+    assert collector.stop() == 0  # the broker now holds a session for client id test-collector
+    scope = device(broker.port)
+    for sequence in range(1, 201):
+        publish(scope, "leukoscope/scope-01/results", result(sequence))
+    scope.loop_stop()
+    collector = CollectorProcess(config)
+    wait_rows(db, "frame_results", 200)
+    assert "resumed session" in collector.log_path.read_text()
+    assert collector.stop() == 0
+    store = Store(db)
+    assert store.gaps() == [] and store.sequence_ranges() == [("scope-01", 200, 1, 200, 0)]
+    store.close()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "collector.cli", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=30)
+
+
+def test_broker_down_is_one_line_and_exit_1(tmp_path):
+    done = run_cli("run", "--config", str(write_config(tmp_path, free_port())))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("collect: error: cannot reach the broker at 127.0.0.1:")
+    assert "start mosquitto there or fix mqtt.host and mqtt.port" in done.stderr and "Traceback" not in done.stderr
+
+
+@needs_mosquitto
+def test_refused_credentials_are_one_line_and_exit_2(tmp_path):
+    passwords = tmp_path / "passwords"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "collector", "right"], check=True, capture_output=True)
+    secret = tmp_path / "secret"
+    secret.write_text("wrong\n")
+    broker = Broker(tmp_path / "broker", password_file=passwords).start()
+    try:
+        done = run_cli("run", "--config", str(write_config(tmp_path, broker.port, f'username = "collector"\npassword_file = "{secret}"\n')))
+    finally:
+        broker.stop()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (f"collect: error: broker 127.0.0.1:{broker.port} refused the collector: Not authorized; "
+                                   "check mqtt.username, mqtt.password_file and the broker's ACL")
+
+
+def test_bad_config_names_the_key(tmp_path):
+    path = tmp_path / "collector.toml"
+    path.write_text('[mqtt]\nport = "high"\nhots = "x"\n')
+    done = run_cli("run", "--config", str(path))
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"collect: error: {path}: mqtt.port: Input should be a valid integer, unable to parse string "
+                                   "as an integer (got 'high'); mqtt.hots: unknown key; remove it or check its spelling "
+                                   "(see firmware_config/collector.toml)")
+    with pytest.raises(UserError, match="does not exist; copy firmware_config/collector.toml there"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_example_config_is_valid_and_shows_the_defaults():
+    example = load_config(ROOT / "firmware_config" / "collector.toml")
+    assert example.model_dump(exclude={"database"}) == parse_config({}).model_dump(exclude={"database"})
+    assert example.database.path == Path("/var/lib/leukoscope-collector/results.sqlite3")
+
+
+def test_imports_neither_tensorflow_nor_opencv():
+    code = ("import sys\nfor name in ('cv2', 'tensorflow', 'keras'):\n    sys.modules[name] = None\n"
+            "import collector.cli, collector.service, collector.report, collector.store, collector.messages\n"
+            "collector.cli.build_parser()\nprint('ok')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=30)
+    assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_migrations_are_numbered_and_rerunnable(tmp_path):
+    store = Store(tmp_path / "db.sqlite3")
+    assert store.schema_version() == 1
+    store.close()
+    store = Store(tmp_path / "db.sqlite3")  # opening again migrates nothing and keeps the version
+    assert store.schema_version() == 1
+    store.db.execute("UPDATE schema_version SET version = 99")
+    store.close()
+    with pytest.raises(UserError, match="has schema version 99, newer than this collector's 1; upgrade leukoscope"):
+        Store(tmp_path / "db.sqlite3")
+
+
+def test_html_report_without_matplotlib_says_so(tmp_path, monkeypatch):
+    from collector.messages import classify
+
+    store = Store(tmp_path / "db.sqlite3")
+    store.write([classify("leukoscope/scope-01/results", result(1), "leukoscope")])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    page = to_html(build_report(store, "BM-42"))
+    assert "Score histogram omitted: matplotlib is not installed (pip install matplotlib)." in page and "<svg" not in page
+    with pytest.raises(UserError, match="no results stored for sample 'BM-43'"):
+        build_report(store, "BM-43")
+    store.close()

@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edge.config_files import check_topic_prefix, read_password, read_toml
 from edge.errors import UserError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 DEFAULT_CONFIG = Path("/etc/leukoscope/collector.toml")
 EXAMPLE = "firmware_config/collector.toml"
@@ -44,9 +39,7 @@ class BrokerConfig(Strict):
     @field_validator("topic_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
-        if not value or any(c in value for c in "+#") or value.startswith("/") or value.endswith("/"):
-            raise ValueError("use a plain topic path such as 'lab1/leukoscope' (no +, #, or leading/trailing /)")
-        return value
+        return check_topic_prefix(value)
 
     @field_validator("client_id")
     @classmethod
@@ -62,18 +55,8 @@ class BrokerConfig(Strict):
         return self
 
     def password(self) -> str | None:
-        """Read the password (never logged). A relative name is looked up in systemd's credentials directory."""
-        if not self.password_file:
-            return None
-        path = self.password_file
-        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not path.is_absolute() and credentials and (Path(credentials) / path).is_file():
-            path = Path(credentials) / path
-        try:
-            return path.read_text().rstrip("\r\n")
-        except OSError as error:
-            raise UserError(f"mqtt.password_file {self.password_file} cannot be read ({error.strerror}); "
-                            "check the path or the LoadCredential= line of the unit") from None
+        """Read the password (never logged); see ``edge.config_files.read_password``."""
+        return read_password(self.password_file)
 
 
 class DatabaseConfig(Strict):
@@ -113,14 +96,5 @@ def parse_config(data: dict, origin: str = "config") -> CollectorConfig:
 
 
 def load_config(path: Path) -> CollectorConfig:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist; copy {EXAMPLE} there and edit it") from None
-    except OSError as error:
-        raise UserError(f"config file {path} cannot be read ({error.strerror})") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise UserError(f"{path}: not valid TOML ({error})") from None
+    data = read_toml(path, EXAMPLE)
     return parse_config(data, str(path))

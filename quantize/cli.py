@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--min-agreement", type=float, default=0.98, help="least float-vs-int8 decision agreement (default 0.98)")
     export.add_argument("--max-auc-drop", type=float, default=0.01, help="largest allowed AUC loss from int8 (default 0.01)")
     export.add_argument("--accept-parity-loss", action="store_true", help="write the bundle even if parity is below the limits")
+    export.add_argument("--cv", type=Path, default=None, metavar="DIR",
+                        help="a `trainer cv` folder of the same recipe: its new-patient estimate goes into the model card")
     export.add_argument("--float-twin", action="store_true", help="also write model_float.tflite (not part of the verified bundle) for benchmarks")
 
     inspect = commands.add_parser("inspect", help="manifest, tensors, operators and Edge TPU verdict of a bundle",
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest = export(args.run, args.out, ExportOptions(
                 calibration=args.calibration, samples=args.samples, eval_data=args.eval_data, edgetpu=args.edgetpu,
                 min_agreement=args.min_agreement, max_auc_drop=args.max_auc_drop, accept_parity_loss=args.accept_parity_loss,
-                overwrite=args.overwrite, float_twin=args.float_twin))
+                overwrite=args.overwrite, float_twin=args.float_twin, cv=args.cv))
             p = manifest["metrics"]["parity"]
             print(f"bundle written to {args.out} ({(args.out / 'model_int8.tflite').stat().st_size / 1024:.0f} KiB int8)")
             print(f"parity on {p['images']} cells: decision agreement {p['decision_agreement']:.4f}, "

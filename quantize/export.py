@@ -45,6 +45,7 @@ class ExportOptions:
     min_agreement: float = 0.98
     max_auc_drop: float = 0.01
     accept_parity_loss: bool = False
+    cv: Path | None = None
     seed: int = 0
     overwrite: bool = False  # replace a non-empty --out once the new bundle is complete
     float_twin: bool = False  # also write model_float.tflite (not part of the verified bundle)
@@ -174,6 +175,8 @@ def parity(float_scores: np.ndarray, int8_scores: np.ndarray, labels: np.ndarray
 def export(run: Path, out: Path, options: ExportOptions) -> dict:
     """Quantize ``run`` into a bundle at ``out``, which appears only once the bundle is complete and verifies."""
     meta, split, config = _read_run(run)
+    if options.cv and not (options.cv / "cv.json").is_file():
+        raise UserError(f"--cv {options.cv} holds no cv.json; pass a folder written by `trainer cv`")
     try:
         contract = CropContract.from_manifest(meta.get("preprocessing", {}), str(run / "model.json"))
     except BundleError as error:
@@ -251,7 +254,8 @@ def _export(run: Path, staging: Path, options: ExportOptions, meta: dict, split:
     manifest["metrics"] = {"parity": result}
     write_manifest(staging, manifest)
     run_metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
-    (staging / "MODEL_CARD.md").write_text(model_card(manifest, config, meta, run_metrics))
+    cv = json.loads((options.cv / "cv.json").read_text()) if options.cv else None
+    (staging / "MODEL_CARD.md").write_text(model_card(manifest, config, meta, run_metrics, cv))
     load_bundle(staging)  # what we hand over must verify
     if options.float_twin:
         (staging / "model_float.tflite").write_bytes(convert_float(model, size))
@@ -266,13 +270,25 @@ def _where_it_holds(run_metrics: dict) -> str:
         rows.append(f"| BCCD white cells (healthy, a lab never trained on) | {b['white_cells_found']} | {b['false_blast_rate']:.1%} |")
     inv = run_metrics.get("invariance")
     lines = ["| cells (validation: patients and images never trained on) | cells | called ALL |", "| --- | --- | --- |", *rows]
+    for key, title in (("validation_cnmc", "C-NMC validation cells alone (ALL blasts vs normal B-cells), cut on black"),
+                       ("validation_cnmc_on_smear", "the same cells put on a smear and cut by the device's smear path")):
+        if key in run_metrics:
+            lines += ["", f"{title}: {M.summary_line(run_metrics[key])} ({run_metrics[key]['images']} cells)."]
     if inv:
         lines += ["", f"Same decision when the cells are resampled to 0.7x / 1.4x pixel scale with the matching µm per pixel: "
                       f"{inv['scale_0.7x']:.1%} / {inv['scale_1.4x']:.1%}; under a stain and white-balance shift: {inv['stain_shift']:.1%}."]
     return "\n".join(lines)
 
 
-def model_card(manifest: dict, config: dict, meta: dict, run_metrics: dict | None = None) -> str:
+def _cv_section(cv: dict | None) -> str:
+    if not cv:
+        return "No cross-validation was given to the export (`quantize export --cv DIR`)."
+    rows = [f"| {key} | {v['mean']:.3f} +- {v['std']:.3f} | {v['min']:.3f}-{v['max']:.3f} |" for key, v in cv["summary"].items()]
+    return "\n".join([f"Grouped {cv['folds']}-fold cross-validation, whole patients left out, C-NMC cells of the left-out "
+                      "patients (`trainer cv`, same recipe):", "", "| metric | mean +- sd | range |", "| --- | --- | --- |", *rows])
+
+
+def model_card(manifest: dict, config: dict, meta: dict, run_metrics: dict | None = None, cv: dict | None = None) -> str:
     p = manifest["metrics"]["parity"]
     rows = "\n".join(f"| {name} | {M.table_cells(m)} |" for name, m in (("float", p["float"]), ("int8", p["int8"])))
     data = config.get("data_summary", {})
@@ -317,8 +333,11 @@ Float-vs-int8 decision agreement {p['decision_agreement']:.4f}; AUC drop {M.fmt(
 ## Where it holds (float model, from the training run)
 {_where_it_holds(run_metrics or {})}
 
-These numbers come from one patient-disjoint validation split and one never-seen lab of healthy blood; `trainer cv`
-estimates the spread on new patients. They are not a clinical performance claim.
+## New patients
+{_cv_section(cv)}
+
+These numbers come from patient-disjoint splits of one lab's patients and one never-seen lab of healthy blood.
+They are not a clinical performance claim.
 
 ## Edge TPU
 Compatible by the compiler's rules: {tpu['compatible']}. Compiled: {tpu.get('compiled')} ({tpu.get('reason') or tpu.get('file')}).

@@ -305,6 +305,7 @@ def test_a_dead_sending_thread_stops_the_agent_for_a_restart(broker, tmp_path):
     and systemd (Restart=on-failure) starts a fresh one. The fault: the outbox cannot be read."""
     agent = edge.agent.Agent(parse_config({
         "source": {"type": "folder", "path": str(ROOT / "samples" / "frames"), "loop": True, "fps": 20},
+        "segmentation": {"um_per_px": 0.083},
         "mqtt": {"host": "127.0.0.1", "port": broker.port}, "outbox": {"path": str(tmp_path / "outbox.db")}}))
 
     def unreadable(limit: int = 100, after: int = 0) -> list:

@@ -171,7 +171,7 @@ def _cell_type_samples(root: Path, name: str) -> list[Sample]:
     samples = []
     for path in sorted(root.rglob("*")):
         kind = path.parent.name.lower()
-        if path.suffix.lower() in IMAGE_SUFFIXES and kind in NORMAL_TYPES + BLAST_TYPES:
+        if path.suffix.lower() in IMAGE_SUFFIXES and kind in NORMAL_TYPES + BLAST_TYPES and not path.name.startswith("."):
             label = 1 if kind in BLAST_TYPES else 0
             samples.append(Sample(path, label, f"{name}:{path.stem}", name, kind))
     return samples

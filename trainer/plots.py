@@ -73,7 +73,7 @@ def score_histograms(groups: dict[str, np.ndarray], threshold: float, path: Path
     fig, axes = plt.subplots(len(groups), 1, figsize=(7, 1.1 * len(groups) + 0.8), sharex=True, squeeze=False)
     bins = np.linspace(0, 1, 41)
     for axis, (name, scores) in zip(axes[:, 0], groups.items()):
-        axis.hist(scores, bins=bins, color="tab:red" if "/all" in name or "blast" in name else "tab:blue", alpha=0.8)
+        axis.hist(scores, bins=bins, color="tab:red" if name.endswith(("/all", "/blast")) else "tab:blue", alpha=0.8)
         axis.axvline(threshold, color="k", linestyle="--", linewidth=1)
         axis.set_ylabel(f"{name}\n(n={len(scores)})", rotation=0, ha="right", va="center", fontsize=8)
         axis.set_yticks([])

@@ -284,8 +284,12 @@ def _cv_section(cv: dict | None) -> str:
     if not cv:
         return "No cross-validation was given to the export (`quantize export --cv DIR`)."
     rows = [f"| {key} | {v['mean']:.3f} +- {v['std']:.3f} | {v['min']:.3f}-{v['max']:.3f} |" for key, v in cv["summary"].items()]
+    bccd = cv.get("bccd_false_blast_rate_per_fold")
+    tail = ["", "BCCD white cells called ALL by each fold's model (a lab never trained on): "
+                + ", ".join(f"{r:.1%}" for r in bccd) + "."] if bccd else []
     return "\n".join([f"Grouped {cv['folds']}-fold cross-validation, whole patients left out, C-NMC cells of the left-out "
-                      "patients (`trainer cv`, same recipe):", "", "| metric | mean +- sd | range |", "| --- | --- | --- |", *rows])
+                      "patients (`trainer cv`, same recipe):", "", "| metric | mean +- sd | range |", "| --- | --- | --- |", *rows,
+                      *tail])
 
 
 def model_card(manifest: dict, config: dict, meta: dict, run_metrics: dict | None = None, cv: dict | None = None) -> str:

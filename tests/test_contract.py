@@ -48,8 +48,8 @@ def test_twice_the_pixels_at_half_the_scale_gives_the_same_model_input():
 def test_the_model_sees_cell_size_in_micrometres_not_pixels():
     image = _real_cell()
     cell = _cell(image)
-    at_fine = crop_cell(image, cell.mask, cell.bbox, 0.05)
-    at_coarse = crop_cell(image, cell.mask, cell.bbox, 0.10)  # same pixels, twice the µm: a cell twice as wide
+    at_fine = crop_cell(image, cell.mask, cell.bbox, 0.03)
+    at_coarse = crop_cell(image, cell.mask, cell.bbox, 0.06)  # same pixels, twice the µm: a cell twice as wide
     width = lambda crop: int(np.any(crop.max(axis=2) > 0, axis=0).sum())  # noqa: E731
     assert 1.7 < width(at_coarse) / width(at_fine) < 2.3
 

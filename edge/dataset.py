@@ -31,7 +31,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -250,7 +250,7 @@ def cell_input(image: np.ndarray, um_per_px: float, contract: CropContract) -> n
 
 def load_arrays(
     samples: Sequence[Sample], contract: CropContract = DEFAULT_CONTRACT, *, workers: int = 4, progress: bool = True,
-    transform=None,
+    transform: Callable[[np.ndarray, Sample], tuple[np.ndarray, float]] | None = None,
 ) -> tuple[np.ndarray, list[Sample]]:
     """Decode, segment and crop in parallel; returns (N x size x size x 3 uint8, kept samples).
 

@@ -72,8 +72,11 @@ def nucleus_focus(crop_rgb: np.ndarray, nucleus: np.ndarray, um_per_px: float) -
     """Variance of the Laplacian of the green channel over the nucleus, at ``FOCUS_UM_PER_PX``."""
     factor = um_per_px / FOCUS_UM_PER_PX
     size = (max(1, round(crop_rgb.shape[1] * factor)), max(1, round(crop_rgb.shape[0] * factor)))
-    grey = cv2.resize(crop_rgb[..., 1], size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
-    inside = cv2.resize(nucleus.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    if size == (crop_rgb.shape[1], crop_rgb.shape[0]):  # already at the focus scale (``judge`` resamples first)
+        grey, inside = crop_rgb[..., 1], nucleus.astype(np.uint8)
+    else:
+        grey = cv2.resize(crop_rgb[..., 1], size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+        inside = cv2.resize(nucleus.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     inside = cv2.erode(inside, np.ones((3, 3), np.uint8)).astype(bool)  # the nucleus' own edge is not texture
     if inside.sum() < 20:
         return 0.0

@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 import paho.mqtt.client as mqtt  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
+from edge.calibration import read_scale_file  # noqa: E402
 from edge.outbox import Outbox  # noqa: E402
 from tests.broker import Broker  # noqa: E402
 
@@ -101,8 +102,10 @@ class Soak:
         self.tally = Tally(self.broker.port)
         self.outbox = work / "outbox.sqlite3"
         self.config = work / "agent.toml"
+        frames = ROOT / "samples" / "frames"
         self.config.write_text(f'[device]\nid = "{DEVICE}"\n'
-                               f'[source]\ntype = "folder"\npath = "{ROOT / "samples" / "frames"}"\nloop = true\nfps = {fps}\n'
+                               f'[source]\ntype = "folder"\npath = "{frames}"\nloop = true\nfps = {fps}\n'
+                               f'[segmentation]\num_per_px = {read_scale_file(frames)}\n'
                                f'[classifier]\nnum_threads = 1\n'
                                f'[mqtt]\nhost = "127.0.0.1"\nport = {self.broker.port}\nkeepalive_s = 5\nreconnect_max_s = 2\n'
                                f'stats_interval_s = 5\n[outbox]\npath = "{self.outbox}"\n[pipeline]\nsample_id = "SOAK"\n')
@@ -114,6 +117,8 @@ class Soak:
         self.faults = {kind: 0 for kind in FAULTS}
 
     def start_agent(self) -> None:
+        if self.agent is not None and self.agent.poll() is not None and self.agent.returncode == 2:
+            raise SystemExit(f"bench_soak: the agent refused to run (exit 2); see {self.work / 'agent.log'}")
         self.agent = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(self.config)], cwd=ROOT,
                                       stdout=self.log, stderr=subprocess.STDOUT)
         self.started = time.monotonic()
@@ -265,6 +270,8 @@ def main() -> None:
                         "max_s_broker_down": max((s["seconds"] for s in soak.stops if not s["broker_up"]), default=None)},
               "rss_mb": rss_report(soak.rss), "work": str(work)}
     print(json.dumps(report, indent=2))
+    if counts["produced"] == 0:  # an agent that never ran is not a soak that passed
+        raise SystemExit(f"bench_soak: no result was produced; see {soak.work / 'agent.log'}")
 
 
 if __name__ == "__main__":

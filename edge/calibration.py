@@ -255,15 +255,33 @@ def write_scale_file(folder: Path, calibration: Calibration) -> Path:
     return path
 
 
-def frames_scale(source: Path, given: float | None) -> float:
-    """The scale of replayed frames: given (``--um-per-px``), else the folder's ``SCALE_FILE``; never a guess."""
+def frames_scale(source: Path, given: float | None, measure_frames: int = 40) -> float:
+    """The scale of replayed frames: given (``--um-per-px``), else the folder's ``SCALE_FILE``, else measured
+    on the red cells of up to ``measure_frames`` of the frames themselves (said on stderr); never a guess."""
+    import sys
+
+    from edge.preprocessing import read_rgb
+    from edge.sources.folder import image_files
+
     if not source.exists():
         raise UserError(f"{source} does not exist; pass a folder of frames or an image file")
     if given is not None:
         return check_scale(given, "--um-per-px")
     folder = source if source.is_dir() else source.parent
     declared = read_scale_file(folder)
-    if declared is None:
-        raise UserError(f"the scale of the frames in {folder} is unknown: pass --um-per-px, or measure it with "
-                        f"`edge calibrate --source {folder} --write` (writes {SCALE_FILE})")
-    return declared
+    if declared is not None:
+        return declared
+    files = image_files(source)
+    frames = []
+    for path in files[::max(1, len(files) // measure_frames)][:measure_frames]:
+        try:
+            frames.append(read_rgb(path))
+        except DataError:
+            continue  # an unreadable frame is reported by the replay itself
+    measured = calibrate(frames).um_per_px if frames else None
+    if measured is None:
+        raise UserError(f"the scale of the frames in {folder} is unknown and their red cells are too few to measure it: "
+                        f"pass --um-per-px, or write {SCALE_FILE} with `edge calibrate --source FRAMES --write`")
+    print(f"edge: scale {measured:.4f} µm per pixel, measured on the red cells of {len(frames)} frame(s) "
+          f"(pass --um-per-px or write {SCALE_FILE} to fix it)", file=sys.stderr)
+    return check_scale(round(measured, 5), f"scale measured on {folder}")

@@ -146,3 +146,19 @@ def test_scale_watch_warns_on_drift_only():
         wrong.observe(frame)
     assert right.stats()["warning"] is None and right.drift < 0.1
     assert wrong.drift > 0.1 and "scale drift" in wrong.stats()["warning"]
+
+
+@needs_bccd
+def test_replay_measures_the_frames_own_scale_when_none_is_given(tmp_path, capsys):
+    """A newcomer's `edge replay --source SMEARS` works without --um-per-px: the red cells give the scale."""
+    import shutil
+
+    from edge.cli import main
+
+    for name in sorted(p.name for p in (BCCD / "JPEGImages").glob("*.jpg"))[:6]:
+        shutil.copy(BCCD / "JPEGImages" / name, tmp_path / name)
+    assert main(["replay", "--source", str(tmp_path), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "measured on the red cells of 6 frame(s)" in captured.err
+    *results, summary = [json.loads(line) for line in captured.out.splitlines()]
+    assert len(results) == 6 and summary["cells"] >= 4  # white cells cut by the frame border are not counted

@@ -33,7 +33,7 @@ from edge.pipeline import Pipeline  # noqa: E402
 from edge.preprocessing import read_rgb  # noqa: E402
 from edge.segmentation import SegmentationSettings  # noqa: E402
 from edge.sources import Frame  # noqa: E402
-from trainer.crosslab import _boxes, _iou  # noqa: E402
+from trainer.crosslab import iou, wbc_boxes  # noqa: E402
 
 
 def bccd(classifier: Classifier, root: Path) -> dict:
@@ -42,17 +42,16 @@ def bccd(classifier: Classifier, root: Path) -> dict:
     pipeline = Pipeline(classifier, SegmentationSettings(um_per_px=scale))
     annotated = classified = called = unclassified = 0
     for path in frames:
-        truth = _boxes(root / "Annotations" / f"{path.stem}.xml")
+        truth = wbc_boxes(root / "Annotations" / f"{path.stem}.xml")
         annotated += len(truth)
         result, _, _ = pipeline.process(Frame(image=read_rgb(path), name=path.name))
+        annotated_cell = lambda box: any(iou((box[0], box[1], box[0] + box[2], box[1] + box[3]), b) > 0.3  # noqa: E731
+                                         for b in truth)
         for cell in result["cells"]:
-            x, y, w, h = cell["bbox"]
-            if any(_iou((x, y, x + w, y + h), box) > 0.3 for box in truth):
+            if annotated_cell(cell["bbox"]):
                 classified += 1
                 called += cell["label"] == classifier.bundle.positive_label
-        unclassified += sum(1 for c in result["unclassified"]
-                            if any(_iou((c["bbox"][0], c["bbox"][1], c["bbox"][0] + c["bbox"][2], c["bbox"][1] + c["bbox"][3]), b) > 0.3
-                                   for b in truth))
+        unclassified += sum(1 for c in result["unclassified"] if annotated_cell(c["bbox"]))
     return {"frames": len(frames), "um_per_px": round(float(scale), 4), "annotated_white_cells": annotated,
             "classified": classified, "unclassified_by_gate": unclassified, "called_all": called,
             "false_blast_rate": round(called / classified, 4) if classified else None}

@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 import time
-import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
@@ -31,15 +30,11 @@ from edge.dataset import CNMC_UM_PER_PX  # noqa: E402
 from edge.gate import judge  # noqa: E402
 from edge.preprocessing import read_rgb  # noqa: E402
 from edge.segmentation import SegmentationSettings, find_cells  # noqa: E402
+from trainer.crosslab import wbc_boxes  # noqa: E402
 
 
 def _scale(files: list[Path]) -> float:
     return float(calibrate([read_rgb(p) for p in files[::max(1, len(files) // 40)][:40]]).um_per_px)
-
-
-def _wbc_boxes(xml_path: Path) -> list[list[int]]:
-    return [[int(float(o.find("bndbox").findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax")]
-            for o in ET.parse(xml_path).findall("object") if o.findtext("name") == "WBC"]
 
 
 def _report(verdicts: list, um_per_px: float) -> dict:
@@ -82,7 +77,7 @@ def main() -> None:
     verdicts = []
     for path in frames[::args.step]:
         image = read_rgb(path)
-        boxes = _wbc_boxes(args.data / "bccd" / "Annotations" / (path.stem + ".xml"))
+        boxes = wbc_boxes(args.data / "bccd" / "Annotations" / (path.stem + ".xml"))
         for cell in find_cells(image, SegmentationSettings(um_per_px=scale)):
             x, y, w, h = cell.bbox
             cx, cy = x + w / 2, y + h / 2

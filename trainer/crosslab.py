@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -28,12 +28,15 @@ from edge.gate import judge
 from edge.preprocessing import CropContract, crop_cell, read_rgb
 from edge.segmentation import SegmentationSettings, find_cells
 
+if TYPE_CHECKING:
+    from trainer.compose import SmearComposer
+
 log = logging.getLogger(__name__)
 
 Scorer = Callable[[np.ndarray], np.ndarray]
 
 
-def _boxes(xml_path: Path) -> list[tuple[int, int, int, int]]:
+def wbc_boxes(xml_path: Path) -> list[tuple[int, int, int, int]]:
     boxes = []
     for obj in ET.parse(xml_path).getroot().iter("object"):
         if obj.findtext("name") == "WBC":
@@ -43,7 +46,7 @@ def _boxes(xml_path: Path) -> list[tuple[int, int, int, int]]:
     return boxes
 
 
-def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
@@ -65,11 +68,11 @@ def bccd_crops(root: Path, contract: CropContract, um_per_px: float | None = Non
         if not xml_path.is_file():
             continue
         image = read_rgb(path)
-        truth = _boxes(xml_path)
+        truth = wbc_boxes(xml_path)
         annotated += len(truth)
         for cell in find_cells(image, settings):
             x, y, w, h = cell.bbox
-            if any(_iou((x, y, x + w, y + h), box) > 0.3 for box in truth) and judge(image, cell, um_per_px, settings).classify:
+            if any(iou((x, y, x + w, y + h), box) > 0.3 for box in truth) and judge(image, cell, um_per_px, settings).classify:
                 crops.append(crop_cell(image, cell.mask, cell.bbox, um_per_px, contract))
     size = contract.size
     return (np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)), \
@@ -111,30 +114,26 @@ def invariance(score: Scorer, samples: Sequence[Sample], contract: CropContract,
                reference: np.ndarray, seed: int = 0) -> dict:
     """Share of cells whose decision is unchanged under scale and stain shifts."""
     base = np.asarray(reference) >= threshold
+    index = {id(s): i for i, s in enumerate(samples)}
+    rngs = {id(s): np.random.default_rng(seed + i) for i, s in enumerate(samples)}
+    shifts = {"scale_0.7x": _rescale(0.7), "scale_1.4x": _rescale(1.4),
+              "stain_shift": lambda image, s: (stain_shift(image, rngs[id(s)]), s.um_per_px)}
     result: dict = {"cells": len(samples)}
-    for name, transform in (("scale_0.7x", _rescale(0.7)), ("scale_1.4x", _rescale(1.4))):
+    for name, transform in shifts.items():
         images, kept = load_arrays(samples, contract, transform=transform, progress=False)
-        index = {id(s): i for i, s in enumerate(samples)}
         same = (score(images) >= threshold) == base[[index[id(s)] for s in kept]]
         result[name] = round(float(np.mean(same)), 4)
-    rngs = {id(s): np.random.default_rng(seed + i) for i, s in enumerate(samples)}
-    images, kept = load_arrays(samples, contract, transform=lambda im, s: (stain_shift(im, rngs[id(s)]), s.um_per_px),
-                               progress=False)
-    index = {id(s): i for i, s in enumerate(samples)}
-    result["stain_shift"] = round(float(np.mean((score(images) >= threshold) == base[[index[id(s)] for s in kept]])), 4)
     return result
 
 
-def on_smear(score: Scorer, cnmc: Sequence[Sample], smears: Sequence[Sample], contract: CropContract,
+def on_smear(score: Scorer, cnmc: Sequence[Sample], composer: "SmearComposer", contract: CropContract,
              threshold: float) -> dict:
-    """C-NMC cells, every one put on a smear background and cut by the device's smear path: how a
-    blast on a real smear is scored, against the same cells cut on black."""
+    """C-NMC cells, every one put on one of training's smear backgrounds and cut by the device's smear
+    path: how a blast on a real smear is scored, against the same cells cut on black."""
     from trainer import metrics as M
     from trainer.compose import SmearComposer
 
-    composer = SmearComposer.from_samples(list(smears), count=60, share=1.0)
-    if composer is None:
-        return {}
-    images, kept = load_arrays(cnmc, contract, transform=composer, progress=False)
+    every = SmearComposer(composer.backgrounds, composer.um_per_px, share=1.0)
+    images, kept = load_arrays(cnmc, contract, transform=every, progress=False)
     scores = score(images)
     return M.compute([s.label for s in kept], scores, threshold)

@@ -15,7 +15,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from edge.preprocessing import COLOR_ORDER, DEFAULT_CONTRACT, CropContract
 from trainer import metrics as M
 from trainer import plots
 from trainer.split import Split, grouped_folds, patient_split
+
+if TYPE_CHECKING:
+    from trainer.compose import SmearComposer
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +138,9 @@ def _time_budget_callback():
 
 
 def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, out: Path, config: FitConfig,
-                   sources: dict) -> dict:
-    """Train, select the threshold, measure, plot and report; returns metrics.json's content."""
+                   sources: dict, composer: "SmearComposer | None" = None) -> dict:
+    """Train, select the threshold, measure, plot and report; returns metrics.json's content.
+    ``composer``: the smear backgrounds training used, to score C-NMC validation cells on a smear too."""
     import keras
 
     from trainer import crosslab, pipeline
@@ -227,11 +231,9 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     log.info("measuring scale and stain invariance on %d validation cells", len(robust))
     result["invariance"] = crosslab.invariance(score, [val_samples[i] for i in robust], contract, threshold,
                                                val_scores[robust], seed=config.seed)
-    smear_record = next((r["on_smear"] for r in sources.values() if "on_smear" in r), None)
-    if smear_record and cnmc_val:
+    if composer is not None and cnmc_val:
         log.info("scoring C-NMC validation cells on a smear, through the device's smear path")
-        result["validation_cnmc_on_smear"] = crosslab.on_smear(score, [val_samples[i] for i in cnmc_val],
-                                                               [s for s in samples if s.cell_type not in LABELS],
+        result["validation_cnmc_on_smear"] = crosslab.on_smear(score, [val_samples[i] for i in cnmc_val], composer,
                                                                contract, threshold)
     curves = {"validation": (labels[val], val_scores)}
     if len(test):
@@ -328,7 +330,7 @@ def _write_report(out: Path, result: dict, config: FitConfig, split: Split, samp
     (out / "report.md").write_text(_report(result, config, split, samples))
 
 
-def _load(data: Sequence[str | Path], config: FitConfig) -> tuple[np.ndarray, list[Sample], dict, list[Sample]]:
+def _load(data: Sequence[str | Path], config: FitConfig) -> tuple[np.ndarray, list[Sample], dict, list[Sample], "SmearComposer | None"]:
     """(images, samples, sources record, left-out samples) of every source, cropped by the contract."""
     from trainer.compose import SmearComposer
 
@@ -349,15 +351,15 @@ def _load(data: Sequence[str | Path], config: FitConfig) -> tuple[np.ndarray, li
                 record["on_smear"] = {"share": config.compose_share, "backgrounds_from": smears[0].source,
                                       "backgrounds": len(composer.backgrounds), "um_per_px": composer.um_per_px}
     images, samples = load_arrays(samples, config.contract(), transform=composer)
-    return images, samples, sources, left_out
+    return images, samples, sources, left_out, composer
 
 
 def fit(data: Sequence[str | Path], out: Path, config: FitConfig, overwrite: bool = False) -> dict:
     """Train one model on a patient split; ``out`` appears only once the run is complete."""
     with staged_folder(out, overwrite) as staging:
-        images, samples, sources, left_out = _load(data, config)
+        images, samples, sources, left_out, composer = _load(data, config)
         split = patient_split(samples, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
-        result = train_on_split(images, samples, split, staging, config, sources)
+        result = train_on_split(images, samples, split, staging, config, sources, composer)
         if left_out:
             import keras
 
@@ -375,12 +377,12 @@ def cross_validate(data: Sequence[str | Path], out: Path, config: FitConfig, fol
     """Grouped k-fold: each fold trains on some donors and is scored on donors it never saw.
     ``out`` appears only once every fold and the summary are written."""
     with staged_folder(out, overwrite) as staging:
-        images, samples, sources, _ = _load(data, config)
+        images, samples, sources, _, composer = _load(data, config)
         fold_metrics, bccd_rates = [], []
         for number, split in enumerate(grouped_folds(samples, folds=folds, val_fraction=config.val_fraction, seed=config.seed)):
             log.info("fold %d/%d: %d train, %d validation, %d test images", number + 1, folds,
                      len(split.train), len(split.validation), len(split.test))
-            result = train_on_split(images, samples, split, staging / f"fold_{number}", config, sources)
+            result = train_on_split(images, samples, split, staging / f"fold_{number}", config, sources, composer)
             fold_metrics.append(result.get("test_cnmc", result["test"]))
             if "bccd" in result:
                 bccd_rates.append(result["bccd"]["false_blast_rate"])

@@ -177,6 +177,6 @@ def _print_summary(results: list[dict], workdir: Path, frames: Path, delivered: 
         print(f"\ncomposed frames (real C-NMC cells of known label): {right} of {len(known)} cells classified as labelled")
         for frame, truth, guess, p in known:
             print(f"  {frame:<18} true {in_words(truth):<9} predicted {in_words(guess):<10}" + ("" if p is None else f" p(ALL) {p:.2f}"))
-    print("\nThe BCCD frames show granulocytes and monocytes: the model knows only B-lineage cells, so its")
-    print("output on them means nothing (see models/default/MODEL_CARD.md).")
+    print("\nThe BCCD frames are healthy blood from a lab the model never trained on: every white cell there is")
+    print("normal. The model has never seen another lab's blasts (see models/default/MODEL_CARD.md).")
     print(f"\nannotated frames: {workdir / 'review'}\noutbox: {workdir / 'outbox.sqlite3'}\n{DISCLAIMER}")

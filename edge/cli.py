@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 from edge import DISCLAIMER, __version__
+from edge.assets import DEFAULT_BUNDLE
 from edge.calibration import SCALE_FILE
 from edge.console import run_command, setup_logging
 from edge.errors import UserError
 
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "default"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,10 +21,9 @@ from typing import Callable
 from edge import DISCLAIMER, in_words
 from edge.agent import Agent
 from edge.calibration import frames_scale
+from edge.assets import SAMPLE_FRAMES as SAMPLES
 from edge.config import parse_config
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "samples" / "frames"
 
 
 def _free_port() -> int:

@@ -23,7 +23,7 @@ from typing import Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.config import MQTTConfig
+from edge.config_mqtt import MQTTConfig
 from edge.errors import UserError
 from edge.outbox import Outbox
 

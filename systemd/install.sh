@@ -27,7 +27,6 @@ echo "- config in /etc/leukoscope (kept if present)"
 install -d -m 0750 -o root -g leukoscope /etc/leukoscope
 [ -f /etc/leukoscope/leukoscope.toml ] || install -m 0640 -o root -g leukoscope "$here/firmware_config/leukoscope.toml" /etc/leukoscope/leukoscope.toml
 [ -f /etc/leukoscope/mqtt-password ] || { install -m 0600 -o root -g root /dev/null /etc/leukoscope/mqtt-password; echo "  put the broker password in /etc/leukoscope/mqtt-password"; }
-sed -i "s#^bundle = .*#bundle = \"$prefix/models/default\"#" /etc/leukoscope/leukoscope.toml
 
 echo "- unit"
 install -m 0644 "$here/systemd/leukoscope-edge.service" /etc/systemd/system/leukoscope-edge.service

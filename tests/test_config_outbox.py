@@ -1,6 +1,9 @@
 """Agent config validation (one line naming the key) and the durable outbox."""
 
+import os
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
@@ -126,3 +129,12 @@ def test_outbox_unwritable_is_a_clear_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(UserError, match="outbox .* cannot be opened"):
         Outbox(blocker / "sub" / "o.db")
+
+
+def test_the_publisher_and_outbox_import_without_opencv():
+    """A broker bridge or the collector reuses the publisher and outbox; they must not drag in OpenCV."""
+    code = ("import sys\nfor name in ('cv2', 'tensorflow', 'keras'):\n    sys.modules[name] = None\n"
+            "import edge.publisher, edge.outbox, edge.config_mqtt\nprint('ok')")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert done.stdout.strip() == "ok", done.stderr

@@ -38,7 +38,8 @@ def test_unit_is_a_notify_service_with_watchdog_and_credentials():
 
 
 def test_the_longest_allowed_stop_fits_in_timeout_stop_sec():
-    from edge.config import STOP_OVERHEAD_S, UNIT_TIMEOUT_STOP_S, parse_config
+    from edge.config import parse_config
+    from edge.config_mqtt import STOP_OVERHEAD_S, UNIT_TIMEOUT_STOP_S
     from edge.errors import UserError
 
     assert float(re.search(r"^TimeoutStopSec=(\d+)$", UNIT.read_text(), re.M).group(1)) == UNIT_TIMEOUT_STOP_S

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notes: each adapted copy is a new model
 
-from edge.dataset import Sample, load_arrays  # noqa: E402
+from trainer.dataset import Sample, load_arrays  # noqa: E402
 from edge.preprocessing import CropContract  # noqa: E402
 
 

@@ -60,7 +60,7 @@ def bccd(classifier: Classifier, root: Path) -> dict:
 def validation(classifier: Classifier, run: Path) -> dict:
     import keras
 
-    from edge.dataset import Sample, load_arrays
+    from trainer.dataset import Sample, load_arrays
     from trainer import pipeline
     from trainer.fit import by_group
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edge.calibration import calibrate  # noqa: E402
-from edge.dataset import CNMC_UM_PER_PX  # noqa: E402
+from trainer.dataset import CNMC_UM_PER_PX  # noqa: E402
 from edge.gate import judge  # noqa: E402
 from edge.preprocessing import read_rgb  # noqa: E402
 from edge.segmentation import SegmentationSettings, find_cells  # noqa: E402

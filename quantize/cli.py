@@ -94,7 +94,7 @@ def evaluate_bundle(path: Path, data: list[str], num_threads: int) -> dict:
     import numpy as np
 
     from edge.classifier import Classifier
-    from edge.dataset import load_arrays, scan_sources
+    from trainer.dataset import load_arrays, scan_sources
     from trainer import metrics as M
     from trainer.fit import by_group, seen_in_training
 

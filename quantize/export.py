@@ -24,7 +24,7 @@ from edge import DISCLAIMER, __version__
 from edge.bundle import load_bundle, write_manifest
 from edge.classifier import Classifier
 from edge.console import stdout_to_debug_log, progress, staged_folder
-from edge.dataset import LABELS, POSITIVE_LABEL, Sample, load_arrays, scan_sources
+from trainer.dataset import LABELS, POSITIVE_LABEL, Sample, load_arrays, scan_sources
 from edge.errors import BundleError, UserError
 from edge.interpreter import open_interpreter
 from edge.preprocessing import COLOR_ORDER, CropContract

@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.dataset import CNMC_UM_PER_PX, SCALE_FILE
+from trainer.dataset import CNMC_UM_PER_PX, SCALE_FILE
 
 HERE = Path(__file__).resolve().parent
 BCCD_FRAMES = ("BloodImage_00000.jpg", "BloodImage_00010.jpg", "BloodImage_00023.jpg")

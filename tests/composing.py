@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.dataset import CNMC_UM_PER_PX
+from trainer.dataset import CNMC_UM_PER_PX
 from edge.preprocessing import read_rgb
 from edge.segmentation import SegmentationSettings, find_cells
 from tests.conftest import BCCD, CNMC, SHARED_DATA

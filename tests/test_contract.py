@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.dataset import SCALE_FILE, load_arrays, parse_source, scan_sources
+from trainer.dataset import SCALE_FILE, load_arrays, parse_source, scan_sources
 from edge.errors import BundleError, DataError, UserError
 from edge.preprocessing import DEFAULT_CONTRACT, CropContract, crop_cell, normalise_colour, read_rgb
 from edge.segmentation import find_cells

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.dataset import load_arrays, parse_name, scan
+from trainer.dataset import load_arrays, parse_name, scan
 from edge.errors import DataError
 from edge.preprocessing import CropContract
 from tests.conftest import cell_crop, write_ours

@@ -11,7 +11,7 @@ from edge.classifier import Classifier
 from edge.cli import DEFAULT_BUNDLE, main
 from edge.pipeline import Pipeline
 from edge.calibration import SCALE_FILE
-from edge.dataset import CNMC_UM_PER_PX, cell_input
+from trainer.dataset import CNMC_UM_PER_PX, cell_input
 from edge.preprocessing import read_rgb
 from edge.segmentation import SegmentationSettings
 from edge.results import SampleTally, wilson_interval

@@ -8,7 +8,7 @@ import pytest
 from edge.bundle import load_bundle
 from edge.classifier import Classifier
 from edge.bundle import load_bundle as _load
-from edge.dataset import Sample, load_arrays
+from trainer.dataset import Sample, load_arrays
 from edge.interpreter import open_interpreter
 from quantize import edgetpu
 from quantize.cli import main

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from edge.dataset import Sample
+from trainer.dataset import Sample
 from edge.errors import DataError
 from trainer.split import assert_disjoint, grouped_folds, patient_split
 

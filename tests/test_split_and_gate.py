@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.dataset import CNMC_UM_PER_PX
+from trainer.dataset import CNMC_UM_PER_PX
 from edge.gate import judge
 from edge.preprocessing import read_rgb
 from edge.segmentation import SegmentationSettings, find_cells

@@ -19,7 +19,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from edge.dataset import LABELS, Sample
+from trainer.dataset import LABELS, Sample
 from edge.preprocessing import read_rgb
 from edge.segmentation import SegmentationSettings, find_cells
 

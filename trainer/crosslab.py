@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from edge.calibration import calibrate
-from edge.dataset import Sample, load_arrays
+from trainer.dataset import Sample, load_arrays
 from edge.errors import DataError
 from edge.gate import judge
 from edge.preprocessing import CropContract, crop_cell, read_rgb

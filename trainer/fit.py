@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from edge import DISCLAIMER, __version__
-from edge.dataset import LABELS, POSITIVE_LABEL, Sample, describe, load_arrays, scan_sources
+from trainer.dataset import LABELS, POSITIVE_LABEL, Sample, describe, load_arrays, scan_sources
 from edge.console import interactive, staged_folder
 from edge.errors import UserError
 from edge.preprocessing import COLOR_ORDER, DEFAULT_CONTRACT, CropContract

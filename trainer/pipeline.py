@@ -1,6 +1,6 @@
 """tf.data input pipeline with augmentation that suits stained single-cell crops.
 
-Images arrive decoded and preprocessed by ``edge.dataset.load_arrays`` (parallel decode
+Images arrive decoded and preprocessed by ``trainer.dataset.load_arrays`` (parallel decode
 through the shared preprocessing contract, held in memory as the cache); this module
 shuffles, augments, batches and prefetches.
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from edge.dataset import LABELS, Sample
+from trainer.dataset import LABELS, Sample
 from edge.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notes: each adapted copy is a new model
 
-from trainer.dataset import Sample, load_arrays  # noqa: E402
-from edge.preprocessing import CropContract  # noqa: E402
+from trainer.dataset import LABELS, Sample, load_arrays  # noqa: E402
+from trainer.run_folder import RunModel, SplitRecord  # noqa: E402
 
 
 def adapted(model, cells: np.ndarray):
@@ -83,9 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.crosslab import bccd_crops, stain_shift
     from trainer.pipeline import predict
 
-    meta = json.loads((args.run / "model.json").read_text())
-    threshold = float(meta["threshold"])
-    contract = CropContract.from_manifest(meta["preprocessing"], str(args.run / "model.json"))
+    meta = RunModel.read(args.run)
+    threshold, contract = meta.threshold, meta.contract
     model = keras.models.load_model(args.run / "model.keras")
     report: dict = {"run": str(args.run), "threshold": threshold}
 
@@ -100,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                           "median_score_before": round(float(np.median(before)), 4),
                           "median_score_after": round(float(np.median(after)), 4)}
 
-    split = json.loads((args.run / "split.json").read_text())
-    cnmc = [Sample.from_record(r) for r in split["validation"]["samples"] if r["source"] == "cnmc-dev"]
+    validation = SplitRecord.read(args.run).samples("validation", args.run)
+    cnmc = [s for s in validation if s.cell_type in LABELS]  # C-NMC's own cells: ALL blasts and normal B-cells
     patients = sorted({s.patient for s in cnmc})
     adapt_patients = set(patients[0::2])
     shifts = []

@@ -62,7 +62,8 @@ def main() -> None:
 
     from edge.bundle import load_bundle
     from quantize.export import convert_float, convert_int8
-    from trainer.models import SEED_INPUT_SIZE, seed_model
+    from trainer import SEED_INPUT_SIZE
+    from trainer.models import seed_model
 
     import contextlib
     import sys

@@ -23,13 +23,14 @@ import numpy as np
 from edge import DISCLAIMER, __version__
 from edge.bundle import load_bundle, write_manifest
 from edge.classifier import Classifier
-from edge.console import stdout_to_debug_log, progress, staged_folder
-from trainer.dataset import LABELS, POSITIVE_LABEL, Sample, load_arrays, scan_sources
-from edge.errors import BundleError, UserError
+from edge.console import progress, staged_folder, stdout_to_debug_log
+from edge.errors import UserError
 from edge.interpreter import open_interpreter
-from edge.preprocessing import COLOR_ORDER, CropContract
+from edge.preprocessing import COLOR_ORDER
 from quantize import edgetpu
 from trainer import metrics as M
+from trainer.dataset import LABELS, POSITIVE_LABEL, Sample, load_arrays, scan_sources
+from trainer.run_folder import Run
 
 log = logging.getLogger(__name__)
 
@@ -49,30 +50,6 @@ class ExportOptions:
     seed: int = 0
     overwrite: bool = False  # replace a non-empty --out once the new bundle is complete
     float_twin: bool = False  # also write model_float.tflite (not part of the verified bundle)
-
-
-def _read_run(run: Path) -> tuple[dict, dict, dict]:
-    needed = ("model.keras", "model.json", "split.json", "config.json")
-    missing = [name for name in needed if not (run / name).is_file()]
-    if missing:
-        raise UserError(f"{run} is not a complete training run (missing {', '.join(missing)}); run `trainer fit` first")
-    return tuple(json.loads((run / name).read_text()) for name in ("model.json", "split.json", "config.json"))  # type: ignore[return-value]
-
-
-def _threshold_rule(run: Path) -> str:
-    metrics = run / "metrics.json"
-    return json.loads(metrics.read_text()).get("threshold_rule", "chosen on validation") if metrics.is_file() else "chosen on validation"
-
-
-def _recorded(split: dict, side: str, run: Path) -> list[Sample]:
-    if "samples" not in split.get(side, {}):
-        raise UserError(f"{run / 'split.json'} was written by an older trainer (no per-sample scale); retrain the run")
-    samples = [Sample.from_record(r) for r in split[side]["samples"]]
-    absent = [s.path for s in samples if not s.path.is_file()]
-    if absent:
-        flag = "--calibration DIR" if side == "train" else "--data DIR"
-        raise UserError(f"{len(absent)} of the run's {side} images are not here (e.g. {absent[0]}); pass {flag}")
-    return samples
 
 
 def stratified_subset(samples: Sequence[Sample], count: int, seed: int) -> list[Sample]:
@@ -174,31 +151,28 @@ def parity(float_scores: np.ndarray, int8_scores: np.ndarray, labels: np.ndarray
 
 def export(run: Path, out: Path, options: ExportOptions) -> dict:
     """Quantize ``run`` into a bundle at ``out``, which appears only once the bundle is complete and verifies."""
-    meta, split, config = _read_run(run)
+    source = Run.read(run)
     if options.cv and not (options.cv / "cv.json").is_file():
         raise UserError(f"--cv {options.cv} holds no cv.json; pass a folder written by `trainer cv`")
-    try:
-        contract = CropContract.from_manifest(meta.get("preprocessing", {}), str(run / "model.json"))
-    except BundleError as error:
-        raise UserError(str(error)) from None
     with staged_folder(out, options.overwrite) as staging:
-        return _export(run, staging, options, meta, split, config, contract)
+        return _export(source, staging, options)
 
 
-def _export(run: Path, staging: Path, options: ExportOptions, meta: dict, split: dict, config: dict,
-            contract: CropContract) -> dict:
+def _export(source: Run, staging: Path, options: ExportOptions) -> dict:
     """Write the bundle into ``staging`` (renamed into place by the caller); returns its manifest."""
     import keras
 
     from trainer import pipeline
     from trainer.fit import fingerprint
 
-    size = int(meta["input_size"])
-    train_samples = scan_sources([options.calibration])[0] if options.calibration else _recorded(split, "train", run)
-    eval_samples = scan_sources([options.eval_data], require_both=False)[0] if options.eval_data else _recorded(split, "validation", run)
+    run, meta, config, contract = source.folder, source.model, source.config, source.model.contract
+    size = meta.input_size
+    train_samples = scan_sources([options.calibration])[0] if options.calibration else source.split.samples("train", run)
+    eval_samples = (scan_sources([options.eval_data], require_both=False)[0] if options.eval_data
+                    else source.split.samples("validation", run))
     calibration, calibration_samples = load_arrays(stratified_subset(train_samples, options.samples, options.seed), contract)
     eval_images, eval_samples = load_arrays(eval_samples, contract)
-    model = keras.models.load_model(run / "model.keras")
+    model = keras.models.load_model(run / meta.model_file)
 
     (staging / CPU_MODEL).write_bytes(convert_int8(model, size, calibration))
     interpreter = open_interpreter(str(staging / CPU_MODEL), num_threads=2, plain_ops=True)
@@ -219,13 +193,13 @@ def _export(run: Path, staging: Path, options: ExportOptions, meta: dict, split:
         "input": {**_tensor_record(interpreter.get_input_details()[0]), "size": size, "color_order": COLOR_ORDER},
         "output": {**_tensor_record(interpreter.get_output_details()[0]), "meaning": f"P({POSITIVE_LABEL})"},
         "preprocessing": contract.to_manifest(),
-        "threshold": float(meta["threshold"]),
-        "threshold_rule": _threshold_rule(run),
+        "threshold": meta.threshold,
+        "threshold_rule": source.threshold_rule,
         "models": models,
         "edgetpu": {**verdict, **compile_record},
         "provenance": {
             "source_run": str(run.resolve()),
-            "model_kind": meta["kind"],
+            "model_kind": meta.kind,
             "training_data_fingerprint": config.get("data_fingerprint"),
             "calibration": {"images": len(calibration_samples), "patients": len({s.patient for s in calibration_samples}),
                             "source": str(options.calibration) if options.calibration else "run training split",
@@ -239,7 +213,7 @@ def _export(run: Path, staging: Path, options: ExportOptions, meta: dict, split:
     labels = np.array([s.label for s in eval_samples])
     float_scores = pipeline.predict(model, eval_images)
     int8_scores = Classifier(staging, num_threads=2).scores(eval_images)
-    result = parity(float_scores, int8_scores, labels, float(meta["threshold"]), [s.patient for s in eval_samples])
+    result = parity(float_scores, int8_scores, labels, meta.threshold, [s.patient for s in eval_samples])
     result["eval_source"] = str(options.eval_data) if options.eval_data else "run validation split (patients unseen in training)"
     result["limits"] = {"min_agreement": options.min_agreement, "max_auc_drop": options.max_auc_drop}
     failures = []
@@ -253,9 +227,8 @@ def _export(run: Path, staging: Path, options: ExportOptions, meta: dict, split:
                         "or pass --accept-parity-loss to export anyway")
     manifest["metrics"] = {"parity": result}
     write_manifest(staging, manifest)
-    run_metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
     cv = json.loads((options.cv / "cv.json").read_text()) if options.cv else None
-    (staging / "MODEL_CARD.md").write_text(model_card(manifest, config, meta, run_metrics, cv))
+    (staging / "MODEL_CARD.md").write_text(model_card(manifest, config, meta.kind, source.metrics, cv))
     load_bundle(staging)  # what we hand over must verify
     if options.float_twin:
         (staging / "model_float.tflite").write_bytes(convert_float(model, size))
@@ -292,7 +265,7 @@ def _cv_section(cv: dict | None) -> str:
                       *tail])
 
 
-def model_card(manifest: dict, config: dict, meta: dict, run_metrics: dict | None = None, cv: dict | None = None) -> str:
+def model_card(manifest: dict, config: dict, kind: str, run_metrics: dict | None = None, cv: dict | None = None) -> str:
     p = manifest["metrics"]["parity"]
     rows = "\n".join(f"| {name} | {M.table_cells(m)} |" for name, m in (("float", p["float"]), ("int8", p["int8"])))
     data = config.get("data_summary", {})
@@ -300,7 +273,7 @@ def model_card(manifest: dict, config: dict, meta: dict, run_metrics: dict | Non
     contract = manifest["preprocessing"]["params"]
     sources = "; ".join(f"{name}: {json.dumps(info.get('by_type', {}))} at {info['um_per_px']} µm/px"
                         for name, info in data.get("by_source", {}).items())
-    return f"""# Model card: leukoscope `{meta['kind']}` cell classifier (int8)
+    return f"""# Model card: leukoscope `{kind}` cell classifier (int8)
 
 > {DISCLAIMER}
 

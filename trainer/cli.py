@@ -10,6 +10,7 @@ from pathlib import Path
 from edge import DISCLAIMER, __version__, in_words
 from edge.console import run_command, setup_logging
 from edge.errors import UserError
+from trainer import default_input_size
 from trainer.metrics import summary_line
 
 
@@ -32,7 +33,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=["edge", "seed"], default="edge",
                         help="edge: the small int8/Edge-TPU model (default); seed: the published 30.6M-parameter CNN, the baseline")
     parser.add_argument("--epochs", type=int, default=40, help="maximum epochs; early stopping on validation AUC (default 40)")
-    parser.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: edge 128, seed 256)")
+    parser.add_argument("--image-size", type=int, default=None, help=f"input side in pixels (default: edge {default_input_size('edge')}, the crop contract's; "
+                        f"seed {default_input_size('seed')}, the published CNN's)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the split, initialisation and augmentation (default 0)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of patients for validation (default 0.2)")

@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from edge import DISCLAIMER, __version__
-from trainer.dataset import LABELS, POSITIVE_LABEL, Sample, describe, load_arrays, scan_sources
 from edge.console import interactive, staged_folder
 from edge.errors import UserError
-from edge.preprocessing import COLOR_ORDER, DEFAULT_CONTRACT, CropContract
+from edge.preprocessing import DEFAULT_CONTRACT, CropContract
+from trainer import default_input_size, plots
 from trainer import metrics as M
-from trainer import plots
+from trainer.dataset import LABELS, Sample, describe, load_arrays, scan_sources
+from trainer.run_folder import RunModel, SplitRecord
 from trainer.split import Split, grouped_folds, patient_split
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 class FitConfig:
     model: str = "edge"
     epochs: int = 40
-    image_size: int | None = None  # None: the model's default (edge 128, seed 256)
+    image_size: int | None = None  # None: the model's default (``trainer.default_input_size``)
     batch_size: int = 32
     seed: int = 0
     val_fraction: float = 0.2
@@ -56,7 +57,7 @@ class FitConfig:
     compose_share: float = 0.5
 
     def resolved_size(self) -> int:
-        return self.image_size or (256 if self.model == "seed" else DEFAULT_CONTRACT.size)
+        return self.image_size or default_input_size(self.model)
 
     def contract(self) -> CropContract:
         """The shipped contract's field of view (µm) at this model's input size."""
@@ -153,10 +154,9 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     patients = [s.patient for s in samples]
     size = config.resolved_size()
     train, val, test = (np.array(getattr(split, n), dtype=int) for n in ("train", "validation", "test"))
-    weights = balanced_weights(samples)
     contract = config.contract()
 
-    (out / "split.json").write_text(json.dumps(split.as_record(samples), indent=1) + "\n")
+    SplitRecord(split.as_record(samples)).write(out)
     steps = config.steps_per_epoch or math.ceil(len(train) / config.batch_size)
     with _strategy().scope():
         model, optimizer = build(config.model, size)
@@ -244,11 +244,7 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
         if cnmc_test and len({labels[test][k] for k in cnmc_test}) == 2:  # the new-patient C-NMC estimate
             result["test_cnmc"] = M.compute(labels[test][cnmc_test], test_scores[cnmc_test], threshold)
         result["test_by_group"] = by_group([samples[i] for i in test], test_scores, threshold)
-    (out / "model.json").write_text(json.dumps({
-        "model_file": "model.keras", "kind": config.model, "input_size": size, "threshold": threshold,
-        "labels": list(LABELS), "positive_label": POSITIVE_LABEL, "color_order": COLOR_ORDER,
-        "preprocessing": contract.to_manifest(),
-    }, indent=2) + "\n")
+    RunModel(kind=config.model, input_size=size, threshold=threshold, contract=contract).write(out)
     (out / "config.json").write_text(json.dumps({
         **asdict(config), "image_size": size, "sources": sources,
         "data_fingerprint": fingerprint(samples), "data_summary": describe(samples),
@@ -407,16 +403,10 @@ def evaluate(run: Path, data: Sequence[str | Path]) -> dict:
 
     from trainer import pipeline
 
-    meta_path = run / "model.json"
-    if not meta_path.is_file() or not (run / "model.keras").is_file():
+    if not (run / "model.json").is_file() or not (run / "model.keras").is_file():
         raise UserError(f"{run} is not a complete training run (model.json or model.keras missing); run `trainer fit` first")
-    meta = json.loads(meta_path.read_text())
-    from edge.errors import BundleError
-
-    try:
-        contract = CropContract.from_manifest(meta.get("preprocessing", {}), str(meta_path))
-    except BundleError as error:
-        raise UserError(str(error)) from None
+    meta = RunModel.read(run)
+    contract = meta.contract
     images, samples = load_arrays(scan_sources(data, require_both=False)[0], contract)
     try:
         model = keras.models.load_model(run / "model.keras")
@@ -424,8 +414,8 @@ def evaluate(run: Path, data: Sequence[str | Path]) -> dict:
         raise UserError(f"{run / 'model.keras'} cannot be loaded ({type(error).__name__}); retrain or restore it") from None
     scores = pipeline.predict(model, images)
     labels = np.array([s.label for s in samples])
-    result = M.compute(labels, scores, float(meta["threshold"]), [s.patient for s in samples])
-    result.update({"by_group": by_group(samples, scores, float(meta["threshold"])), "run": str(run),
+    result = M.compute(labels, scores, meta.threshold, [s.patient for s in samples])
+    result.update({"by_group": by_group(samples, scores, meta.threshold), "run": str(run),
                    "data": [str(d) for d in data], "seen_in_training": seen_in_training(run, samples)})
     return result
 
@@ -434,12 +424,10 @@ def seen_in_training(run: Path, samples: Sequence[Sample]) -> dict | None:
     """How many of ``samples`` the run trained on, or come from its training patients; None when
     the run's ``split.json`` is not at hand. Numbers on such cells are not new-patient numbers: a
     model is always better on the people it has seen, so they must not pass for an estimate."""
-    path = run / "split.json"
-    if not path.is_file():
+    if not (run / "split.json").is_file():
         return None
-    train = json.loads(path.read_text()).get("train", {})
-    paths = {record["path"] for record in train.get("samples", [])}
-    patients = set(train.get("patients", []))
+    record = SplitRecord.read(run)
+    paths, patients = record.paths("train"), record.patients("train")
     seen = [s for s in samples if s.patient in patients or str(s.path.resolve()) in paths]
     return {"cells": len(seen), "patients": len({s.patient for s in seen})}
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-SEED_INPUT_SIZE = 256
+from trainer import SEED_INPUT_SIZE
+
 SEED_PARAMETERS = 30_595_265
 
 
@@ -63,7 +64,7 @@ EDGE_FULL_CONV_BLOCKS = 2
 EDGE_FULL_CONV_BLOCKS = 2
 
 
-def edge_model(input_size: int = 128, width: float = 1.0, dropout: float = 0.3) -> keras.Model:
+def edge_model(input_size: int, width: float = 1.0, dropout: float = 0.3) -> keras.Model:
     """A MobileNet-style CNN built only from ops the Edge TPU compiler maps.
 
     Conv/DepthwiseConv + folded batch norm + ReLU, a global-average-pool head and one

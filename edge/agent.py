@@ -401,11 +401,13 @@ class Agent:
         with self.lock:
             summary = self._close_sample()
             outside = self.tally.frames
+        undelivered = 0
         if self.publisher:
             if self.publisher.fatal:
                 self.publisher.stop(offline=False)
                 raise UserError(self.publisher.fatal)
             if not failed and not self.publisher.wait_drained(timeout=self.config.mqtt.stop_timeout_s):
+                undelivered = self.outbox.count("/results")
                 log.warning("%d message(s) not acknowledged within mqtt.stop_timeout_s=%g stay in the outbox for the next start",
                             len(self.outbox), self.config.mqtt.stop_timeout_s)
             self.publisher.publish_now("stats", json.dumps(self.stats()).encode(), qos=0)
@@ -417,7 +419,19 @@ class Agent:
                      summary["cells"], summary["blasts"], "n/a" if fraction is None else f"{fraction:.1%}")
         elif outside:
             log.info("no sample open: %d frame(s) analysed outside a sample (results with sample_id null, no summary)", outside)
+        if undelivered and self.finite_source:
+            # A replay that ends is a job, not a service: "done" must mean delivered, so say what is not.
+            log.error("%d result(s) were not delivered to %s:%d and remain in the outbox %s; they are sent at the next "
+                      "start with this outbox (check that the broker runs: mosquitto_sub -h %s -p %d -t '#' -v)",
+                      undelivered, self.config.mqtt.host, self.config.mqtt.port, self.config.outbox.path,
+                      self.config.mqtt.host, self.config.mqtt.port)
+            return 1
         return 1 if failed else 0
+
+    @property
+    def finite_source(self) -> bool:
+        """A folder replayed once (``loop = false``): its run ends by itself."""
+        return self.config.source.type == "folder" and not self.config.source.loop
 
 
 def run(config_path: Path) -> int:

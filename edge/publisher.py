@@ -76,6 +76,24 @@ def describe_disconnect(reason: str, socket_error: str | None, keepalive_s: int)
     return reason
 
 
+def mqtt_client(c: MQTTConfig, client_id: str) -> mqtt.Client:
+    """A paho client with the configured credentials and TLS, and nothing else (no will, no callbacks):
+    the publisher's base, and the probe of ``edge check``, which must leave nothing on the broker."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
+    if c.username:
+        client.username_pw_set(c.username, c.password())
+    if c.tls:
+        try:
+            client.tls_set(ca_certs=str(c.tls.ca_file) if c.tls.ca_file else None,
+                           certfile=str(c.tls.cert_file) if c.tls.cert_file else None,
+                           keyfile=str(c.tls.key_file) if c.tls.key_file else None,
+                           cert_reqs=ssl.CERT_NONE if c.tls.insecure_skip_verify else ssl.CERT_REQUIRED)
+        except (OSError, ssl.SSLError) as error:
+            raise UserError(f"mqtt.tls: certificate files cannot be loaded ({error}); check ca_file, cert_file and key_file") from None
+        client.tls_insecure_set(c.tls.insecure_skip_verify)
+    return client
+
+
 class Publisher:
     def __init__(self, config: MQTTConfig, outbox: Outbox, device_id: str,
                  on_command: Callable[[str, bytes], None] = lambda topic, payload: None) -> None:
@@ -102,20 +120,8 @@ class Publisher:
     # -- set-up ---------------------------------------------------------------------------
     def _make_client(self, device_id: str) -> mqtt.Client:
         c = self.config
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=c.client_id or f"leukoscope-{device_id}",
-                             protocol=mqtt.MQTTv311, clean_session=True)
+        client = mqtt_client(c, c.client_id or f"leukoscope-{device_id}")
         client.will_set(f"{self.base}/status", b"offline", qos=1, retain=True)
-        if c.username:
-            client.username_pw_set(c.username, c.password())
-        if c.tls:
-            try:
-                client.tls_set(ca_certs=str(c.tls.ca_file) if c.tls.ca_file else None,
-                               certfile=str(c.tls.cert_file) if c.tls.cert_file else None,
-                               keyfile=str(c.tls.key_file) if c.tls.key_file else None,
-                               cert_reqs=ssl.CERT_NONE if c.tls.insecure_skip_verify else ssl.CERT_REQUIRED)
-            except (OSError, ssl.SSLError) as error:
-                raise UserError(f"mqtt.tls: certificate files cannot be loaded ({error}); check ca_file, cert_file and key_file") from None
-            client.tls_insecure_set(c.tls.insecure_skip_verify)
         client.reconnect_delay_set(1, int(max(1, c.reconnect_max_s)))
         client.max_inflight_messages_set(c.max_inflight)
         client.max_queued_messages_set(0)

@@ -423,6 +423,55 @@ def test_start_and_stop_sample_commands(broker, frames, tmp_path):
     sub.close()
 
 
+def retained(port: int, topic: str = "leukoscope/#") -> list[tuple[str, bytes]]:
+    """What the broker holds retained under ``topic``: it sends those right after the SUBACK, so a
+    marker published after the subscription ends the wait (no sleep)."""
+    got: list[tuple[str, bytes]] = []
+    subscribed, marked = threading.Event(), threading.Event()
+    marker = f"leukoscope/marker-{uuid.uuid4()}"
+
+    def on_message(client, userdata, message) -> None:
+        if message.topic == marker:
+            marked.set()
+        else:
+            got.append((message.topic, message.payload))
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"retained-{uuid.uuid4()}")
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+    client.on_subscribe = lambda c, u, mid, rc, p: subscribed.set()
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        assert subscribed.wait(10)
+        client.publish(marker, b"end", qos=1)
+        assert marked.wait(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return got
+
+
+def test_edge_check_leaves_nothing_behind(broker, frames, tmp_path):
+    """A self-test creates no outbox (nor its folder) and leaves no retained status on the broker."""
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "a.toml", port=broker.port, frames=frames, outbox=state / "outbox.db")
+    check = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config", str(config)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "ok   broker" in check.stdout and "ok   outbox" in check.stdout and "creates it" in check.stdout
+    assert not state.exists(), list(state.rglob("*"))
+    assert retained(broker.port) == []
+    # An outbox that exists is checked where it is, and stays as it was.
+    agent = start_agent(config)
+    assert agent.wait(timeout=120) == 0, agent.log()
+    before = sorted((p.name, p.stat().st_size) for p in state.iterdir())
+    check = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config", str(config)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and "exists" in check.stdout, check.stdout
+    assert sorted((p.name, p.stat().st_size) for p in state.iterdir()) == before
+
+
 @needs_mosquitto
 def test_wrong_credentials_give_a_clear_message(tmp_path, frames):
     passwords = tmp_path / "passwd"

@@ -534,3 +534,27 @@ def test_tls_with_right_and_wrong_ca(tmp_path, frames):
         assert "certificate files cannot be loaded" in agent.log()
     finally:
         broker.stop()
+
+
+def test_the_readme_local_broker_recipe_works(broker, tmp_path):
+    """The README's recipe, as a newcomer runs it (its broker's port and outbox moved into the test's)."""
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    text = re.search(r"<<'TOML'\n(.*?)\nTOML\n", readme, re.S).group(1)
+    config = tomllib.loads(text)
+    assert config["source"] == {"type": "folder", "path": "samples/frames", "fps": 2} and "tls" not in config["mqtt"]
+    text = text.replace("port = 1883", f"port = {broker.port}")
+    text = text.replace("/tmp/leukoscope-outbox.sqlite3", str(tmp_path / "outbox.sqlite3"))
+    path = tmp_path / "local.toml"
+    path.write_text(text)
+    sub = Subscriber(broker.port)
+    check = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config", str(path)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and check.stdout.count("ok   ") == 5, check.stdout + check.stderr
+    agent = start_agent(path)
+    assert agent.wait(timeout=120) == 0, agent.log()
+    assert sub.wait_for(lambda: len(sub.results()) == 6 and b"offline" in sub.payloads("bench-01/status"), 10), \
+        (len(sub.results()), sub.payloads("bench-01/status"), agent.log())
+    assert json.loads(sub.payloads("bench-01/samples/BENCH-1")[-1])["final"]
+    sub.close()

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=None, help="where the outbox and annotated frames go (default: a new temporary folder)")
     demo.add_argument("--frames", type=Path, default=None, help="frames to replay (default: samples/frames)")
     demo.add_argument("--bundle", type=Path, default=None, help="model bundle (default: models/default)")
+    demo.add_argument("--topic-prefix", default="leukoscope", help="MQTT topic prefix, as mqtt.topic_prefix (default: leukoscope)")
 
     check = commands.add_parser("check", help="self-test: config, bundle, camera and broker; non-zero exit on failure",
                                 description="Check a device before trusting it: the config validates, the bundle verifies and "
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from edge.demo import SAMPLES, run_demo
 
-            return run_demo(args.workdir, args.frames or SAMPLES, args.bundle)
+            return run_demo(args.workdir, args.frames or SAMPLES, args.bundle, args.topic_prefix)
         if args.command == "run":
             from edge import agent
 

@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge.config import MQTTConfig
 from edge.errors import UserError
 from edge.outbox import Outbox
+from edge.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class Publisher:
                  on_command: Callable[[str, bytes], None] = lambda topic, payload: None) -> None:
         self.config = config
         self.outbox = outbox
-        self.base = f"{config.topic_prefix}/{device_id}"
+        self.topics = Topics(config.topic_prefix, device_id)
         self.on_command = on_command
         self.connected = threading.Event()
         self.fatal: str | None = None
@@ -121,7 +122,7 @@ class Publisher:
     def _make_client(self, device_id: str) -> mqtt.Client:
         c = self.config
         client = mqtt_client(c, c.client_id or f"leukoscope-{device_id}")
-        client.will_set(f"{self.base}/status", b"offline", qos=1, retain=True)
+        client.will_set(self.topics.status, b"offline", qos=1, retain=True)
         client.reconnect_delay_set(1, int(max(1, c.reconnect_max_s)))
         client.max_inflight_messages_set(c.max_inflight)
         client.max_queued_messages_set(0)
@@ -151,8 +152,8 @@ class Publisher:
         log.info("connected to %s:%d", self.config.host, self.config.port)
         self.last_error = self._socket_errors.last = None
         self._connect_failures = 0
-        client.publish(f"{self.base}/status", b"online", qos=1, retain=True)
-        client.subscribe(f"{self.base}/cmd/#", qos=1)
+        client.publish(self.topics.status, b"online", qos=1, retain=True)
+        client.subscribe(self.topics.commands, qos=1)
         with self._wake:
             self.connected.set()
             self._wake.notify_all()
@@ -254,9 +255,9 @@ class Publisher:
                     self._inflight[message.id] = info
                     self._cursor = message.id
 
-    def publish_now(self, subtopic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
-        """Fire-and-forget for things that are not results (status, stats, command replies)."""
-        self.client.publish(f"{self.base}/{subtopic}", payload, qos=qos, retain=retain)
+    def publish_now(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
+        """Fire-and-forget for things that are not results (status, stats, command replies); ``topic`` from ``self.topics``."""
+        self.client.publish(topic, payload, qos=qos, retain=retain)
 
     def sending(self) -> bool:
         """False once the sending thread has died (a bug: its traceback is in the log)."""
@@ -278,7 +279,7 @@ class Publisher:
 
     def stop(self, *, offline: bool = True) -> None:
         if offline and self.connected.is_set():
-            info = self.client.publish(f"{self.base}/status", b"offline", qos=1, retain=True)
+            info = self.client.publish(self.topics.status, b"offline", qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout=2)
             except (RuntimeError, ValueError):

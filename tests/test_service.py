@@ -21,12 +21,14 @@ from typing import Callable
 
 import paho.mqtt.client as mqtt
 import pytest
+from jsonschema import Draft202012Validator, FormatChecker
 from paho.mqtt.enums import CallbackAPIVersion
 
 import edge.agent
 from edge.config import MQTTConfig, parse_config
 from edge.outbox import Outbox
 from edge.publisher import Publisher
+from edge.topics import schema
 from tests.broker import MOSQUITTO, Broker, Relay, free_port
 from tests.conftest import BCCD, ROOT
 from tests.publishing_child import TOPIC
@@ -124,8 +126,14 @@ class Subscriber:
 
 
 def pending_results(outbox: Path) -> dict[str, dict]:
+    """The results stored and not yet acknowledged ({} while the agent is still creating its outbox)."""
     with sqlite3.connect(outbox) as db:
-        rows = db.execute("SELECT topic, payload FROM outbox").fetchall()
+        try:
+            rows = db.execute("SELECT topic, payload FROM outbox").fetchall()
+        except sqlite3.OperationalError as error:  # the file exists a moment before its tables
+            if "no such table" not in str(error):
+                raise
+            return {}
     return {json.loads(p)["message_id"]: json.loads(p) for t, p in rows if t.endswith("/results")}
 
 
@@ -142,6 +150,11 @@ def test_results_arrive_with_status_and_summary(broker, frames, tmp_path):
     final = [json.loads(p) for p in sub.payloads("/samples/S1") if json.loads(p)["final"]]
     assert final and final[-1]["frames"] == count
     assert any(json.loads(p)["frames_processed"] for p in sub.payloads("/stats"))
+    validators = {name: Draft202012Validator(schema(name), format_checker=FormatChecker())
+                  for name in ("frame-result", "sample-summary", "stats")}
+    for suffix, name in (("/results", "frame-result"), ("/samples/S1", "sample-summary"), ("/stats", "stats")):
+        for payload in sub.payloads(suffix):
+            validators[name].validate(json.loads(payload))
     assert len(pending_results(tmp_path / "outbox.db")) == 0  # acknowledged rows are gone
     sub.close()
 
@@ -279,7 +292,7 @@ def test_a_result_whose_id_is_still_taken_is_sent_again_not_acknowledged(broker,
         assert publisher.connected.wait(10)
         broker.process.send_signal(signal.SIGSTOP)
         try:
-            publisher.publish_now("reply/ping", b"{}")  # waits for a PUBACK that cannot come yet
+            publisher.publish_now(publisher.topics.reply("ping"), b"{}")  # waits for a PUBACK that cannot come yet
             publisher.client._last_mid -= 1  # the next publish, a result, gets the reply's id
             message_id = "00000000-0000-4000-8000-000000000001"
             box.put("leukoscope/taken/results", json.dumps({"message_id": message_id}).encode())

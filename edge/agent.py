@@ -31,6 +31,7 @@ from edge.outbox import Outbox
 from edge.pipeline import Pipeline, ReviewWriter
 from edge.results import RUN_ID, SampleTally, numbered
 from edge.sources import Frame, resilient
+from edge.step import Analysed, FrameStep
 from edge.topics import BY_NAME, Topics
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,8 @@ class Agent:
         self.classifier = self._classifier(config.classifier.bundle)
         self.pipeline = Pipeline(self.classifier, config.segmentation.settings(), self.device_id)
         self.scale_watch = ScaleWatch(self.pipeline.um_per_px, config.segmentation.watch_scale_every)
+        #: One frame: pipeline -> result numbered and stored in the outbox -> tally -> observers (this agent first).
+        self.step = FrameStep(self.pipeline, self._store, [self])
         self.review = ReviewWriter(config.review.folder, self.classifier.bundle.positive_label, config.review.max_files) \
             if config.review.folder else None
         self.publisher = None
@@ -221,38 +224,46 @@ class Agent:
             self._process(frame)
 
     def _process(self, frame: Frame) -> None:
-        if frame.image is None:
-            self.counters["frames_unreadable"] += 1
-            with self.lock:
-                self.tally.unreadable_frames += 1
-            log.warning("skipped %s: %s", frame.name, frame.error)
-            return
         with self.lock:  # one lock for the model and the tally: a sample starts or stops between frames
-            try:
-                result, _, crops = self.pipeline.process(frame, self.tally.sample_id)
-            except UserError as error:
-                self.counters["frames_unreadable"] += 1
-                log.warning("skipped %s: %s", frame.name, error)
-                return
-            self.tally.add(result)
-            if self.outbox.put_numbered(self.topics.results, lambda sequence: numbered(result, sequence)) is None:
-                self.counters["results_refused_outbox_full"] += 1
-            if self.tally.sample_id is not None and self.tally.frames % SUMMARY_EVERY == 0:
-                self._summary(final=False)
-        self.scale_watch.observe(frame.image)
+            self.step(frame, self.tally)
+        if self.publisher:
+            self.publisher.notify()
+
+    def _store(self, result: dict) -> bytes | None:
+        """The frame step's store: numbered by the outbox's persistent sequence, in the same transaction."""
+        kept: list[bytes] = []
+
+        def render(sequence: int) -> bytes:
+            kept.append(numbered(result, sequence))
+            return kept[-1]
+
+        if self.outbox.put_numbered(self.topics.results, render) is None:
+            self.counters["results_refused_outbox_full"] += 1
+            return None
+        return kept[-1]
+
+    # -- the frame step's observer (called under the lock, in frame order) ----------------------
+    def analysed(self, done: Analysed) -> None:
+        """Health counters, scale and focus watch, the running summary, review frames, the log."""
+        result, frame = done.result, done.frame
+        self.scale_watch.observe(frame.image)  # type: ignore[arg-type]  # analysed frames have an image
         self.counters["cells_unclassified"] += result["counts"]["unclassified"]
         self._watch_focus(result)
         self.counters["frames_processed"] += 1
         self.last_progress = time.monotonic()
         for stage, ms in result["timings_ms"].items():
             self.stage_ms[stage] = 0.9 * self.stage_ms.get(stage, ms) + 0.1 * ms
+        if self.tally.sample_id is not None and self.tally.frames % SUMMARY_EVERY == 0:
+            self._summary(final=False)
         if self.review and (self.snapshot_requested or result["counts"]["blasts"] or self.config.review.all_frames):
-            self.review.write(frame.image, result, crops)  # named by the sequence, so after storing
+            self.review.write(frame.image, result, done.crops)  # type: ignore[arg-type]  # named by the sequence, so after storing
             self.snapshot_requested = False
         if self.config.pipeline.log_results:
             log.info("%s: %d cells, %d flagged as ALL blasts", frame.name, result["counts"]["cells"], result["counts"]["blasts"])
-        if self.publisher:
-            self.publisher.notify()
+
+    def skipped(self, frame: Frame, reason: str) -> None:
+        self.counters["frames_unreadable"] += 1
+        log.warning("skipped %s: %s", frame.name, reason)
 
     def _watch_focus(self, result: dict) -> None:
         """Warn once when frames go out of focus (and once when focus is back), not every frame."""

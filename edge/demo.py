@@ -16,12 +16,13 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 from edge import DISCLAIMER, in_words
 from edge.agent import Agent
 from edge.calibration import frames_scale
 from edge.config import parse_config
+from edge.sources import Frame
+from edge.step import Analysed
 from edge.topics import DEFAULT_PREFIX, Topics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,6 +127,20 @@ def demo_config(workdir: Path, frames: Path, bundle: Path | None, broker_port: i
     return config
 
 
+class _Kept:
+    """The demo's observer of the agent's frame step: the results as stored, for its summary."""
+
+    def __init__(self) -> None:
+        self.results: list[dict] = []
+
+    def analysed(self, done: Analysed) -> None:
+        if done.payload is not None:
+            self.results.append(json.loads(done.payload))
+
+    def skipped(self, frame: Frame, reason: str) -> None:
+        pass
+
+
 def run_demo(workdir: Path | None = None, frames: Path = SAMPLES, bundle: Path | None = None,
              topic_prefix: str = DEFAULT_PREFIX) -> int:
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="leukoscope-demo-"))
@@ -141,18 +156,8 @@ def run_demo(workdir: Path | None = None, frames: Path = SAMPLES, bundle: Path |
     else:
         print("no mosquitto found: results go to the durable outbox and this terminal only\n", flush=True)
     agent = Agent(config)
-    results: list[dict] = []
-    original = agent.outbox.put_numbered
-
-    def keep(topic: str, render: Callable[[int], bytes], **kwargs) -> int | None:
-        def rendered(sequence: int) -> bytes:
-            payload = render(sequence)
-            results.append(json.loads(payload))
-            return payload
-
-        return original(topic, rendered, **kwargs)
-
-    agent.outbox.put_numbered = keep  # type: ignore[method-assign]  # the demo also shows the results it stored
+    kept = _Kept()
+    agent.step.observers.append(kept)  # the demo also shows the results the agent stored
     try:
         agent.run()
         if subscriber:
@@ -166,7 +171,7 @@ def run_demo(workdir: Path | None = None, frames: Path = SAMPLES, bundle: Path |
         if broker:
             broker[0].terminate()
             broker[0].wait(timeout=10)
-    _print_summary(results, workdir, frames, delivered=sum(kind == "results" for kind, _ in seen) if broker else None)
+    _print_summary(kept.results, workdir, frames, delivered=sum(kind == "results" for kind, _ in seen) if broker else None)
     return 0
 
 

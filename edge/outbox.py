@@ -119,6 +119,11 @@ class Outbox:
     def __len__(self) -> int:
         return self._count
 
+    def count(self, topic: str) -> int:
+        """Messages waiting on ``topic`` (e.g. the device's results), to say what is left."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox WHERE topic = ?", (topic,)).fetchone()[0])
+
     def _counter(self, name: str) -> int:
         with self._lock:
             row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -26,11 +27,23 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge.config_mqtt import MQTTConfig
 from edge.errors import UserError
 from edge.outbox import Outbox
+from edge.topics import Topics
 
 log = logging.getLogger(__name__)
 
 #: CONNACK reasons that retrying cannot fix: stop and tell the user.
 FATAL_REASONS = {"Bad user name or password", "Not authorized", "Client identifier not valid", "Banned"}
+#: Failed connects are logged at once, then at most every 10 s, 20 s, ... up to 10 min: never silent, never a flood.
+UNREACHABLE_LOG_FIRST_S, UNREACHABLE_LOG_MAX_S = 10.0, 600.0
+
+
+def why_unreachable(host: str, port: int) -> str:
+    """Why a connect failed, in words: paho's on_connect_fail does not say, so try the TCP part once more."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return "the TCP connection opens, but the MQTT (or TLS) handshake failed"
+    except OSError as error:
+        return error.strerror or str(error) or type(error).__name__
 
 
 class _SocketErrors(logging.Handler):
@@ -64,12 +77,30 @@ def describe_disconnect(reason: str, socket_error: str | None, keepalive_s: int)
     return reason
 
 
+def mqtt_client(c: MQTTConfig, client_id: str) -> mqtt.Client:
+    """A paho client with the configured credentials and TLS, and nothing else (no will, no callbacks):
+    the publisher's base, and the probe of ``edge check``, which must leave nothing on the broker."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
+    if c.username:
+        client.username_pw_set(c.username, c.password())
+    if c.tls:
+        try:
+            client.tls_set(ca_certs=str(c.tls.ca_file) if c.tls.ca_file else None,
+                           certfile=str(c.tls.cert_file) if c.tls.cert_file else None,
+                           keyfile=str(c.tls.key_file) if c.tls.key_file else None,
+                           cert_reqs=ssl.CERT_NONE if c.tls.insecure_skip_verify else ssl.CERT_REQUIRED)
+        except (OSError, ssl.SSLError) as error:
+            raise UserError(f"mqtt.tls: certificate files cannot be loaded ({error}); check ca_file, cert_file and key_file") from None
+        client.tls_insecure_set(c.tls.insecure_skip_verify)
+    return client
+
+
 class Publisher:
     def __init__(self, config: MQTTConfig, outbox: Outbox, device_id: str,
                  on_command: Callable[[str, bytes], None] = lambda topic, payload: None) -> None:
         self.config = config
         self.outbox = outbox
-        self.base = f"{config.topic_prefix}/{device_id}"
+        self.topics = Topics(config.topic_prefix, device_id)
         self.on_command = on_command
         self.connected = threading.Event()
         self.fatal: str | None = None
@@ -81,25 +112,17 @@ class Publisher:
         self._cursor = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._connect_failures = 0
+        self._unreachable_since = time.monotonic()
+        self._next_unreachable_log = 0.0  # the first failed connect is logged at once
+        self._unreachable_log_every = UNREACHABLE_LOG_FIRST_S
         self.client = self._make_client(device_id)
 
     # -- set-up ---------------------------------------------------------------------------
     def _make_client(self, device_id: str) -> mqtt.Client:
         c = self.config
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=c.client_id or f"leukoscope-{device_id}",
-                             protocol=mqtt.MQTTv311, clean_session=True)
-        client.will_set(f"{self.base}/status", b"offline", qos=1, retain=True)
-        if c.username:
-            client.username_pw_set(c.username, c.password())
-        if c.tls:
-            try:
-                client.tls_set(ca_certs=str(c.tls.ca_file) if c.tls.ca_file else None,
-                               certfile=str(c.tls.cert_file) if c.tls.cert_file else None,
-                               keyfile=str(c.tls.key_file) if c.tls.key_file else None,
-                               cert_reqs=ssl.CERT_NONE if c.tls.insecure_skip_verify else ssl.CERT_REQUIRED)
-            except (OSError, ssl.SSLError) as error:
-                raise UserError(f"mqtt.tls: certificate files cannot be loaded ({error}); check ca_file, cert_file and key_file") from None
-            client.tls_insecure_set(c.tls.insecure_skip_verify)
+        client = mqtt_client(c, c.client_id or f"leukoscope-{device_id}")
+        client.will_set(self.topics.status, b"offline", qos=1, retain=True)
         client.reconnect_delay_set(1, int(max(1, c.reconnect_max_s)))
         client.max_inflight_messages_set(c.max_inflight)
         client.max_queued_messages_set(0)
@@ -108,6 +131,7 @@ class Publisher:
         paho_log.addHandler(self._socket_errors)
         client.enable_logger(paho_log)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
@@ -127,8 +151,9 @@ class Publisher:
             return
         log.info("connected to %s:%d", self.config.host, self.config.port)
         self.last_error = self._socket_errors.last = None
-        client.publish(f"{self.base}/status", b"online", qos=1, retain=True)
-        client.subscribe(f"{self.base}/cmd/#", qos=1)
+        self._connect_failures = 0
+        client.publish(self.topics.status, b"online", qos=1, retain=True)
+        client.subscribe(self.topics.commands, qos=1)
         with self._wake:
             self.connected.set()
             self._wake.notify_all()
@@ -140,6 +165,25 @@ class Publisher:
             what = describe_disconnect(str(reason_code), socket_error, self.config.keepalive_s)
             self.last_error = f"disconnected from {self.config.host}:{self.config.port}: {what}"
             log.warning("%s; reconnecting with backoff", self.last_error)
+            # That line said it: the failed reconnects that follow are logged on the backoff, not at once.
+            self._unreachable_since = time.monotonic()
+            self._unreachable_log_every = UNREACHABLE_LOG_FIRST_S
+            self._next_unreachable_log = self._unreachable_since + self._unreachable_log_every
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        """A connect that did not get as far as a CONNACK (no broker there, network down, TLS)."""
+        self._connect_failures += 1
+        now = time.monotonic()
+        if self._stopping or now < self._next_unreachable_log:
+            return
+        self.last_error = (f"cannot connect to broker {self.config.host}:{self.config.port} "
+                           f"({why_unreachable(self.config.host, self.config.port)})")
+        waited = now - self._unreachable_since
+        again = f"{self._connect_failures} attempts in {waited:.0f} s; " if self._connect_failures > 1 else ""
+        log.warning("%s; %sretrying with backoff (up to mqtt.reconnect_max_s=%g s); results wait in the outbox",
+                    self.last_error, again, self.config.reconnect_max_s)
+        self._next_unreachable_log = now + self._unreachable_log_every
+        self._unreachable_log_every = min(2 * self._unreachable_log_every, UNREACHABLE_LOG_MAX_S)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         """Only a wake-up: which rows are acknowledged is read from their own MQTTMessageInfo.
@@ -211,9 +255,9 @@ class Publisher:
                     self._inflight[message.id] = info
                     self._cursor = message.id
 
-    def publish_now(self, subtopic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
-        """Fire-and-forget for things that are not results (status, stats, command replies)."""
-        self.client.publish(f"{self.base}/{subtopic}", payload, qos=qos, retain=retain)
+    def publish_now(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
+        """Fire-and-forget for things that are not results (status, stats, command replies); ``topic`` from ``self.topics``."""
+        self.client.publish(topic, payload, qos=qos, retain=retain)
 
     def sending(self) -> bool:
         """False once the sending thread has died (a bug: its traceback is in the log)."""
@@ -235,7 +279,7 @@ class Publisher:
 
     def stop(self, *, offline: bool = True) -> None:
         if offline and self.connected.is_set():
-            info = self.client.publish(f"{self.base}/status", b"offline", qos=1, retain=True)
+            info = self.client.publish(self.topics.status, b"offline", qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout=2)
             except (RuntimeError, ValueError):

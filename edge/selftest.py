@@ -1,0 +1,108 @@
+"""``edge check``: the self-test of a device before it is trusted, one line per check.
+
+Kept apart from the agent: it borrows the agent's parts (config, bundle, source, broker client)
+but runs none of its threads.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from edge.agent import open_frames
+from edge.classifier import Classifier
+from edge.config import AgentConfig, load_config
+from edge.errors import UserError
+
+
+def check(config_path: Path) -> int:
+    """Self-test; one line per failure, exit status 1 if any."""
+    failures: list[str] = []
+    try:
+        config = load_config(config_path)
+    except UserError as error:
+        print(f"FAIL config: {error}")
+        return 1
+    print(f"ok   config {config_path}")
+    try:
+        classifier = Classifier(config.classifier.bundle, num_threads=config.classifier.num_threads,
+                                edgetpu=config.classifier.edgetpu, cpu_fallback=config.classifier.cpu_fallback)
+        print(f"ok   model bundle {config.classifier.bundle} ({'Edge TPU' if classifier.edgetpu else 'CPU'})")
+    except UserError as error:
+        failures.append(f"model: {error}")
+    stop = threading.Event()
+    try:
+        frame = next(iter(open_frames(config, stop.is_set, lambda reason: (failures.append(f"camera: {reason}"), stop.set()))), None)
+        if frame is not None and frame.image is not None:
+            print(f"ok   source {config.source.type}: {frame.image.shape[1]}x{frame.image.shape[0]} frame")
+        elif not any(f.startswith("camera") for f in failures):
+            failures.append(f"camera: source {config.source.type} delivered no readable frame")
+    except UserError as error:
+        failures.append(f"camera: {error}")
+    if config.mqtt.enabled:
+        failures.extend(_check_broker(config))
+    try:
+        print(f"ok   outbox {config.outbox.path} ({_check_outbox(config.outbox.path)})")
+    except UserError as error:
+        failures.append(f"outbox: {error}")
+    for failure in failures:
+        print(f"FAIL {failure}")
+    return 1 if failures else 0
+
+
+def _check_outbox(path: Path) -> str:
+    """Whether the agent will be able to keep its outbox at ``path``, without creating it: a self-test
+    must leave nothing behind (an empty outbox made by root would even lock the service out of it)."""
+    if path.exists():
+        if not path.is_file() or not os.access(path, os.R_OK | os.W_OK):
+            raise UserError(f"{path} is not a file this user can read and write; check outbox.path and its owner")
+        with path.open("rb") as handle:
+            if path.stat().st_size and handle.read(16) != b"SQLite format 3\x00":
+                raise UserError(f"{path} is not an SQLite database; point outbox.path at a new file")
+        return f"exists, {path.stat().st_size} bytes"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{path} cannot be created: {parent} is not writable by this user; check outbox.path "
+                        "(StateDirectory= in the unit makes /var/lib/leukoscope)")
+    return f"not there yet; the agent creates it in {parent}" if parent == path.parent else \
+        f"not there yet; the agent creates it and the folders under {parent}"
+
+
+def _check_broker(config: AgentConfig) -> list[str]:
+    """Connect and disconnect with the device's credentials and TLS: no will, no status, no subscription,
+    so nothing is left on the broker (a retained ``online`` would claim an agent that is not running)."""
+    from edge.publisher import FATAL_REASONS, mqtt_client
+
+    where = f"{config.mqtt.host}:{config.mqtt.port}"
+    try:
+        client = mqtt_client(config.mqtt, f"leukoscope-check-{config.device.id}")
+    except UserError as error:
+        return [f"broker: {error}"]
+    answered = threading.Event()
+    outcome: list[str] = []
+
+    def on_connect(client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            hint = " (check mqtt.username and the password file)" if str(reason_code) in FATAL_REASONS else ""
+            outcome.append(f"broker {where} refused the connection: {reason_code}{hint}")
+        answered.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect(config.mqtt.host, config.mqtt.port, keepalive=10)
+    except (OSError, ValueError) as error:
+        return [f"broker: cannot reach {where} ({error}); is the broker running and the port open?"]
+    client.loop_start()
+    try:
+        if not answered.wait(5):
+            outcome.append(f"no answer from {where} within 5 s")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if outcome:
+        return [f"broker: {outcome[0]}"]
+    print(f"ok   broker {where}")
+    return []

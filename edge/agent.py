@@ -158,6 +158,11 @@ class Agent:
                          "source_failures": 0, "results_refused_outbox_full": 0, "commands": 0, "command_errors": 0,
                          "frames_out_of_focus": 0, "cells_unclassified": 0}
         self.out_of_focus = False
+        self.web = None  # the local page (edge/web), when [web] enabled
+        if config.web.enabled:
+            from edge.web import WebPage
+
+            self.web = WebPage(self)
         self.stage_ms: dict[str, float] = {}
         self.last_progress = time.monotonic()
         self.started = time.monotonic()
@@ -242,6 +247,8 @@ class Agent:
             self.stage_ms[stage] = 0.9 * self.stage_ms.get(stage, ms) + 0.1 * ms
         if self.outbox.put_numbered(f"{self.base}/results", lambda sequence: numbered(result, sequence)) is None:
             self.counters["results_refused_outbox_full"] += 1
+        if self.web:
+            self.web.observe(frame.image, result, crops)
         if self.review and (self.snapshot_requested or result["counts"]["blasts"] or self.config.review.all_frames):
             self.review.write(frame.image, result, crops)  # named by the sequence, so after storing
             self.snapshot_requested = False
@@ -362,6 +369,8 @@ class Agent:
 
     def _run(self) -> int:
         log.info("%s", DISCLAIMER)
+        if self.web:
+            self.web.start()
         if self.publisher:
             self.publisher.start()
         threads = [threading.Thread(target=self._capture, name="capture", daemon=True),
@@ -397,6 +406,8 @@ class Agent:
         notify("STOPPING=1")
         self.stop_event.set()
         threads[1].join(timeout=30)  # the frame in hand is finished and stored
+        if self.web:
+            self.web.stop()  # before the last delivery: labels given until now go with it
         summary = self._summary(final=True)
         if self.publisher:
             if self.publisher.fatal:

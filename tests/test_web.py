@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from edge.commands import answer
 from edge.config import parse_config
 from edge.errors import UserError
 from edge.web.reviews import ReviewStore
@@ -86,9 +87,15 @@ def test_every_post_needs_the_pages_csrf_token_and_origin(tmp_path):
         assert ok.status == 200 and ok.json()["sample_id"] == "S-42"
         assert running.agent.tally.sample_id == "S-42"
         assert wait_for(lambda: request(port, "GET", "/api/sample").json()["summary"]["frames"] > 0, 30)
+        # the same handler as MQTT's cmd/start_sample: its refusal, word for word
+        refused = request(port, "POST", "/api/sample/start", body={"sample_id": "a/b"}, headers={"X-CSRF-Token": token})
+        assert refused.status == 400
+        assert refused.json()["error"] == answer(running.agent.commands, "start_sample", b'{"sample_id": "a/b"}')[1]["error"]
         stop = request(port, "POST", "/api/sample/stop", body={}, headers={"X-CSRF-Token": token})
         assert stop.status == 200 and stop.json()["summary"]["sample_id"] == "S-42" and stop.json()["summary"]["final"]
         assert running.agent.tally.sample_id is None
+        again = request(port, "POST", "/api/sample/stop", body={}, headers={"X-CSRF-Token": token})
+        assert again.status == 400 and "no sample is open" in again.json()["error"]
 
 
 def test_names_and_paths_cannot_traverse(tmp_path):
@@ -102,7 +109,7 @@ def test_names_and_paths_cannot_traverse(tmp_path):
             assert b"root:" not in response.body and b"SQLite" not in response.body
         for bad in ("../../etc", "a/b", "", "x" * 65, "S 1"):
             response = request(port, "POST", "/api/sample/start", body={"sample_id": bad}, headers={"X-CSRF-Token": token})
-            assert response.status == 400 and "sample id" in response.json()["error"], bad
+            assert response.status == 400 and "sample_id" in response.json()["error"], bad
         response = request(port, "POST", "/api/review/1", body={"label": "blast", "reviewer": "../../x"},
                            headers={"X-CSRF-Token": token})
         assert response.status == 400 and "reviewer" in response.json()["error"]

@@ -44,7 +44,6 @@ STATIC = {"/static/app.js": "text/javascript; charset=utf-8", "/static/style.css
 CROP_PATH = re.compile(r"/crop/([0-9]{1,12})\.(jpg|png)")
 REVIEW_PATH = re.compile(r"/api/review/([0-9]{1,12})")
 REVIEWER = re.compile(r"[A-Za-z0-9 ._@-]{1,64}")
-SAMPLE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_PATH = 2048
 LIVE_WIDTH = 960  # frames are shrunk to this width for the page: a fraction of the encoding cost
 FLAGGED_PER_FRAME = 8  # at most this many flagged crops of one frame are kept for review
@@ -302,7 +301,7 @@ class WebPage:
 
     def sample_state(self) -> dict:
         agent = self.agent
-        summary = agent.tally.summary(agent.device_id)
+        summary = agent.current_summary()
         backlog = len(agent.outbox)
         connected = bool(agent.publisher and agent.publisher.connected.is_set())
         previous, self._last_backlog = self._last_backlog, backlog
@@ -318,8 +317,11 @@ class WebPage:
                 "reviews": self.store.counts()}
 
     def sample_command(self, name: str, body: dict) -> dict:
-        """The page's sample actions, through the same code path as the MQTT commands."""
-        return self.agent._run_command(name, body)
+        """The page's sample actions go through the agent's command table, the very handlers that MQTT's
+        ``cmd/start_sample`` and ``cmd/stop_sample`` call: one validation, one behaviour, one reply."""
+        with self.agent.lock:
+            self.agent.counters["commands"] += 1
+        return self.agent.commands[name](body)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -508,10 +510,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(303, b"", "text/plain", {"Location": "/login", "Set-Cookie": page.guard.cookie("x").replace(
                     "Max-Age=43200", "Max-Age=0")})
             elif path == "/api/sample/start":
-                sample_id = body.get("sample_id")
-                if not isinstance(sample_id, str) or not SAMPLE_ID.fullmatch(sample_id):
-                    raise ValueError("sample id: use 1-64 letters, digits, '.', '_' or '-'")
-                self._json(200, {"ok": True, **page.sample_command("start_sample", {"sample_id": sample_id})})
+                self._json(200, {"ok": True, **page.sample_command("start_sample", {"sample_id": body.get("sample_id")})})
             elif path == "/api/sample/stop":
                 self._json(200, {"ok": True, **page.sample_command("stop_sample", {})})
             elif (match := REVIEW_PATH.fullmatch(path)):

@@ -54,8 +54,9 @@ function live() {
 function sample() {
   const refresh = async () => {
     const s = await getJSON("/api/sample");
-    const m = s.summary;
-    text("s-id", m.sample_id || "none started");
+    const m = s.summary || {sample_id: null, frames: "–", cells: "–", blasts: "–", blast_fraction: null,
+      unclassified: "–", unclassified_reasons: {}, out_of_focus_frames: "–"};
+    text("s-id", m.sample_id || "no sample open");
     text("s-frames", m.frames); text("s-cells", m.cells); text("s-blasts", m.blasts);
     text("s-fraction", m.blast_fraction === null ? "–" :
       `${(100 * m.blast_fraction).toFixed(1)}% (${(100 * m.blast_fraction_ci95[0]).toFixed(1)}–${(100 * m.blast_fraction_ci95[1]).toFixed(1)}%)`);
@@ -76,7 +77,7 @@ function sample() {
   $("stop").addEventListener("click", async () => {
     try {
       const r = await post("/api/sample/stop", {});
-      say(`sample ${r.summary.sample_id || "(none)"} stopped: ${r.summary.cells} cells, ${r.summary.blasts} flagged`); refresh();
+      say(`sample ${r.summary.sample_id} stopped: ${r.summary.cells} cells, ${r.summary.blasts} flagged`); refresh();
     } catch (e) { say(e.message, true); }
   });
 }

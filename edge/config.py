@@ -166,6 +166,8 @@ class WebConfig(Strict):
     review_max_crops: int = Field(2000, ge=10, description="unreviewed crops kept; the oldest go first")
     unflagged_fraction: float = Field(0.02, ge=0, le=1, description="share of unflagged cells offered for review, "
                                       "so that misses can be estimated too")
+    review_crops_per_minute: float = Field(30.0, gt=0, le=6000, description="most crops kept for review per minute "
+                                           "(bursts of 8): more than a person reviews, and the page's cost stays small")
     max_body_bytes: int = Field(16384, ge=256, le=1 << 20)
     rate_per_s: float = Field(20.0, gt=0, description="requests per second per client address (sustained)")
     rate_burst: int = Field(60, ge=1)

@@ -228,3 +228,26 @@ def test_labels_are_durable_carry_provenance_and_reach_the_broker(tmp_path):
     finally:
         sub.close()
         broker.stop()
+
+
+def test_reviewed_crops_export_as_a_training_source(tmp_path):
+    from edge.cli import main
+    from edge.dataset import scan_sources
+
+    with RunningAgent(agent_config(tmp_path)) as running:
+        assert wait_for(lambda: len(running.agent.web.store.pending(limit=4)) >= 4, 60)
+        web = running.agent.web
+        crops = [c["id"] for c in web.store.pending(limit=4)]
+        for crop, label in zip(crops, ("blast", "normal", "not_a_cell", "blast")):
+            web.label(crop, label, "R1", "loopback")
+    assert main(["export-reviews", "--db", str(tmp_path / "reviews.sqlite3"), "--out", str(tmp_path / "site")]) == 0
+    samples, record = scan_sources([tmp_path / "site"])  # the trainer reads it as one source at its declared scale
+    assert sorted(s.label for s in samples) == [0, 1, 1]
+    assert record["site"]["um_per_px"] == 0.125 and record["site"]["scale_from"] == "leukoscope-scale.json"
+    from edge.dataset import load_arrays  # and the device's own segmentation finds the cell in each
+    images, kept = load_arrays(samples, progress=False)
+    assert images.shape == (3, 96, 96, 3) and len(kept) == 3
+    lines = (tmp_path / "site" / "provenance.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(line)["reviewer"] == "R1" for line in lines)
+    assert main(["export-reviews", "--db", str(tmp_path / "reviews.sqlite3"), "--out", str(tmp_path / "site")]) == 2
+    assert main(["export-reviews", "--db", str(tmp_path / "missing.sqlite3"), "--out", str(tmp_path / "x")]) == 2

@@ -5,9 +5,9 @@ has, and the device is where it is made; it must survive a power cut before it h
 Why a random share of unflagged cells too: reviewing only what was flagged measures false blasts but
 never the misses; a small random sample of the rest estimates how many blasts went unflagged.
 
-Each crop keeps two images: the frame region as a person judges it (JPEG, native resolution) and the
-model's own input at the contract scale (PNG), which ``edge export-reviews`` style tooling and
-fine-tuning read. Each label keeps its provenance (device, bundle, scale, stain reference, time,
+Each crop keeps two images: the cell in a fixed 36 µm field as a person judges it (JPEG, 0.125 µm per
+pixel; ``edge export-reviews`` writes these for fine-tuning) and the model's own input (PNG, its
+SHA-256 in the label), which shows exactly what the model saw. Each label keeps its provenance (device, bundle, scale, stain reference, time,
 reviewer), is stored before it is published, and is published through the outbox like a result.
 """
 
@@ -32,9 +32,11 @@ REVIEW_SCHEMA = "leukoscope/review-label"
 REVIEW_SCHEMA_VERSION = 1
 #: What a reviewer may say about a crop (keyboard: b, n, x, u).
 LABELS = ("blast", "normal", "not_a_cell", "unsure")
-#: Region around a cell shown to a person: the box plus this share of its size on each side.
-VIEW_MARGIN = 0.4
-VIEW_MAX_SIDE = 320
+#: What a person sees of a cell, and what is exported for training: a 36 µm square (room for the largest
+#: white cell and some of its neighbours) at 0.125 µm per pixel (288 px): half the model's pixel size, so
+#: that the trainer's own crop brings it to the contract's scale as it does every other source.
+VIEW_FIELD_UM = 36.0
+VIEW_UM_PER_PX = 0.125
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS crops (
@@ -73,17 +75,22 @@ class Label:
     payload: bytes
 
 
-def view_of(image: np.ndarray, bbox: list[int]) -> bytes:
-    """The cell with some of its surroundings, as JPEG, no larger than VIEW_MAX_SIDE: what a person judges."""
+def view_of(image: np.ndarray, bbox: list[int], um_per_px: float) -> bytes:
+    """The cell centred in a fixed physical field (VIEW_FIELD_UM square at VIEW_UM_PER_PX), as JPEG.
+
+    Fixed in micrometres, so that a person sees every cell at its true relative size, and so that the
+    exported crops form one source at one scale that the trainer cuts exactly as the device does."""
     x, y, w, h = bbox
-    mx, my = int(w * VIEW_MARGIN), int(h * VIEW_MARGIN)
-    region = image[max(0, y - my):y + h + my, max(0, x - mx):x + w + mx]
-    side = max(region.shape[:2])
-    if side > VIEW_MAX_SIDE:
-        scale = VIEW_MAX_SIDE / side
-        region = cv2.resize(region, (max(1, int(region.shape[1] * scale)), max(1, int(region.shape[0] * scale))),
-                            interpolation=cv2.INTER_AREA)
-    ok, data = cv2.imencode(".jpg", cv2.cvtColor(region, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    half = VIEW_FIELD_UM / 2 / um_per_px  # frame pixels from the centre to the field's edge
+    cx, cy = x + w / 2, y + h / 2
+    left, top, right, bottom = (int(round(v)) for v in (cx - half, cy - half, cx + half, cy + half))
+    pad = max(0, -left, -top, right - image.shape[1], bottom - image.shape[0])
+    padded = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_REFLECT_101) if pad else image
+    region = padded[top + pad:bottom + pad, left + pad:right + pad]
+    side = int(round(VIEW_FIELD_UM / VIEW_UM_PER_PX))
+    factor = um_per_px / VIEW_UM_PER_PX
+    region = cv2.resize(region, (side, side), interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(region, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
     return data.tobytes()
 
 
@@ -108,8 +115,9 @@ class ReviewStore:
             provenance: dict) -> int:
         """Keep one cell for review; the oldest unreviewed crops go when there are more than ``max_crops``."""
         ok, png = cv2.imencode(".png", cv2.cvtColor(model_input, cv2.COLOR_RGB2BGR))
+        view = view_of(image, cell["bbox"], provenance["scale"]["um_per_px"])
         row = (time.time(), result.get("sample_id"), result.get("sequence"), result["source"], json.dumps(cell["bbox"]),
-               float(cell["p_all"]), cell["label"], selected, json.dumps(provenance), view_of(image, cell["bbox"]), png.tobytes())
+               float(cell["p_all"]), cell["label"], selected, json.dumps(provenance), view, png.tobytes())
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -196,12 +204,12 @@ class ReviewStore:
             self._db.execute("UPDATE labels SET published = 1 WHERE id = ?", (label_id,))
 
     def export_rows(self) -> list[dict]:
-        """Every crop's latest label with its model input and provenance (for export and fine-tuning)."""
+        """Every reviewed crop's latest label with its field view and the label's payload (for export)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT c.id, l.label, c.model_input, l.payload FROM labels l JOIN crops c ON c.id = l.crop_id "
+                "SELECT c.id, l.label, c.view, l.payload FROM labels l JOIN crops c ON c.id = l.crop_id "
                 "WHERE l.id IN (SELECT MAX(id) FROM labels GROUP BY crop_id) ORDER BY c.id").fetchall()
-        return [{"id": r[0], "label": r[1], "model_input": bytes(r[2]), "payload": json.loads(r[3])} for r in rows]
+        return [{"id": r[0], "label": r[1], "view": bytes(r[2]), "payload": json.loads(r[3])} for r in rows]
 
     def close(self) -> None:
         with self._lock:

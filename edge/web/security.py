@@ -37,6 +37,12 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
+    def ready(self, client: str) -> bool:
+        """Whether one request would be allowed now (nothing is used up)."""
+        with self._lock:
+            tokens, last = self._buckets.get(client, (float(self.burst), time.monotonic()))
+            return tokens + (time.monotonic() - last) * self.rate >= 1.0
+
     def allow(self, client: str, cost: float = 1.0) -> float:
         """0 when allowed, else the seconds until it would be (for Retry-After)."""
         now = time.monotonic()

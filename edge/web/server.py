@@ -32,7 +32,7 @@ import numpy as np
 from edge.errors import UserError
 from edge.pipeline import annotate
 from edge.web.reviews import LABELS, ReviewStore
-from edge.web.security import Guard
+from edge.web.security import Guard, RateLimiter
 
 if TYPE_CHECKING:
     from edge.agent import Agent
@@ -161,6 +161,7 @@ class WebPage:
         self.files = {name: (resources.files("edge.web") / "static" / name).read_bytes()
                       for name in [*PAGES.values(), *(p.rsplit("/", 1)[1] for p in STATIC)]}
         self.rng = random.Random()
+        self.crop_budget = RateLimiter(self.config.review_crops_per_minute / 60.0, FLAGGED_PER_FRAME)
         self._pending: deque[tuple[np.ndarray, dict, np.ndarray]] = deque(maxlen=2)
         self._work = threading.Condition()
         self.stopping = threading.Event()
@@ -215,6 +216,8 @@ class WebPage:
     def observe(self, image: np.ndarray, result: dict, crops: np.ndarray) -> None:
         """The agent's one call per processed frame: O(1), no encoding or disk here (the pipeline's fps)."""
         self.live.observe(image, result)
+        if not self.crop_budget.ready("crops"):
+            return  # kept enough for now: the next crops are no more useful than the ones waiting
         if any(c["label"] == self.live.positive_label for c in result["cells"]) or self.config.unflagged_fraction:
             with self._work:
                 if len(self._pending) == self._pending.maxlen:
@@ -246,6 +249,9 @@ class WebPage:
                 selected = "random"
             else:
                 continue
+            if self.crop_budget.allow("crops"):
+                self.counters["review_skipped"] += 1
+                continue
             self.store.add(image=image, cell=cell, model_input=crop, result=result, selected=selected,
                            provenance=self.provenance())
             self.counters["review_crops"] += 1
@@ -258,7 +264,8 @@ class WebPage:
         return {"device_id": agent.device_id,
                 "bundle": {"folder": bundle.root.name, "files": bundle.manifest["files"], "threshold": bundle.threshold},
                 "scale": {"um_per_px": agent.pipeline.um_per_px, "measured_um_per_px": agent.scale_watch.measured},
-                "contract": bundle.manifest["preprocessing"]}
+                "contract": bundle.manifest["preprocessing"],
+                "selection": {"unflagged_fraction": self.config.unflagged_fraction}}
 
     # -- labels -----------------------------------------------------------------------------------
     def label(self, crop_id: int, label: str, reviewer: str, access: str) -> dict:

@@ -11,6 +11,7 @@ import ssl
 import subprocess
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from edge.commands import answer
@@ -18,6 +19,7 @@ from edge.config import parse_config
 from edge.errors import UserError
 from edge.web.reviews import ReviewStore
 from tests.broker import Broker
+from tests.conftest import ROOT
 from tests.test_service import Subscriber
 from tests.web_helpers import FRAMES, RunningAgent, agent_config, csrf_of, request, wait_for
 
@@ -209,6 +211,8 @@ def test_labels_are_durable_carry_provenance_and_reach_the_broker(tmp_path):
             assert missing.status == 404
             assert sub.wait_for(lambda: sub.payloads("/reviews"), 30)
         message = json.loads(sub.payloads("/reviews")[0])
+        schema = json.loads((ROOT / "edge" / "schemas" / "review-label.schema.json").read_text())
+        jsonschema.validate(message, schema, format_checker=jsonschema.FormatChecker())
         assert message["schema"] == "leukoscope/review-label" and message["label"] == "normal"
         assert message["crop_id"] == crop["id"] and message["reviewer"] == "A. Reviewer" and message["access"] == "loopback"
         assert message["device_id"] == "w1" and message["bundle"]["files"] and message["scale"]["um_per_px"] > 0

@@ -30,7 +30,7 @@ def main(outbox_path: str, port: str) -> None:
     if not publisher.connected.wait(10):
         sys.exit(f"publishing_child: no connection to 127.0.0.1:{port}")
     for _ in range(3):  # like the agent's periodic stats: QoS 0, not from the outbox
-        publisher.publish_now("stats", b"{}", qos=0)
+        publisher.publish_now(publisher.topics.stats, b"{}", qos=0)
     print("ready", flush=True)
     command, count = sys.stdin.readline().split()
     assert command == "store"

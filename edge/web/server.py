@@ -31,6 +31,9 @@ import numpy as np
 
 from edge.errors import UserError
 from edge.pipeline import annotate
+from edge.sources import Frame
+from edge.step import Analysed
+from edge.topics import BY_NAME
 from edge.web.reviews import LABELS, ReviewStore
 from edge.web.security import Guard, RateLimiter
 
@@ -212,9 +215,16 @@ class WebPage:
             thread.join(timeout=5)
         self.store.close()
 
-    # -- from the agent's inference thread --------------------------------------------------------
+    # -- the frame step's observer (the agent's inference thread, under its lock) --------------------
+    def analysed(self, done: Analysed) -> None:
+        """Every analysed frame, after its result is kept: O(1) here, no encoding or disk (the pipeline's fps)."""
+        self.observe(done.frame.image, done.result, done.crops)  # type: ignore[arg-type]  # analysed: has an image
+
+    def skipped(self, frame: Frame, reason: str) -> None:
+        """Unreadable frames: the agent counts and logs them; the page shows the last good frame."""
+
     def observe(self, image: np.ndarray, result: dict, crops: np.ndarray) -> None:
-        """The agent's one call per processed frame: O(1), no encoding or disk here (the pipeline's fps)."""
+        """Keep the frame for the live view and offer its cells for review (another thread stores them)."""
         self.live.observe(image, result)
         if not self.crop_budget.ready("crops"):
             return  # kept enough for now: the next crops are no more useful than the ones waiting
@@ -281,7 +291,7 @@ class WebPage:
 
     def _publish(self, label_id: int, payload: bytes) -> None:
         agent = self.agent
-        if agent.outbox.put(f"{agent.base}/reviews", payload) is not None:
+        if agent.outbox.put(agent.topics.reviews, payload, qos=BY_NAME["reviews"].qos) is not None:
             self.store.mark_published(label_id)
         if agent.publisher:
             agent.publisher.notify()

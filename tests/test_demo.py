@@ -7,6 +7,8 @@ import pytest
 from edge.cli import main
 from tests.broker import MOSQUITTO
 
+pytestmark = pytest.mark.slow  # the whole agent, a broker and a subscriber
+
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path)]) == 0

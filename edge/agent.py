@@ -165,6 +165,12 @@ class Agent:
                          "source_failures": 0, "results_refused_outbox_full": 0, "commands": 0, "command_errors": 0,
                          "frames_out_of_focus": 0, "cells_unclassified": 0}
         self.out_of_focus = False
+        self.web = None  # the local page (edge/web), when [web] enabled: it watches the frame step too
+        if config.web.enabled:
+            from edge.web import WebPage
+
+            self.web = WebPage(self)
+            self.step.observers.append(self.web)
         self.stage_ms: dict[str, float] = {}
         self.last_progress = time.monotonic()
         self.started = time.monotonic()
@@ -377,6 +383,8 @@ class Agent:
 
     def _run(self) -> int:
         log.info("%s", DISCLAIMER)
+        if self.web:
+            self.web.start()
         if self.publisher:
             self.publisher.start()
         threads = [threading.Thread(target=self._capture, name="capture", daemon=True),
@@ -412,6 +420,8 @@ class Agent:
         notify("STOPPING=1")
         self.stop_event.set()
         threads[1].join(timeout=30)  # the frame in hand is finished and stored
+        if self.web:
+            self.web.stop()  # before the last delivery: labels given until now go with it
         with self.lock:
             summary = self._close_sample()
             outside = self.tally.frames

@@ -64,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--bundle", type=Path, default=None, help="model bundle (default: models/default)")
     demo.add_argument("--topic-prefix", default="leukoscope", help="MQTT topic prefix, as mqtt.topic_prefix (default: leukoscope)")
 
+    export = commands.add_parser("export-reviews", help="write the crops reviewed on the page as a training source",
+                                 description="Write the crops people labelled on the local page (web.review_db) in the "
+                                             "trainer's layout: OUT/all (blast) and OUT/hem (normal), one 36 µm field per "
+                                             "cell at 0.125 µm/px (declared in leukoscope-scale.json), with every label's "
+                                             "provenance in provenance.jsonl. 'not a cell' and 'unsure' are left out.",
+                                 epilog="Example: edge export-reviews --db /var/lib/leukoscope/reviews.sqlite3 --out site-a "
+                                        "&& trainer fit --data site-a ...")
+    export.add_argument("--db", type=Path, required=True, help="the device's review database (web.review_db)")
+    export.add_argument("--out", type=Path, required=True, help="folder to write (must be new or empty)")
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+
     check = commands.add_parser("check", help="self-test: config, bundle, camera and broker; non-zero exit on failure",
                                 description="Check a device before trusting it: the config validates, the bundle verifies and "
                                             "loads, the camera gives a frame, the outbox opens and the broker answers. One "
@@ -206,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
             from edge.demo import SAMPLES, run_demo
 
             return run_demo(args.workdir, args.frames or SAMPLES, args.bundle, args.topic_prefix)
+        if args.command == "export-reviews":
+            from edge.web.export import export_reviews
+
+            counts = export_reviews(args.db, args.out, overwrite=args.overwrite)
+            print(f"wrote {sum(counts['exported'].values())} crops to {args.out} ({counts['exported']}); "
+                  f"left out {counts['left_out'] or 'none'}")
+            return 0
         if args.command == "run":
             from edge import agent
 

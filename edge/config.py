@@ -86,6 +86,61 @@ class ReviewConfig(Strict):
     all_frames: bool = Field(False, description="annotate every frame, not only those with a flagged cell")
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class WebTLSConfig(Strict):
+    cert_file: Path = Field(description="server certificate chain (PEM)")
+    key_file: Path = Field(description="its private key (PEM); keep it readable by the service only")
+
+
+class WebConfig(Strict):
+    """The local page (edge/web): off by default, loopback only unless configured otherwise."""
+
+    enabled: bool = False
+    host: str = Field("127.0.0.1", description="address to listen on; anything but loopback needs token_file")
+    port: int = Field(8080, ge=0, le=65535, description="0: any free port (tests)")
+    token_file: Path | None = Field(None, description="file holding the access token; a bare name is looked up in "
+                                    "$CREDENTIALS_DIRECTORY; required off loopback")
+    tls: WebTLSConfig | None = None
+    allowed_hosts: list[str] = Field(default_factory=list, description="extra Host names the page answers to "
+                                     "(e.g. the Pi's DNS name); loopback names are always allowed")
+    review_db: Path = Field(Path(os.environ.get("STATE_DIRECTORY", "/var/lib/leukoscope")) / "reviews.sqlite3")
+    review_max_crops: int = Field(2000, ge=10, description="unreviewed crops kept; the oldest go first")
+    unflagged_fraction: float = Field(0.02, ge=0, le=1, description="share of unflagged cells offered for review, "
+                                      "so that misses can be estimated too")
+    review_crops_per_minute: float = Field(30.0, gt=0, le=6000, description="most crops kept for review per minute "
+                                           "(bursts of 8): more than a person reviews, and the page's cost stays small")
+    max_body_bytes: int = Field(16384, ge=256, le=1 << 20)
+    rate_per_s: float = Field(20.0, gt=0, description="requests per second per client address (sustained)")
+    rate_burst: int = Field(60, ge=1)
+    max_connections: int = Field(16, ge=2, le=256)
+    stream_fps: float = Field(4.0, gt=0, le=30, description="most frames per second sent to one live view")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]{1,253}", name):
+                raise ValueError(f"{name!r} is not a host name; give names such as 'scope-01.lab.example'")
+        return value
+
+    @model_validator(mode="after")
+    def _guarded_off_loopback(self) -> "WebConfig":
+        if self.enabled and self.host not in LOOPBACK_HOSTS and not self.token_file:
+            raise ValueError(f"host {self.host!r} is not loopback, so the page needs a token: set web.token_file "
+                             "(a file, or a systemd credential name) or keep host = '127.0.0.1'")
+        return self
+
+    def token(self) -> str | None:
+        """The access token (never logged); an empty file is refused, since it would let anyone in."""
+        token = read_password(self.token_file, "web.token_file")
+        if token is not None and len(token.strip()) < 12:
+            raise UserError(f"web.token_file {self.token_file}: use a token of at least 12 characters "
+                            "(e.g. `openssl rand -hex 16`)")
+        return None if token is None else token.strip()
+
+
 Source = Annotated[Union[FolderSourceSettings, OpenCVSourceSettings, Picamera2SourceSettings], Field(discriminator="type")]
 
 
@@ -98,6 +153,7 @@ class AgentConfig(Strict):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
 
 
 def _describe(error: dict) -> str:

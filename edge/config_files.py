@@ -22,8 +22,9 @@ def check_topic_prefix(value: str) -> str:
     return value
 
 
-def read_password(password_file: Path | None) -> str | None:
-    """Read a broker password (never logged). A relative name is looked up in systemd's credentials directory."""
+def read_password(password_file: Path | None, key: str = "mqtt.password_file") -> str | None:
+    """Read a secret (a broker password, the web page's token; never logged). A relative name is looked up in
+    systemd's credentials directory. ``key`` names the config key in the one-line error."""
     if not password_file:
         return None
     path = password_file
@@ -33,7 +34,7 @@ def read_password(password_file: Path | None) -> str | None:
     try:
         return path.read_text().rstrip("\r\n")
     except OSError as error:
-        raise UserError(f"mqtt.password_file {password_file} cannot be read ({error.strerror}); "
+        raise UserError(f"{key} {password_file} cannot be read ({error.strerror}); "
                         "check the path or the LoadCredential= line of the unit") from None
 
 

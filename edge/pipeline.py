@@ -75,6 +75,26 @@ class Pipeline:
         return result, cells, batch
 
 
+def annotate(image: np.ndarray, result: dict, positive_label: str) -> np.ndarray:
+    """The frame (RGB) as a person should see it (BGR, for OpenCV's writers): a box and words on every
+    cell, red for a flagged blast, green for another classified cell, grey with the reason for a cell
+    the quality gate did not classify. One home for what saved review frames and the live page show."""
+    canvas = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    thickness = max(2, image.shape[1] // 400)
+    for cell in result["cells"]:
+        x, y, w, h = cell["bbox"]
+        colour = FLAGGED_COLOUR if cell["label"] == positive_label else NORMAL_COLOUR
+        cv2.rectangle(canvas, (x, y), (x + w, y + h), colour, thickness)
+        cv2.putText(canvas, f"{in_words(cell['label'])} {cell['p_all']:.2f}", (x, max(12, y - 6)), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.5 * thickness, colour, thickness)
+    for cell in result.get("unclassified", []):  # stopped by the quality gate: grey, with the reason
+        x, y, w, h = cell["bbox"]
+        cv2.rectangle(canvas, (x, y), (x + w, y + h), UNCLASSIFIED_COLOUR, thickness)
+        cv2.putText(canvas, f"not classified: {cell['reason']}", (x, max(12, y - 6)), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.5 * thickness, UNCLASSIFIED_COLOUR, thickness)
+    return canvas
+
+
 class ReviewWriter:
     """Annotated frames and flagged crops for a person to review, bounded on disk (oldest go first)."""
 
@@ -88,23 +108,12 @@ class ReviewWriter:
                          for f in (folder, folder / "flagged")}
 
     def write(self, image: np.ndarray, result: dict, crops: np.ndarray) -> Path:
-        canvas = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        canvas = annotate(image, result, self.positive_label)
         prefix = f"{result['sequence']:06d}_" + Path(result["source"]).stem.replace("#", "_").replace(":", "_")
-        thickness = max(2, image.shape[1] // 400)
         for cell, crop in zip(result["cells"], crops):
-            x, y, w, h = cell["bbox"]
-            flagged = cell["label"] == self.positive_label
-            colour = FLAGGED_COLOUR if flagged else NORMAL_COLOUR
-            cv2.rectangle(canvas, (x, y), (x + w, y + h), colour, thickness)
-            cv2.putText(canvas, f"{in_words(cell['label'])} {cell['p_all']:.2f}", (x, max(12, y - 6)), cv2.FONT_HERSHEY_SIMPLEX,
-                        0.5 * thickness, colour, thickness)
-            if flagged:
+            if cell["label"] == self.positive_label:
+                x, y = cell["bbox"][:2]
                 self._keep(self.folder / "flagged" / f"{prefix}_{x}_{y}.png", crop[..., ::-1])
-        for cell in result.get("unclassified", []):  # stopped by the quality gate: grey, with the reason
-            x, y, w, h = cell["bbox"]
-            cv2.rectangle(canvas, (x, y), (x + w, y + h), UNCLASSIFIED_COLOUR, thickness)
-            cv2.putText(canvas, f"not classified: {cell['reason']}", (x, max(12, y - 6)), cv2.FONT_HERSHEY_SIMPLEX,
-                        0.5 * thickness, UNCLASSIFIED_COLOUR, thickness)
         path = self.folder / f"{prefix}.jpg"
         self._keep(path, canvas, [cv2.IMWRITE_JPEG_QUALITY, 85])
         return path

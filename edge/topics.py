@@ -40,6 +40,7 @@ SURFACE: tuple[TopicSpec, ...] = (
     TopicSpec("stats", 0, False, "stats", "health: fps, stage latencies, queue depth, outbox backlog, dropped counts"),
     TopicSpec("cmd/<name>", 1, False, "command", "commands to the device (below)"),
     TopicSpec("reply/<name>", 1, False, "command-reply", "the answer to each command (or to `reply_to` given in the command)"),
+    TopicSpec("reviews", 1, False, "review-label", "a person's label of a cell on the local page, with its provenance"),
 )
 BY_NAME = {spec.name.split("/")[0]: spec for spec in SURFACE}
 
@@ -68,6 +69,10 @@ class Topics:
     def commands(self) -> str:
         """The filter the device subscribes to for its commands."""
         return f"{self.base}/cmd/#"
+
+    @property
+    def reviews(self) -> str:
+        return f"{self.base}/reviews"
 
     def sample(self, sample_id: str) -> str:
         return f"{self.base}/samples/{sample_id}"

@@ -51,6 +51,7 @@ def test_regular_install_finds_the_shipped_model_samples_and_schemas(tmp_path: P
     assert found == [str(site / "edge" / "__init__.py"), str(share / "models" / "default"), str(share / "samples" / "frames"),
                      str(share / "models" / "default")]
     assert {p.name for p in (site / "edge" / "schemas").iterdir()} >= {"frame-result.schema.json", "sample-summary.schema.json"}
+    assert (site / "edge" / "web" / "static").is_dir() and any((site / "edge" / "web" / "static").iterdir())  # the local page
 
     replay = subprocess.run([str(venv / "bin" / "edge"), "replay", "--source", str(share / "samples" / "frames"), "--json"],
                             cwd=tmp_path, env=alone, capture_output=True, text=True, timeout=300)

@@ -13,11 +13,11 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from edge.assets import DEFAULT_BUNDLE
-from edge.config_files import read_toml
-from edge.config_mqtt import MQTTConfig, Strict, TLSConfig  # noqa: F401  (TLSConfig: part of this schema)
+from edge.config_files import read_password, read_toml
+from edge.config_mqtt import MQTTConfig, Strict
 from edge.errors import UserError
 from edge.segmentation import SegmentationSettings
 from edge.sources.folder import FolderSourceSettings

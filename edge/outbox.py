@@ -41,6 +41,18 @@ class Message:
     retain: bool
 
 
+def durable_sqlite(path: Path, schema: str) -> sqlite3.Connection:
+    """An SQLite file that survives a power cut once a write returns: WAL with synchronous=FULL, one
+    connection shared by threads under the caller's lock, autocommit (callers open their transactions).
+    Raises sqlite3.Error or OSError; callers turn them into their own one-line error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(schema)
+    return db
+
+
 class Outbox:
     def __init__(self, path: Path, *, max_messages: int = 500_000, when_full: str = "drop_oldest") -> None:
         self.path = Path(path)
@@ -48,11 +60,7 @@ class Outbox:
         self.when_full = when_full
         self._lock = threading.Lock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
+            self._db = durable_sqlite(self.path, SCHEMA)
             self._count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         except (sqlite3.Error, OSError) as error:
             raise UserError(f"outbox {self.path} cannot be opened ({error}); check outbox.path and that the "

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -19,6 +21,16 @@ PBC = SHARED_DATA / "pbc-normal"
 
 needs_cnmc = pytest.mark.skipif(not CNMC.is_dir(), reason=f"real C-NMC crops not found at {CNMC} (../shared is absent in a bare clone)")
 needs_pbc = pytest.mark.skipif(not PBC.is_dir(), reason=f"real PBC cells not found at {PBC} (../shared is absent in a bare clone)")
+def wait_for(condition: Callable[[], object], timeout: float) -> bool:
+    """Wait on the event itself (polled every 50 ms) instead of a fixed sleep; False on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 needs_bccd = pytest.mark.skipif(not BCCD.is_dir(), reason=f"real BCCD frames not found at {BCCD} (../shared is absent in a bare clone)")
 
 

@@ -30,7 +30,7 @@ from edge.outbox import Outbox
 from edge.publisher import Publisher
 from edge.topics import schema
 from tests.broker import MOSQUITTO, Broker, Relay, free_port
-from tests.conftest import BCCD, ROOT
+from tests.conftest import BCCD, ROOT, wait_for
 from tests.publishing_child import TOPIC
 
 pytestmark = pytest.mark.slow
@@ -81,14 +81,6 @@ class Agent(subprocess.Popen):
 def start_agent(config: Path) -> Agent:
     return Agent(config)
 
-
-def wait_for(condition: Callable[[], object], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 class Subscriber:

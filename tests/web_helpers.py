@@ -7,25 +7,15 @@ import json
 import re
 import ssl
 import threading
-import time
 from pathlib import Path
-from typing import Callable
 
 from edge.agent import Agent
 from edge.calibration import read_scale_file
 from edge.config import parse_config
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 
 FRAMES = ROOT / "samples" / "frames"
 
-
-def wait_for(condition: Callable[[], object], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def agent_config(tmp_path: Path, *, web: dict | None = None, mqtt_port: int | None = None, fps: float = 4.0,

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from edge.errors import UserError
+from edge.outbox import durable_sqlite
 from edge.results import RUN_ID
 
 REVIEW_SCHEMA = "leukoscope/review-label"
@@ -102,11 +103,7 @@ class ReviewStore:
         self.max_crops = max_crops
         self._lock = threading.Lock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
+            self._db = durable_sqlite(self.path, SCHEMA)
         except (sqlite3.Error, OSError) as error:
             raise UserError(f"web.review_db {self.path} cannot be opened ({error}); check the path and that its "
                             "directory is writable (StateDirectory= in the unit)") from None

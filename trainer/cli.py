@@ -32,7 +32,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new run is complete")
     parser.add_argument("--model", choices=["edge", "seed"], default="edge",
                         help="edge: the small int8/Edge-TPU model (default); seed: the published 30.6M-parameter CNN, the baseline")
-    parser.add_argument("--epochs", type=int, default=40, help="maximum epochs; early stopping on validation AUC (default 40)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="maximum epochs; early stopping on validation AUC (default 40; with --finetune: exactly this many, default 6)")
     parser.add_argument("--image-size", type=int, default=None, help=f"input side in pixels (default: edge {default_input_size('edge')}, the crop contract's; "
                         f"seed {default_input_size('seed')}, the published CNN's)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
@@ -49,6 +50,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace):
     from trainer.fit import FitConfig
 
+    if args.epochs is None:
+        args.epochs = 40
     for name in ("epochs", "batch_size", "patience"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -61,6 +64,29 @@ def _config(args: argparse.Namespace):
                      patience=args.patience, steps_per_epoch=args.steps_per_epoch, allow_collapse=args.allow_collapse,
                      time_budget_min=args.time_budget, bccd=args.bccd, leave_out_type=args.leave_out_type,
                      compose_share=args.compose_share)
+
+
+#: ``fit`` options that RUN fixes or that mean nothing for a fine-tune, refused when given with --finetune.
+_NOT_WITH_FINETUNE = {"image_size": None, "model": "edge", "bccd": None, "leave_out_type": None, "test_fraction": 0.0,
+                      "compose_share": 0.5, "val_fraction": 0.2, "patience": 10}
+
+
+def _finetune(args: argparse.Namespace) -> dict:
+    from trainer.finetune import FinetuneConfig, finetune
+
+    for name, default in _NOT_WITH_FINETUNE.items():
+        if getattr(args, name) != default:
+            raise UserError(f"--{name.replace('_', '-')} cannot be used with --finetune: the run fixes it or it has no "
+                            "meaning for a fine-tune; leave it out")
+    epochs = 6 if args.epochs is None else args.epochs
+    if epochs < 1 or args.batch_size < 1:
+        raise UserError("--epochs and --batch-size must be at least 1")
+    if args.replay_ratio < 0:
+        raise UserError("--replay-ratio must be 0 or more")
+    config = FinetuneConfig(epochs=epochs, learning_rate=args.learning_rate, batch_size=args.batch_size, seed=args.seed,
+                            replay_ratio=args.replay_ratio, steps_per_epoch=args.steps_per_epoch,
+                            time_budget_min=args.time_budget, allow_collapse=args.allow_collapse)
+    return finetune(args.finetune, args.data, args.out, config, overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,10 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("fit", help="train one model on a patient split and write a run folder",
                               description="Train on a patient-disjoint split; writes the model, metrics, plots and report.",
-                              epilog="Example: trainer fit --data ../shared/data/cnmc-dev --out runs/edge")
+                              epilog="Example: trainer fit --data ../shared/data/cnmc-dev --out runs/edge; to adapt it to a site: "
+                                     "trainer fit --finetune runs/edge --data site-reviews --out runs/edge-site")
     _add_training_options(fit)
     fit.add_argument("--test-fraction", type=float, default=0.0,
                      help="also hold out this share of patients as a test split never used for training or threshold (default 0)")
+    tune = fit.add_argument_group(
+        "fine-tuning to a site (--finetune RUN)",
+        "Start from RUN's model and adapt it to one lab's microscope with the cells its people reviewed "
+        "(`edge export-reviews --out DIR`, passed as --data DIR): a few epochs at a low learning rate, batch norm "
+        "frozen, the site's cells mixed with a replay of RUN's own training cells (read from its split.json) so "
+        "blasts are not forgotten. RUN's threshold is kept unless the site's held-out patients hold 50 cells of each "
+        "class. Writes a normal run folder (config.json records finetuned_from) for `quantize export`.")
+    tune.add_argument("--finetune", type=Path, default=None, metavar="RUN", help="run folder written by `trainer fit` to start from")
+    tune.add_argument("--learning-rate", type=float, default=1e-4, help="with --finetune: Adam learning rate (default 1e-4)")
+    tune.add_argument("--replay-ratio", type=float, default=3.0,
+                      help="with --finetune: RUN training cells replayed per site cell, at least 200 (default 3)")
 
     cv = commands.add_parser("cv", help="grouped k-fold cross-validation: estimate performance on new patients",
                              description="Each fold leaves whole patients out and scores the model on them; "
@@ -112,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     def command() -> int:
         from trainer import fit as F
 
-        if args.command == "fit":
+        if args.command == "fit" and args.finetune is not None:
+            result = _finetune(args)
+            _print_metrics(result)
+            print(f"threshold {result['threshold']:.3f}: {result['threshold_rule']}")
+            print(f"run written to {args.out} (report: {args.out / 'report.md'})")
+        elif args.command == "fit":
             result = F.fit(args.data, args.out, _config(args), overwrite=args.overwrite)
             _print_metrics(result)
             for name, group in result.get("validation_by_group", {}).items():

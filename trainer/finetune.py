@@ -238,8 +238,10 @@ def finetune(run_folder: Path, data: Sequence[str | Path], out: Path, config: Fi
             rule += f" of the site ({len(site_val)} cells)"
         else:
             threshold = run.model.threshold
-            rule = (f"kept from {run_folder.name} ({run.threshold_rule}): the site's held-out patients give "
-                    f"{n_site_val.min()} cells of a class, fewer than the {M.MIN_CELLS_FOR_THRESHOLD} needed to choose one")
+            held = (f"the site's held-out patients give {n_site_val.min()} cells of a class" if site_val
+                    else "no site patients were held out")
+            rule = (f"kept from {run_folder.name} ({run.threshold_rule}): {held}, and choosing one needs "
+                    f"{M.MIN_CELLS_FOR_THRESHOLD} held-out cells of each class")
         collapse = None
         try:
             M.check_not_collapsed(after, threshold)

@@ -68,6 +68,16 @@ def _stained(rgb: np.ndarray, blue_threshold: float, dark_level: int) -> np.ndar
     return ((cv2.subtract(blue, red) > blue_threshold) | dark).astype(np.uint8)
 
 
+def _decimate(frame_rgb: np.ndarray, step: int) -> np.ndarray:
+    """``frame_rgb[::step, ::step]``, contiguous. NumPy copies a pixel-strided view byte by byte (~3.5 ms
+    for 1080p); OpenCV's nearest-neighbour resize of the row view picks exactly those columns when the
+    width is a multiple of ``step``, ~4x faster. Other widths take NumPy's copy: the pixels are the same."""
+    rows = frame_rgb[::step]
+    if frame_rgb.shape[1] % step == 0 and rows.strides[1:] == (frame_rgb.shape[2], 1):
+        return cv2.resize(rows, (frame_rgb.shape[1] // step, rows.shape[0]), interpolation=cv2.INTER_NEAREST)
+    return np.ascontiguousarray(rows[:, ::step])
+
+
 def _downscale(frame_rgb: np.ndarray, scale: float) -> np.ndarray:
     """The detection copy. Area averaging over a 12 MP frame costs ~25 ms; for strong reductions,
     decimate by an integer step first (nuclei are blobs many pixels wide), then average the rest."""
@@ -75,19 +85,19 @@ def _downscale(frame_rgb: np.ndarray, scale: float) -> np.ndarray:
         return frame_rgb
     height, width = frame_rgb.shape[:2]
     step = int(0.5 / scale)
-    source = frame_rgb[::step, ::step] if step >= 2 else frame_rgb
+    source = _decimate(frame_rgb, step) if step >= 2 else frame_rgb
     return cv2.resize(source, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
 
 
 def _is_black_background(frame: np.ndarray, level: int) -> bool:
-    small = frame[::8, ::8]
+    small = _decimate(frame, 8)
     return float(np.mean(small.max(axis=2) <= level)) > 0.3
 
 
 def _solidity(mask: np.ndarray) -> float:
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     hull_area = cv2.contourArea(cv2.convexHull(np.vstack(contours)))
-    return float(mask.sum() / hull_area) if hull_area else 0.0
+    return float(np.count_nonzero(mask) / hull_area) if hull_area else 0.0
 
 
 def _group_fragments(stats: np.ndarray, centroids: np.ndarray, keep: list[int], disc: float, diameter: float) -> list[list[int]]:
@@ -185,10 +195,10 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
         if x0 <= margin or y0 <= margin or x1 >= small.shape[1] - margin or y1 >= small.shape[0] - margin:
             continue  # cut by the frame border: half a cell is no evidence
         component = np.isin(labels[y0:y1, x0:x1], group).astype(np.uint8)
-        area = int(component.sum())
+        area = int(np.count_nonzero(component))
         parts = _split_touching(component, diameter) if area > 1.2 * disc else [component]
         for part in parts:
-            part_area = int(part.sum())
+            part_area = int(np.count_nonzero(part))
             if not settings.min_area_fraction * disc <= part_area <= settings.max_area_fraction * disc:
                 continue
             if len(group) == 1 and _solidity(part) < settings.min_solidity:
@@ -212,7 +222,7 @@ def _cell_from_nucleus(component: np.ndarray, offset: tuple[int, int], scale: fl
     x, y, w, h = cv2.boundingRect(points)
     mask = np.zeros((h, w), np.uint8)
     cv2.fillConvexPoly(mask, points - [x, y], 1)
-    return Cell(bbox=(x, y, w, h), area=int(mask.sum()), mask=mask.astype(bool))
+    return Cell(bbox=(x, y, w, h), area=int(np.count_nonzero(mask)), mask=mask.astype(bool))
 
 
 def _keep_stained(frame_rgb: np.ndarray, cell: Cell, settings: SegmentationSettings) -> Cell:
@@ -224,9 +234,9 @@ def _keep_stained(frame_rgb: np.ndarray, cell: Cell, settings: SegmentationSetti
     close = max(3, int(min(w, h) * 0.06) | 1)
     stained = cv2.morphologyEx(stained, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (close, close)))
     mask = cell.mask & stained.astype(bool)
-    if mask.sum() < 0.3 * cell.mask.sum():  # pale cytoplasm and a faint stain: keep the hull
+    if np.count_nonzero(mask) < 0.3 * cell.area:  # pale cytoplasm and a faint stain: keep the hull
         return cell
-    return Cell(bbox=cell.bbox, area=int(mask.sum()), mask=mask)
+    return Cell(bbox=cell.bbox, area=int(np.count_nonzero(mask)), mask=mask)
 
 
 def _find_on_black(frame_rgb: np.ndarray, settings: SegmentationSettings) -> list[Cell]:

@@ -124,10 +124,19 @@ def _group_fragments(stats: np.ndarray, centroids: np.ndarray, keep: list[int], 
 
 #: A nucleus is at least this many cell diameters across (~5 µm at the 15 µm default): distance
 #: peaks shallower than half of it are lobes or necks, not the centres of separate cells.
-MIN_NUCLEUS_DIAMETERS = 0.35
+MIN_NUCLEUS_DIAMETERS = 0.3
 #: Two peaks are two cells when the distance dips between them below this fraction of the
 #: shallower peak (a neck where the cells touch); a lobed or oblong nucleus has no such dip.
-SADDLE_RATIO = 0.8
+SADDLE_RATIO = 0.85
+#: Stained regions larger than this many typical nuclei are tried for a split.
+SPLIT_ABOVE_DISCS = 0.9
+#: Or: two peaks further apart than this many times the sum of their inscribed radii are two cells
+#: side by side (a broad contact leaves no neck; one round nucleus holds no two such circles).
+SEPARATION = 0.75
+#: Smaller regions (down to ``SMALL_PAIR_DISCS``) are split only into parts of at least ``SMALL_PART_DISCS``
+#: each: two small cells (lymphocytes, small blasts) side by side, not the lobes of one nucleus.
+SMALL_PAIR_DISCS = 0.5
+SMALL_PART_DISCS = 0.35
 
 
 def _separate(distance: np.ndarray, a: np.ndarray, b: np.ndarray, depth: float) -> bool:
@@ -152,7 +161,8 @@ def _split_touching(component: np.ndarray, diameter: float) -> list[np.ndarray]:
     depth = [0.0] + [float(distance[int(round(centres[k][1])), int(round(centres[k][0]))]) for k in range(1, count)]
     kept: list[int] = []
     for k in sorted(range(1, count), key=lambda k: -depth[k])[:64]:
-        if all(_separate(distance, centres[k], centres[j], depth[k]) for j in kept):
+        if all(_separate(distance, centres[k], centres[j], depth[k])
+               or np.linalg.norm(centres[k] - centres[j]) >= SEPARATION * (depth[k] + depth[j]) for j in kept):
             kept.append(k)
     if len(kept) <= 1:
         return [component]
@@ -196,16 +206,54 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
             continue  # cut by the frame border: half a cell is no evidence
         component = np.isin(labels[y0:y1, x0:x1], group).astype(np.uint8)
         area = int(np.count_nonzero(component))
-        parts = _split_touching(component, diameter) if area > 1.2 * disc else [component]
-        for part in parts:
+        parts = _split_touching(component, diameter) if area > SMALL_PAIR_DISCS * disc else [component]
+        if area <= SPLIT_ABOVE_DISCS * disc and min(int(np.count_nonzero(p)) for p in parts) < SMALL_PART_DISCS * disc:
+            parts = [component]  # a lobed nucleus, not two small cells
+        rim = 0.12 * diameter
+        owner = _territories(parts, int(np.ceil(rim)) + 2) if len(parts) > 1 else None
+        for index, part in enumerate(parts):
             part_area = int(np.count_nonzero(part))
             if not settings.min_area_fraction * disc <= part_area <= settings.max_area_fraction * disc:
                 continue
             if len(group) == 1 and _solidity(part) < settings.min_solidity:
                 continue
-            cell = _cell_from_nucleus(part, (x0, y0), scale, 0.12 * diameter, (height, width))
-            cells.append(_keep_stained(frame_rgb, cell, settings))
+            cell = _cell_from_nucleus(part, (x0, y0), scale, rim, (height, width))
+            if owner is not None:  # a cell of a split cluster: its rim must not reach into its neighbours
+                pad = int(np.ceil(rim)) + 2
+                cell = _within(cell, owner == index, (x0 - pad, y0 - pad), scale)
+            cell = _keep_stained(frame_rgb, cell, settings)
+            cells.append(_tight(cell) if owner is not None else cell)
     return cells
+
+
+def _territories(parts: list[np.ndarray], pad: int) -> np.ndarray:
+    """Which part each pixel of the parts' box (grown by ``pad``) is nearest to: the cells of a split
+    cluster share out the cytoplasm rim around their nuclei instead of each taking a convex hull
+    that covers its neighbours."""
+    reach = np.empty((len(parts),) + tuple(n + 2 * pad for n in parts[0].shape), np.float32)
+    for index, part in enumerate(parts):
+        outside = cv2.copyMakeBorder((part == 0).astype(np.uint8), pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=1)
+        reach[index] = cv2.distanceTransform(outside, cv2.DIST_L2, 5)
+    return np.argmin(reach, axis=0)
+
+
+def _within(cell: Cell, territory: np.ndarray, offset: tuple[int, int], scale: float) -> Cell:
+    """``cell`` (full resolution) cut to ``territory`` (detection scale, its top-left at ``offset``)."""
+    x, y, w, h = cell.bbox
+    rows = (((np.arange(y, y + h) + 0.5) * scale).astype(int) - offset[1]).clip(0, territory.shape[0] - 1)
+    cols = (((np.arange(x, x + w) + 0.5) * scale).astype(int) - offset[0]).clip(0, territory.shape[1] - 1)
+    mask = cell.mask & territory[np.ix_(rows, cols)]
+    return Cell(bbox=cell.bbox, area=int(np.count_nonzero(mask)), mask=mask)
+
+
+def _tight(cell: Cell) -> Cell:
+    """The cell's box shrunk to its mask."""
+    ys, xs = np.nonzero(cell.mask)
+    if ys.size == 0:
+        return cell
+    top, bottom, left, right = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    x, y = cell.bbox[:2]
+    return Cell(bbox=(x + left, y + top, right - left, bottom - top), area=cell.area, mask=cell.mask[top:bottom, left:right])
 
 
 def _cell_from_nucleus(component: np.ndarray, offset: tuple[int, int], scale: float, rim: float,

@@ -40,8 +40,10 @@ def test_pbc_scale_is_measured_on_every_kind_of_image():
     print(f"\nPBC: {measured.um_per_px:.4f} µm/px from {len(measured.usable)} of {len(measured.frames)} images, "
           f"CV {measured.cv:.3f}, robust CV {measured.robust_cv:.3f}")
     assert 0.095 < measured.um_per_px < 0.112  # 360 px images of a 100x objective: red cells ~70-80 px
-    assert len(measured.usable) >= 0.85 * len(measured.frames)
-    assert measured.robust_cv <= 0.06
+    # A frame with only touching red cells (or granules, or broken pale rims) gives no estimate rather
+    # than a biased one: ~80% of PBC images are measured (benchmarks/bench_calibration.py).
+    assert len(measured.usable) >= 0.75 * len(measured.frames)
+    assert measured.cv <= 0.08 and measured.robust_cv <= 0.06
 
 
 @needs_bccd
@@ -139,7 +141,7 @@ def test_agent_calibration_failure_tells_to_set_the_scale(tmp_path):
 
 @needs_pbc
 def test_scale_watch_warns_on_drift_only():
-    frames = [read_rgb(p) for p in _pbc_images(400)[:6]]
+    frames = [read_rgb(p) for p in _pbc_images(400)[:10]]  # every 2nd measured: 5, of which ~4 have enough lone red cells
     right, wrong = ScaleWatch(0.102, every=2), ScaleWatch(0.085, every=2)  # PBC measures ~0.10
     for frame in frames:
         right.observe(frame)

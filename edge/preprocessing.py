@@ -133,7 +133,7 @@ def crop_cell(frame_rgb: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int
         layers = cv2.cvtColor(region, cv2.COLOR_RGB2RGBA)  # OpenCV's channel copies are ~10x NumPy's strided ones
         cv2.insertChannel(alpha, layers, 3)
         resampled = cv2.resize(layers, (out_w, out_h), interpolation=interpolation)
-        small, small_mask = np.ascontiguousarray(resampled[..., :3]), resampled[..., 3] >= 128
+        small, small_mask = cv2.cvtColor(resampled, cv2.COLOR_RGBA2RGB), resampled[..., 3] >= 128
     else:  # a box reaching past the frame's edge: the part inside, stretched to the mask's box as before
         small = cv2.resize(region, (out_w, out_h), interpolation=interpolation)
         small_mask = cv2.resize(alpha, (out_w, out_h), interpolation=interpolation) >= 128

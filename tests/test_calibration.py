@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edge.agent import ScaleWatch, calibrated
-from edge.calibration import SCALE_FILE, calibrate, measure_frame
+from edge.calibration import SCALE_FILE, Calibration, calibrate, measure_frame
 from edge.cli import main
 from edge.config import parse_config
 from edge.errors import UserError
@@ -44,6 +44,20 @@ def test_pbc_scale_is_measured_on_every_kind_of_image():
     # than a biased one: ~80% of PBC images are measured (benchmarks/bench_calibration.py).
     assert len(measured.usable) >= 0.75 * len(measured.frames)
     assert measured.cv <= 0.08 and measured.robust_cv <= 0.06
+
+
+@needs_pbc
+def test_frames_without_lone_red_cells_do_not_skew_the_scale():
+    """PBC's worst outliers: an eosinophil's granules measured as a chain of tiny "red cells" (its real
+    red cells are cut by the border), and lavender-stained red cells whose pale centres alone pass
+    Otsu's split. Neither may move the scale: the granule frame is left out beside frames with lone
+    red cells, and pale centres are too small to be red cells."""
+    granules = measure_frame(read_rgb(PBC / "eosinophil" / "EO_878834.jpg"))
+    assert not granules.lone and granules.um_per_px and granules.um_per_px > 0.2  # the bias, were it used
+    assert measure_frame(read_rgb(PBC / "erythroblast" / "ERB_887345.jpg")).um_per_px is None
+    measured = Calibration((granules,) + tuple(measure_frame(read_rgb(p)) for p in _pbc_images(400)[:8]))
+    assert all(f is not granules for f in measured.kept) and 0.095 < measured.um_per_px < 0.112
+    assert not measured.to_dict()["per_image"][0]["used"]
 
 
 @needs_bccd

@@ -78,7 +78,7 @@ def nucleus_focus(crop_rgb: np.ndarray, nucleus: np.ndarray, um_per_px: float) -
         grey = cv2.resize(crop_rgb[..., 1], size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
         inside = cv2.resize(nucleus.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     inside = cv2.erode(inside, np.ones((3, 3), np.uint8)).astype(bool)  # the nucleus' own edge is not texture
-    if inside.sum() < 20:
+    if np.count_nonzero(inside) < 20:
         return 0.0
     return float(cv2.Laplacian(grey.astype(np.float32), cv2.CV_32F, ksize=3)[inside].var())
 
@@ -131,7 +131,7 @@ def judge(frame_rgb: np.ndarray, cell: Cell, um_per_px: float,
     if not cell.pre_cropped and border_um > MAX_BORDER_CONTACT_UM:
         return Verdict("cut by border", focus)
     pixel_um2 = um_per_px * um_per_px
-    area_um2 = float(mask.sum()) * pixel_um2
+    area_um2 = np.count_nonzero(mask) * pixel_um2
     if area_um2 < MIN_AREA_UM2:
         return Verdict("debris", focus)
     pieces, _, stats, _ = cv2.connectedComponentsWithStats(nucleus.astype(np.uint8), connectivity=8)
@@ -142,7 +142,7 @@ def judge(frame_rgb: np.ndarray, cell: Cell, um_per_px: float,
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     hull = cv2.convexHull(np.vstack(contours))
     hull_area = max(float(cv2.contourArea(hull)), 1.0)
-    if mask.sum() / hull_area < MIN_SOLIDITY:
+    if np.count_nonzero(mask) / hull_area < MIN_SOLIDITY:
         return Verdict("broken", focus)
     if area_um2 > SMUDGE_AREA_UM2 and not cell.pre_cropped:
         background = float(np.percentile(crop[..., 1], 95))

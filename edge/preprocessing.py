@@ -125,10 +125,18 @@ def crop_cell(frame_rgb: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int
     out_w, out_h = max(1, round(w * factor)), max(1, round(h * factor))
     interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
     # Resample first, then normalise: the colour maths runs on the model's few thousand pixels, not on
-    # a 12 MP frame's hundreds of thousands per cell. Cell and mask are resampled apart so the cell's
-    # edge does not blend with black before its colour statistics are taken.
-    small = cv2.resize(frame_rgb[y:y + h, x:x + w], (out_w, out_h), interpolation=interpolation)
-    small_mask = cv2.resize(fill_holes(mask).view(np.uint8) * np.uint8(255), (out_w, out_h), interpolation=interpolation) >= 128
+    # a 12 MP frame's hundreds of thousands per cell. Cell and mask are resampled apart (as separate
+    # channels of one image: one pass, each channel on its own) so the cell's edge does not blend with
+    # black before its colour statistics are taken.
+    region, alpha = frame_rgb[y:y + h, x:x + w], fill_holes(mask).view(np.uint8) * np.uint8(255)
+    if region.shape[:2] == alpha.shape:
+        layers = cv2.cvtColor(region, cv2.COLOR_RGB2RGBA)  # OpenCV's channel copies are ~10x NumPy's strided ones
+        cv2.insertChannel(alpha, layers, 3)
+        resampled = cv2.resize(layers, (out_w, out_h), interpolation=interpolation)
+        small, small_mask = cv2.cvtColor(resampled, cv2.COLOR_RGBA2RGB), resampled[..., 3] >= 128
+    else:  # a box reaching past the frame's edge: the part inside, stretched to the mask's box as before
+        small = cv2.resize(region, (out_w, out_h), interpolation=interpolation)
+        small_mask = cv2.resize(alpha, (out_w, out_h), interpolation=interpolation) >= 128
     small = normalise_colour(small, small_mask, contract)
     if contract.blur_sigma_px > 0:
         small = cv2.GaussianBlur(small, (0, 0), contract.blur_sigma_px)

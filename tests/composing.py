@@ -97,3 +97,60 @@ def cnmc_files(step: int = 40) -> list[Path]:
 
 def pbc_files(step: int = 200) -> list[Path]:
     return sorted(PBC.glob("*/*.jpg"))[::step]
+
+
+def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection over union of two (x, y, w, h) boxes."""
+    w = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return w * h / (a[2] * a[3] + b[2] * b[3] - w * h)
+
+
+def place_cluster(rng: np.random.Generator, cells: list, index: int) -> tuple[np.ndarray, list]:
+    """Cells placed one by one touching an earlier one, overlapping it by 0-20% of their radii, on
+    background ``index``; (frame, the cells' boxes)."""
+    frame = background(index)
+    height, width = frame.shape[:2]
+    placed, boxes = [], []
+    for cell in cells:
+        radius = float(np.sqrt(cell[1].sum() / np.pi))
+        for _ in range(200):
+            if placed:
+                ox, oy, other = placed[rng.integers(len(placed))]
+                angle, gap = rng.uniform(0, 2 * np.pi), (radius + other) * (1 - rng.uniform(0, 0.2))
+                cx, cy = ox + gap * np.cos(angle), oy + gap * np.sin(angle)
+            else:
+                cx, cy = width / 2, height / 2
+            inside = radius + 5 < cx < width - radius - 5 and radius + 5 < cy < height - radius - 5
+            if inside and all(np.hypot(cx - px, cy - py) >= 0.8 * (radius + pr) for px, py, pr in placed):
+                placed.append((cx, cy, radius))
+                boxes.append(paste(frame, cell, (int(cx), int(cy))))
+                break
+    return frame, boxes
+
+
+def cluster(rng: np.random.Generator, size: int, index: int) -> tuple[np.ndarray, list]:
+    """A cluster of ``size`` real cells (C-NMC blasts and normals, PBC normals, half and half) on a real
+    smear field; (frame, boxes). A cell that could not be placed touching the others is left out."""
+    cnmc, pbc = _FILES.setdefault("cnmc", cnmc_files(25)), _FILES.setdefault("pbc", pbc_files(97))
+    cells: list = []
+    while len(cells) < size:
+        cell = cnmc_cell(cnmc[rng.integers(len(cnmc))]) if rng.random() < 0.5 else pbc_cell(pbc[rng.integers(len(pbc))])
+        if cell is not None:
+            cells.append(cell)
+    return place_cluster(rng, cells, index)
+
+
+_FILES: dict[str, list[Path]] = {}
+
+
+def found_alone(boxes: list, found: list) -> int:
+    """How many of the placed cells' boxes are matched one-to-one by a found cell's box (IoU >= 0.5)."""
+    used: set[int] = set()
+    hits = 0
+    for box in boxes:
+        best = max(((box_iou(box, cell.bbox), i) for i, cell in enumerate(found) if i not in used), default=(0.0, -1))
+        if best[0] >= 0.5:
+            used.add(best[1])
+            hits += 1
+    return hits

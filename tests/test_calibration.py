@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edge.agent import ScaleWatch, calibrated
-from edge.calibration import SCALE_FILE, calibrate, measure_frame
+from edge.calibration import SCALE_FILE, Calibration, calibrate, measure_frame
 from edge.cli import main
 from edge.config import parse_config
 from edge.errors import UserError
@@ -40,8 +40,24 @@ def test_pbc_scale_is_measured_on_every_kind_of_image():
     print(f"\nPBC: {measured.um_per_px:.4f} µm/px from {len(measured.usable)} of {len(measured.frames)} images, "
           f"CV {measured.cv:.3f}, robust CV {measured.robust_cv:.3f}")
     assert 0.095 < measured.um_per_px < 0.112  # 360 px images of a 100x objective: red cells ~70-80 px
-    assert len(measured.usable) >= 0.85 * len(measured.frames)
-    assert measured.robust_cv <= 0.06
+    # A frame with only touching red cells (or granules, or broken pale rims) gives no estimate rather
+    # than a biased one: ~80% of PBC images are measured (benchmarks/bench_calibration.py).
+    assert len(measured.usable) >= 0.75 * len(measured.frames)
+    assert measured.cv <= 0.08 and measured.robust_cv <= 0.06
+
+
+@needs_pbc
+def test_frames_without_lone_red_cells_do_not_skew_the_scale():
+    """PBC's worst outliers: an eosinophil's granules measured as a chain of tiny "red cells" (its real
+    red cells are cut by the border), and lavender-stained red cells whose pale centres alone pass
+    Otsu's split. Neither may move the scale: the granule frame is left out beside frames with lone
+    red cells, and pale centres are too small to be red cells."""
+    granules = measure_frame(read_rgb(PBC / "eosinophil" / "EO_878834.jpg"))
+    assert not granules.lone and granules.um_per_px and granules.um_per_px > 0.2  # the bias, were it used
+    assert measure_frame(read_rgb(PBC / "erythroblast" / "ERB_887345.jpg")).um_per_px is None
+    measured = Calibration((granules,) + tuple(measure_frame(read_rgb(p)) for p in _pbc_images(400)[:8]))
+    assert all(f is not granules for f in measured.kept) and 0.095 < measured.um_per_px < 0.112
+    assert not measured.to_dict()["per_image"][0]["used"]
 
 
 @needs_bccd
@@ -139,7 +155,7 @@ def test_agent_calibration_failure_tells_to_set_the_scale(tmp_path):
 
 @needs_pbc
 def test_scale_watch_warns_on_drift_only():
-    frames = [read_rgb(p) for p in _pbc_images(400)[:6]]
+    frames = [read_rgb(p) for p in _pbc_images(400)[:10]]  # every 2nd measured: 5, of which ~4 have enough lone red cells
     right, wrong = ScaleWatch(0.102, every=2), ScaleWatch(0.085, every=2)  # PBC measures ~0.10
     for frame in frames:
         right.observe(frame)

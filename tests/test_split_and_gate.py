@@ -10,7 +10,8 @@ from trainer.dataset import CNMC_UM_PER_PX
 from edge.gate import judge
 from edge.preprocessing import read_rgb
 from edge.segmentation import SegmentationSettings, find_cells
-from tests.composing import BCCD_UM_PER_PX, PBC, PBC_UM_PER_PX, background, cnmc_cell, cnmc_files, paste, pbc_cell, pbc_files
+from tests.composing import (BCCD_UM_PER_PX, PBC, PBC_UM_PER_PX, background, box_iou, cluster, cnmc_cell, cnmc_files, found_alone,
+                              paste, pbc_cell, pbc_files)
 from tests.conftest import BCCD, CNMC
 
 needs_all = pytest.mark.skipif(not (CNMC.is_dir() and BCCD.is_dir() and PBC.is_dir()),
@@ -18,60 +19,21 @@ needs_all = pytest.mark.skipif(not (CNMC.is_dir() and BCCD.is_dir() and PBC.is_d
 SETTINGS = SegmentationSettings(um_per_px=BCCD_UM_PER_PX)
 
 
-def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    w = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    h = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    return w * h / (a[2] * a[3] + b[2] * b[3] - w * h)
-
-
-def _cluster(rng: np.random.Generator, cells: list, index: int) -> tuple[np.ndarray, list]:
-    """Cells placed one by one touching an earlier one, overlapping it by 0-20% of their radii."""
-    frame = background(index)
-    height, width = frame.shape[:2]
-    placed, boxes = [], []
-    for cell in cells:
-        radius = float(np.sqrt(cell[1].sum() / np.pi))
-        for _ in range(200):
-            if placed:
-                ox, oy, other = placed[rng.integers(len(placed))]
-                angle, gap = rng.uniform(0, 2 * np.pi), (radius + other) * (1 - rng.uniform(0, 0.2))
-                cx, cy = ox + gap * np.cos(angle), oy + gap * np.sin(angle)
-            else:
-                cx, cy = width / 2, height / 2
-            inside = radius + 5 < cx < width - radius - 5 and radius + 5 < cy < height - radius - 5
-            if inside and all(np.hypot(cx - px, cy - py) >= 0.8 * (radius + pr) for px, py, pr in placed):
-                placed.append((cx, cy, radius))
-                boxes.append(paste(frame, cell, (int(cx), int(cy))))
-                break
-    return frame, boxes
-
-
 @needs_all
 def test_touching_real_cells_are_found_one_by_one():
     """Clusters of 2-8 real cells (C-NMC and PBC) on real smear fields: each found on its own box.
-    Measured: 0.57 of cells found alone (seed 0), 0.08 before the saddle split; target 0.95 not met
-    (lobed granulocyte nuclei of neighbours merge; see the issue's closing note)."""
+    Measured (benchmarks/bench_clusters.py, 210 clusters of 2-8, 1050 cells): 0.70 found alone, 0.51
+    before smaller clusters were tried, peaks far apart counted as two cells and the cytoplasm rim
+    shared out; this test's 70 cells: 0.69. Target 0.95 not met: cells whose overlap leaves no neck in
+    the stained mask (three around one fat centre) stay merged, and some lobed granulocytes split."""
     rng = np.random.default_rng(0)
-    cnmc, pbc = cnmc_files(25), pbc_files(97)
     total = found = 0
-    for index in range(12):
-        cells = []
-        while len(cells) < int(rng.integers(2, 9)):
-            cell = cnmc_cell(cnmc[rng.integers(len(cnmc))]) if rng.random() < 0.5 else pbc_cell(pbc[rng.integers(len(pbc))])
-            if cell is not None:
-                cells.append(cell)
-        frame, boxes = _cluster(rng, cells, index)
-        used: set[int] = set()
-        for box in boxes:
-            best = max(((_box_iou(box, c.bbox), i) for i, c in enumerate(find_cells(frame, SETTINGS)) if i not in used),
-                       default=(0.0, -1))
-            if best[0] >= 0.5:
-                used.add(best[1])
-                found += 1
+    for index in range(14):
+        frame, boxes = cluster(rng, 2 + index % 7, index)
+        found += found_alone(boxes, find_cells(frame, SETTINGS))
         total += len(boxes)
     print(f"\nclusters: {found} of {total} real cells found on their own ({found / total:.2f})")
-    assert found / total >= 0.5
-
+    assert found / total >= 0.65
 
 @needs_all
 def test_two_touching_cnmc_cells_are_two():
@@ -82,7 +44,7 @@ def test_two_touching_cnmc_cells_are_two():
     b = paste(frame, second, (int(500 + 0.9 * (r1 + r2)), 480))  # overlapping by 10%
     cells = find_cells(frame, SETTINGS)
     assert len(cells) == 2
-    assert all(max(_box_iou(t, c.bbox) for c in cells) > 0.5 for t in (a, b))
+    assert all(max(box_iou(t, c.bbox) for c in cells) > 0.5 for t in (a, b))
 
 
 @needs_all
@@ -111,7 +73,7 @@ def test_gate_keeps_clean_real_cells():
 def test_gate_stops_blurred_torn_and_smeared_real_cells():
     frame = background(1)
     box = paste(frame, cnmc_cell(cnmc_files(40)[3]), (640, 480))
-    (cell,) = [c for c in find_cells(frame, SETTINGS) if _box_iou(c.bbox, box) > 0.5]
+    (cell,) = [c for c in find_cells(frame, SETTINGS) if box_iou(c.bbox, box) > 0.5]
     assert judge(frame, cell, BCCD_UM_PER_PX).classify
 
     blurred = cv2.GaussianBlur(frame, (0, 0), 1.0 / BCCD_UM_PER_PX)  # 1 µm of defocus blur
@@ -123,7 +85,7 @@ def test_gate_stops_blurred_torn_and_smeared_real_cells():
     field = np.median(background(1).reshape(-1, 3), axis=0).astype(np.uint8)
     for angle in (0, 90, 180, 270):  # four wedges torn out of the cell: what is left is a ragged cross
         cv2.ellipse(torn, (x + w // 2, y + h // 2), (w, h), angle, 0, 55, tuple(int(v) for v in field), -1)
-    reasons = {judge(torn, c, BCCD_UM_PER_PX).reason for c in find_cells(torn, SETTINGS) if _box_iou(c.bbox, box) > 0.2}
+    reasons = {judge(torn, c, BCCD_UM_PER_PX).reason for c in find_cells(torn, SETTINGS) if box_iou(c.bbox, box) > 0.2}
     assert None not in reasons  # not found as a cell, or stopped by the gate: never classified
 
     smeared_frame = background(2)

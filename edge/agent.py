@@ -138,7 +138,14 @@ class Agent:
         self.config = config
         self.device_id = config.device.id
         self.outbox = Outbox(config.outbox.path, max_messages=config.outbox.max_messages, when_full=config.outbox.when_full)
-        self.classifier = self._classifier(config.classifier.bundle)
+        self.updater = None
+        if config.updates.enabled:  # signed bundles sent over MQTT (edge.updates): it knows which bundle is active
+            from edge.updates import Updater
+
+            self.updater = Updater(config.updates, config.classifier.bundle, self._classifier, self._install)
+            self.classifier = self.updater.start()
+        else:
+            self.classifier = self._classifier(config.classifier.bundle)
         self.pipeline = Pipeline(self.classifier, config.segmentation.settings(), self.device_id)
         self.scale_watch = ScaleWatch(self.pipeline.um_per_px, config.segmentation.watch_scale_every)
         self.review = ReviewWriter(config.review.folder, self.classifier.bundle.positive_label, config.review.max_files) \
@@ -273,6 +280,12 @@ class Agent:
             self.publisher.notify()
         return summary
 
+    def _install(self, classifier: Classifier) -> None:
+        """Make ``classifier`` the one that frames are scored with, between two frames."""
+        with self.lock:
+            self.classifier = classifier
+            self.pipeline.classifier = classifier
+
     # -- commands ---------------------------------------------------------------------------
     def handle_command(self, topic: str, payload: bytes) -> None:
         """``<base>/cmd/<name>`` with an optional JSON object; the reply goes to ``reply_to`` or ``<base>/reply/<name>``."""
@@ -322,6 +335,12 @@ class Agent:
                 raise ValueError("snapshots need review.folder set in the config")
             self.snapshot_requested = True
             return {"folder": str(self.config.review.folder)}
+        if name.startswith("update_"):
+            if not self.updater:
+                raise ValueError("model updates are off on this device; set updates.enabled and updates.public_key")
+            if name not in ("update_begin", "update_chunk", "update_revert", "update_status"):
+                raise ValueError(f"unknown command {name[:64]!r}; use update_begin, update_chunk, update_revert or update_status")
+            return self.updater.handle(name, body)
         if name == "reload_model":
             bundle = body.get("bundle", str(self.config.classifier.bundle))
             if not isinstance(bundle, str):
@@ -339,6 +358,7 @@ class Agent:
         return {
             "device_id": self.device_id,
             "run_id": RUN_ID,
+            "bundle": self.classifier.bundle.id,
             "uptime_s": round(elapsed, 1),
             "fps": round(self.counters["frames_processed"] / elapsed, 2),
             "stage_ms": {k: round(v, 2) for k, v in self.stage_ms.items()},

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import re
 import signal
 import threading
 import time
@@ -24,6 +23,7 @@ import numpy as np
 from edge import DISCLAIMER
 from edge.calibration import DRIFT_WARNING, calibrate, drift, measure_frame
 from edge.classifier import Classifier
+from edge.commands import CommandHandler, agent_commands, answer
 from edge.config import AgentConfig, load_config
 from edge.errors import UserError
 from edge.notify import notify, watchdog_interval
@@ -33,7 +33,6 @@ from edge.results import RUN_ID, SampleTally, numbered
 from edge.sources import Frame, resilient
 
 log = logging.getLogger(__name__)
-SAMPLE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SUMMARY_EVERY = 10  # frames between retained per-sample summaries
 CALIBRATION_FRAMES = 10  # frames measured when the agent calibrates on start
 SCALE_WINDOW = 5  # recent per-frame red-cell scales whose median is compared with the configured scale
@@ -161,6 +160,10 @@ class Agent:
         self.lock = threading.Lock()
         self.tally = SampleTally(config.pipeline.sample_id)
         self.snapshot_requested = False
+        #: name -> handler(body) -> reply fields; add entries to add commands (see edge/commands.py).
+        self.commands: dict[str, CommandHandler] = agent_commands(self)
+        if self.updater:
+            self.commands.update(self.updater.commands())
         self.counters = {"frames_captured": 0, "frames_dropped": 0, "frames_processed": 0, "frames_unreadable": 0,
                          "source_failures": 0, "results_refused_outbox_full": 0, "commands": 0, "command_errors": 0,
                          "frames_out_of_focus": 0, "cells_unclassified": 0}
@@ -229,17 +232,22 @@ class Agent:
     def _process(self, frame: Frame) -> None:
         if frame.image is None:
             self.counters["frames_unreadable"] += 1
-            self.tally.unreadable_frames += 1
+            with self.lock:
+                self.tally.unreadable_frames += 1
             log.warning("skipped %s: %s", frame.name, frame.error)
             return
-        try:
-            with self.lock:
+        with self.lock:  # one lock for the model and the tally: a sample starts or stops between frames
+            try:
                 result, _, crops = self.pipeline.process(frame, self.tally.sample_id)
-        except UserError as error:
-            self.counters["frames_unreadable"] += 1
-            log.warning("skipped %s: %s", frame.name, error)
-            return
-        self.tally.add(result)
+            except UserError as error:
+                self.counters["frames_unreadable"] += 1
+                log.warning("skipped %s: %s", frame.name, error)
+                return
+            self.tally.add(result)
+            if self.outbox.put_numbered(f"{self.base}/results", lambda sequence: numbered(result, sequence)) is None:
+                self.counters["results_refused_outbox_full"] += 1
+            if self.tally.sample_id is not None and self.tally.frames % SUMMARY_EVERY == 0:
+                self._summary(final=False)
         self.scale_watch.observe(frame.image)
         self.counters["cells_unclassified"] += result["counts"]["unclassified"]
         self._watch_focus(result)
@@ -247,13 +255,9 @@ class Agent:
         self.last_progress = time.monotonic()
         for stage, ms in result["timings_ms"].items():
             self.stage_ms[stage] = 0.9 * self.stage_ms.get(stage, ms) + 0.1 * ms
-        if self.outbox.put_numbered(f"{self.base}/results", lambda sequence: numbered(result, sequence)) is None:
-            self.counters["results_refused_outbox_full"] += 1
         if self.review and (self.snapshot_requested or result["counts"]["blasts"] or self.config.review.all_frames):
             self.review.write(frame.image, result, crops)  # named by the sequence, so after storing
             self.snapshot_requested = False
-        if self.tally.frames % SUMMARY_EVERY == 0:
-            self._summary(final=False)
         if self.config.pipeline.log_results:
             log.info("%s: %d cells, %d flagged as ALL blasts", frame.name, result["counts"]["cells"], result["counts"]["blasts"])
         if self.publisher:
@@ -273,9 +277,10 @@ class Agent:
             log.info("back in focus at %s (nuclei focus %s)", result["source"], result["focus"])
 
     def _summary(self, *, final: bool) -> dict:
+        """Store the open sample's summary (retained) for publishing; the caller holds the lock."""
+        assert self.tally.sample_id is not None, "frames outside a sample have no summary"
         summary = self.tally.summary(self.device_id, final=final)
-        name = self.tally.sample_id or "unassigned"
-        self.outbox.put(f"{self.base}/samples/{name}", json.dumps(summary).encode(), retain=True)
+        self.outbox.put(f"{self.base}/samples/{self.tally.sample_id}", json.dumps(summary).encode(), retain=True)
         if self.publisher:
             self.publisher.notify()
         return summary
@@ -286,71 +291,61 @@ class Agent:
             self.classifier = classifier
             self.pipeline.classifier = classifier
 
+    # -- sample and model actions (called by the command table, and by any other front end) ------
+    def start_sample(self, sample_id: str) -> dict | None:
+        """Close the open sample (its final summary is published and returned) and start tallying ``sample_id``."""
+        with self.lock:
+            closed = self._close_sample()
+            self.tally = SampleTally(sample_id)
+        log.info("sample %s started", sample_id)
+        return closed
+
+    def stop_sample(self) -> dict:
+        """Close the open sample and return its final summary; frames analysed after it belong to no sample
+        (their results carry ``sample_id: null`` and no summary is kept for them)."""
+        with self.lock:
+            if self.tally.sample_id is None:
+                raise ValueError('no sample is open; start one with start_sample {"sample_id": "BM-42"}')
+            closed = self._close_sample()
+            self.tally = SampleTally(None)
+        assert closed is not None
+        return closed
+
+    def current_summary(self) -> dict | None:
+        """The open sample's running summary (not published), or None when no sample is open."""
+        with self.lock:
+            return None if self.tally.sample_id is None else self.tally.summary(self.device_id)
+
+    def request_snapshot(self) -> Path:
+        """Save the next analysed frame, annotated, to ``review.folder`` (returned)."""
+        if not self.review or not self.config.review.folder:
+            raise ValueError("snapshots need review.folder set in the config")
+        self.snapshot_requested = True
+        return self.config.review.folder
+
+    def reload_model(self, bundle: str | None = None) -> dict:
+        """Verify ``bundle`` (default: the configured one) and swap it in; the running model stays on any error."""
+        path = bundle if bundle is not None else str(self.config.classifier.bundle)
+        classifier = self._classifier(Path(path))  # verified before it replaces the running one
+        self._install(classifier)
+        return {"bundle": path, "sha256": classifier.bundle.manifest["files"]}
+
+    def _close_sample(self) -> dict | None:
+        """Publish the open sample's final summary (the caller holds the lock); None when none is open."""
+        if self.tally.sample_id is None:
+            return None
+        return self._summary(final=True)
+
     # -- commands ---------------------------------------------------------------------------
     def handle_command(self, topic: str, payload: bytes) -> None:
-        """``<base>/cmd/<name>`` with an optional JSON object; the reply goes to ``reply_to`` or ``<base>/reply/<name>``."""
+        """``<base>/cmd/<name>`` through the command table; the reply goes to ``<base>/reply/<reply_to or name>``."""
         name = topic[len(f"{self.base}/cmd/"):] if topic.startswith(f"{self.base}/cmd/") else topic
-        self.counters["commands"] += 1
-        reply_to = f"reply/{re.sub(r'[^A-Za-z0-9._-]', '_', name)[:64] or 'unknown'}"
-        request_id = None
-        try:
-            try:
-                body = json.loads(payload.decode("utf-8")) if payload.strip() else {}
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-                raise ValueError("payload is not valid UTF-8 JSON; send an object such as {\"sample_id\": \"S1\"}") from None
-            if not isinstance(body, dict):
-                raise ValueError("payload must be a JSON object")
-            request_id = body.get("request_id")
-            if isinstance(body.get("reply_to"), str) and SAMPLE_ID.fullmatch(body["reply_to"].replace("/", "_")):
-                reply_to = f"reply/{body['reply_to']}"
-            answer = self._run_command(name, body)
-            reply = {"ok": True, "command": name, "request_id": request_id, **answer}
-        except (ValueError, TypeError, UserError) as error:
-            self.counters["command_errors"] += 1
-            log.warning("command %r refused: %s", name[:64], error)
-            reply = {"ok": False, "command": name[:64], "request_id": request_id if isinstance(request_id, (str, int)) else None,
-                     "error": str(error)}
+        reply_to, reply = answer(self.commands, name, payload)
+        with self.lock:
+            self.counters["commands"] += 1
+            self.counters["command_errors"] += not reply["ok"]
         if self.publisher:
-            self.publisher.publish_now(reply_to, json.dumps(reply, default=str).encode())
-
-    def _run_command(self, name: str, body: dict) -> dict:
-        if name == "ping":
-            return {"pong": time.time()}
-        if name == "start_sample":
-            sample_id = body.get("sample_id")
-            if not isinstance(sample_id, str) or not SAMPLE_ID.fullmatch(sample_id):
-                raise ValueError("start_sample needs sample_id: 1-64 letters, digits, '.', '_' or '-'")
-            with self.lock:
-                if self.tally.sample_id is not None or self.tally.frames:
-                    self._summary(final=True)
-                self.tally = SampleTally(sample_id)
-            return {"sample_id": sample_id}
-        if name == "stop_sample":
-            with self.lock:
-                summary = self._summary(final=True)
-                self.tally = SampleTally(None)
-            return {"summary": summary}
-        if name == "snapshot":
-            if not self.review:
-                raise ValueError("snapshots need review.folder set in the config")
-            self.snapshot_requested = True
-            return {"folder": str(self.config.review.folder)}
-        if name.startswith("update_"):
-            if not self.updater:
-                raise ValueError("model updates are off on this device; set updates.enabled and updates.public_key")
-            if name not in ("update_begin", "update_chunk", "update_revert", "update_status"):
-                raise ValueError(f"unknown command {name[:64]!r}; use update_begin, update_chunk, update_revert or update_status")
-            return self.updater.handle(name, body)
-        if name == "reload_model":
-            bundle = body.get("bundle", str(self.config.classifier.bundle))
-            if not isinstance(bundle, str):
-                raise ValueError("bundle must be a path string")
-            classifier = self._classifier(Path(bundle))  # verified before it replaces the running one
-            with self.lock:
-                self.classifier = classifier
-                self.pipeline.classifier = classifier
-            return {"bundle": bundle, "sha256": classifier.bundle.manifest["files"]}
-        raise ValueError(f"unknown command {name[:64]!r}; use ping, start_sample, stop_sample, snapshot or reload_model")
+            self.publisher.publish_now(f"reply/{reply_to}", json.dumps(reply, default=str).encode())
 
     # -- supervision ------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -417,83 +412,41 @@ class Agent:
         notify("STOPPING=1")
         self.stop_event.set()
         threads[1].join(timeout=30)  # the frame in hand is finished and stored
-        summary = self._summary(final=True)
+        with self.lock:
+            summary = self._close_sample()
+            outside = self.tally.frames
+        undelivered = 0
         if self.publisher:
             if self.publisher.fatal:
                 self.publisher.stop(offline=False)
                 raise UserError(self.publisher.fatal)
             if not failed and not self.publisher.wait_drained(timeout=self.config.mqtt.stop_timeout_s):
+                undelivered = self.outbox.count("/results")
                 log.warning("%d message(s) not acknowledged within mqtt.stop_timeout_s=%g stay in the outbox for the next start",
                             len(self.outbox), self.config.mqtt.stop_timeout_s)
             self.publisher.publish_now("stats", json.dumps(self.stats()).encode(), qos=0)
             self.publisher.stop()
         self.outbox.close()
-        fraction = summary["blast_fraction"]
-        log.info("sample %s: %d frames, %d cells, %d flagged as ALL blasts (%s)", summary["sample_id"], summary["frames"],
-                 summary["cells"], summary["blasts"], "n/a" if fraction is None else f"{fraction:.1%}")
+        if summary is not None:
+            fraction = summary["blast_fraction"]
+            log.info("sample %s: %d frames, %d cells, %d flagged as ALL blasts (%s)", summary["sample_id"], summary["frames"],
+                     summary["cells"], summary["blasts"], "n/a" if fraction is None else f"{fraction:.1%}")
+        elif outside:
+            log.info("no sample open: %d frame(s) analysed outside a sample (results with sample_id null, no summary)", outside)
+        if undelivered and self.finite_source:
+            # A replay that ends is a job, not a service: "done" must mean delivered, so say what is not.
+            log.error("%d result(s) were not delivered to %s:%d and remain in the outbox %s; they are sent at the next "
+                      "start with this outbox (check that the broker runs: mosquitto_sub -h %s -p %d -t '#' -v)",
+                      undelivered, self.config.mqtt.host, self.config.mqtt.port, self.config.outbox.path,
+                      self.config.mqtt.host, self.config.mqtt.port)
+            return 1
         return 1 if failed else 0
+
+    @property
+    def finite_source(self) -> bool:
+        """A folder replayed once (``loop = false``): its run ends by itself."""
+        return self.config.source.type == "folder" and not self.config.source.loop
 
 
 def run(config_path: Path) -> int:
     return Agent(load_config(config_path)).run()
-
-
-def check(config_path: Path) -> int:
-    """Self-test; one line per failure, exit status 1 if any."""
-    failures: list[str] = []
-    try:
-        config = load_config(config_path)
-    except UserError as error:
-        print(f"FAIL config: {error}")
-        return 1
-    print(f"ok   config {config_path}")
-    try:
-        classifier = Classifier(config.classifier.bundle, num_threads=config.classifier.num_threads,
-                                edgetpu=config.classifier.edgetpu, cpu_fallback=config.classifier.cpu_fallback)
-        print(f"ok   model bundle {config.classifier.bundle} ({'Edge TPU' if classifier.edgetpu else 'CPU'})")
-    except UserError as error:
-        failures.append(f"model: {error}")
-    stop = threading.Event()
-    try:
-        frame = next(iter(open_frames(config, stop.is_set, lambda reason: (failures.append(f"camera: {reason}"), stop.set()))), None)
-        if frame is not None and frame.image is not None:
-            print(f"ok   source {config.source.type}: {frame.image.shape[1]}x{frame.image.shape[0]} frame")
-        elif not any(f.startswith("camera") for f in failures):
-            failures.append(f"camera: source {config.source.type} delivered no readable frame")
-    except UserError as error:
-        failures.append(f"camera: {error}")
-    if config.mqtt.enabled:
-        failures.extend(_check_broker(config))
-    try:
-        Outbox(config.outbox.path, max_messages=config.outbox.max_messages).close()
-        print(f"ok   outbox {config.outbox.path}")
-    except UserError as error:
-        failures.append(f"outbox: {error}")
-    for failure in failures:
-        print(f"FAIL {failure}")
-    return 1 if failures else 0
-
-
-def _check_broker(config: AgentConfig) -> list[str]:
-    from edge.publisher import Publisher
-
-    try:
-        probe = Publisher(config.mqtt.model_copy(update={"client_id": f"leukoscope-check-{config.device.id}"}),
-                          Outbox(":memory:"), config.device.id)
-    except UserError as error:
-        return [f"broker: {error}"]
-    probe.client.on_connect_fail = lambda client, userdata: setattr(probe, "last_error", "connection failed")
-    try:
-        probe.client.connect(config.mqtt.host, config.mqtt.port, keepalive=10)
-    except (OSError, ValueError) as error:
-        return [f"broker: cannot reach {config.mqtt.host}:{config.mqtt.port} ({error}); is the broker running and the port open?"]
-    probe.client.loop_start()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not probe.connected.is_set() and not probe.last_error:
-        time.sleep(0.05)
-    connected = probe.connected.is_set()
-    probe.stop(offline=False)
-    if not connected:
-        return [f"broker: {probe.fatal or probe.last_error or f'no answer from {config.mqtt.host}:{config.mqtt.port} within 5 s'}"]
-    print(f"ok   broker {config.mqtt.host}:{config.mqtt.port}")
-    return []

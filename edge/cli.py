@@ -190,11 +190,13 @@ def main(argv: list[str] | None = None) -> int:
             from edge.demo import SAMPLES, run_demo
 
             return run_demo(args.workdir, args.frames or SAMPLES, args.bundle)
-        from edge import agent
-
         if args.command == "run":
+            from edge import agent
+
             return agent.run(args.config)
-        return agent.check(args.config)
+        from edge import selftest
+
+        return selftest.check(args.config)
 
     return run_command(command, "edge")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -31,6 +32,17 @@ log = logging.getLogger(__name__)
 
 #: CONNACK reasons that retrying cannot fix: stop and tell the user.
 FATAL_REASONS = {"Bad user name or password", "Not authorized", "Client identifier not valid", "Banned"}
+#: Failed connects are logged at once, then at most every 10 s, 20 s, ... up to 10 min: never silent, never a flood.
+UNREACHABLE_LOG_FIRST_S, UNREACHABLE_LOG_MAX_S = 10.0, 600.0
+
+
+def why_unreachable(host: str, port: int) -> str:
+    """Why a connect failed, in words: paho's on_connect_fail does not say, so try the TCP part once more."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return "the TCP connection opens, but the MQTT (or TLS) handshake failed"
+    except OSError as error:
+        return error.strerror or str(error) or type(error).__name__
 
 
 class _SocketErrors(logging.Handler):
@@ -81,6 +93,10 @@ class Publisher:
         self._cursor = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._connect_failures = 0
+        self._unreachable_since = time.monotonic()
+        self._next_unreachable_log = 0.0  # the first failed connect is logged at once
+        self._unreachable_log_every = UNREACHABLE_LOG_FIRST_S
         self.client = self._make_client(device_id)
 
     # -- set-up ---------------------------------------------------------------------------
@@ -108,6 +124,7 @@ class Publisher:
         paho_log.addHandler(self._socket_errors)
         client.enable_logger(paho_log)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
@@ -127,6 +144,7 @@ class Publisher:
             return
         log.info("connected to %s:%d", self.config.host, self.config.port)
         self.last_error = self._socket_errors.last = None
+        self._connect_failures = 0
         client.publish(f"{self.base}/status", b"online", qos=1, retain=True)
         client.subscribe(f"{self.base}/cmd/#", qos=1)
         with self._wake:
@@ -140,6 +158,25 @@ class Publisher:
             what = describe_disconnect(str(reason_code), socket_error, self.config.keepalive_s)
             self.last_error = f"disconnected from {self.config.host}:{self.config.port}: {what}"
             log.warning("%s; reconnecting with backoff", self.last_error)
+            # That line said it: the failed reconnects that follow are logged on the backoff, not at once.
+            self._unreachable_since = time.monotonic()
+            self._unreachable_log_every = UNREACHABLE_LOG_FIRST_S
+            self._next_unreachable_log = self._unreachable_since + self._unreachable_log_every
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        """A connect that did not get as far as a CONNACK (no broker there, network down, TLS)."""
+        self._connect_failures += 1
+        now = time.monotonic()
+        if self._stopping or now < self._next_unreachable_log:
+            return
+        self.last_error = (f"cannot connect to broker {self.config.host}:{self.config.port} "
+                           f"({why_unreachable(self.config.host, self.config.port)})")
+        waited = now - self._unreachable_since
+        again = f"{self._connect_failures} attempts in {waited:.0f} s; " if self._connect_failures > 1 else ""
+        log.warning("%s; %sretrying with backoff (up to mqtt.reconnect_max_s=%g s); results wait in the outbox",
+                    self.last_error, again, self.config.reconnect_max_s)
+        self._next_unreachable_log = now + self._unreachable_log_every
+        self._unreachable_log_every = min(2 * self._unreachable_log_every, UNREACHABLE_LOG_MAX_S)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         """Only a wake-up: which rows are acknowledged is read from their own MQTTMessageInfo.

@@ -187,11 +187,17 @@ class Updater:
                 shutil.rmtree(folder, ignore_errors=True)
 
     # -- commands ---------------------------------------------------------------------------
-    def handle(self, name: str, body: dict) -> dict:
-        handlers = {"update_begin": self.begin, "update_chunk": self.chunk, "update_revert": self.revert,
-                    "update_status": lambda _: self.status()}
-        with self.lock:
-            return handlers[name](body)
+    def commands(self) -> dict[str, Callable[[dict], dict]]:
+        """Handlers for the agent's command table (``edge.commands``), one at a time."""
+
+        def locked(handler: Callable[[dict], dict]) -> Callable[[dict], dict]:
+            def run(body: dict) -> dict:
+                with self.lock:
+                    return handler(body)
+            return run
+
+        return {"update_begin": locked(self.begin), "update_chunk": locked(self.chunk),
+                "update_revert": locked(self.revert), "update_status": locked(lambda body: self.status())}
 
     def status(self) -> dict:
         previous = self.previous_root()

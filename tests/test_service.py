@@ -27,7 +27,7 @@ import edge.agent
 from edge.config import MQTTConfig, parse_config
 from edge.outbox import Outbox
 from edge.publisher import Publisher
-from tests.broker import MOSQUITTO, Broker, Relay
+from tests.broker import MOSQUITTO, Broker, Relay, free_port
 from tests.conftest import BCCD, ROOT
 from tests.publishing_child import TOPIC
 
@@ -175,6 +175,27 @@ def test_sigterm_with_the_broker_down_waits_stop_timeout_then_keeps_the_rest(bro
     assert agent.wait(timeout=30) == 0, agent.log()
     assert 1.5 <= time.monotonic() - started < 5
     assert "stay in the outbox for the next start" in agent.log()
+
+
+def test_a_broker_unreachable_at_start_is_said_at_once_and_a_finite_replay_fails_naming_the_count(frames, tmp_path):
+    """No broker at start: the first failed connect is logged at once (not after a silent wait), and a
+    replay that ends with results still undelivered exits non-zero, saying how many wait in the outbox."""
+    port = free_port()  # nothing listens there
+    outbox = tmp_path / "outbox.db"
+    agent = start_agent(write_config(tmp_path / "a.toml", port=port, frames=frames, outbox=outbox,
+                                     extra="stop_timeout_s = 0.5"))
+    try:
+        assert wait_for(lambda: "cannot connect to broker" in agent.log(), 20), agent.log()
+        first = next(line for line in agent.log().splitlines() if "cannot connect to broker" in line)
+        assert f"127.0.0.1:{port}" in first and "retrying with backoff" in first and "results wait in the outbox" in first
+        assert agent.wait(timeout=120) == 1, agent.log()
+    finally:
+        agent.kill()
+        agent.wait()
+    left = len(pending_results(outbox))
+    assert left and f"{left} result(s) were not delivered to 127.0.0.1:{port} and remain in the outbox" in agent.log(), agent.log()[-2000:]
+    # On the backoff, not once per attempt (reconnect_max_s = 2 gives several attempts during the run).
+    assert agent.log().count("cannot connect to broker") <= 3, agent.log()
 
 
 def test_sigkill_mid_run_loses_nothing_and_the_sequence_goes_on(broker, frames, tmp_path):

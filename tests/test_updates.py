@@ -233,7 +233,7 @@ def test_a_full_disk_is_refused_before_any_chunk(tmp_path, key):
                       DEFAULT, lambda root: Classifier(root, num_threads=1), installed.append)
     signed = P.sign_bundle(variant(tmp_path, "new"), key)
     with pytest.raises(UpdateRefused, match="less than updates.reserve_mb"):
-        updater.handle("update_begin", {"statement": signed.statement, "signature": signed.signature})
+        updater.commands()["update_begin"]({"statement": signed.statement, "signature": signed.signature})
     assert updater.active_root() == DEFAULT.resolve() and not installed and updater.transfer is None
 
 

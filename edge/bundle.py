@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -41,7 +42,7 @@ class Bundle:
     root: Path
     manifest: dict[str, Any] = field(repr=False)
 
-    @property
+    @cached_property
     def id(self) -> str:
         """Short name of exactly this bundle: the manifest names every file's SHA-256, so its own
         hash names the whole bundle (what a device reports as its active bundle)."""

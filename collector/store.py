@@ -81,6 +81,16 @@ TYPES = {"sqlite": {"id": "INTEGER PRIMARY KEY", "real": "REAL", "blob": "BLOB"}
          "postgresql": {"id": "BIGSERIAL PRIMARY KEY", "real": "DOUBLE PRECISION", "blob": "BYTEA"}}
 
 
+RESULT_INSERT = ("INSERT INTO frame_results (message_id, device_id, run_id, sequence, sample_id, time, cells, blasts,"
+                 " unclassified, received_at, json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING")
+
+
+def _result_row(item: Message, now: float) -> tuple:
+    body, counts = item.body, item.body["counts"]  # type: ignore[index]
+    return (body["message_id"], item.device_id, body["run_id"], body["sequence"], body["sample_id"], body["time"],
+            counts["cells"], counts["blasts"], counts["unclassified"], now, item.raw.decode())
+
+
 @dataclass(frozen=True)
 class Gap:
     """Sequence numbers ``first``..``last`` of ``device_id`` that never arrived."""
@@ -134,9 +144,12 @@ class Store:
             raise UserError(f"database {_redacted(url)} cannot be opened ({first}); check database.url, "
                             "the server and its pg_hba.conf") from None
 
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.kind == "postgresql" else sql
+
     def execute(self, sql: str, params: tuple = ()) -> Any:
         """One statement, written with ``?`` placeholders for either database."""
-        return self.db.execute(sql.replace("?", "%s") if self.kind == "postgresql" else sql, params)
+        return self.db.execute(self._sql(sql), params)
 
     def _migrate(self) -> None:
         self.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -148,12 +161,13 @@ class Store:
         for version in range(current, SCHEMA_VERSION):
             self.execute("BEGIN IMMEDIATE" if self.kind == "sqlite" else "BEGIN")
             try:
-                if self.kind == "postgresql":  # two collectors starting at once: one migrates, the other waits
+                if self.kind == "postgresql":
                     self.execute("LOCK TABLE schema_version IN EXCLUSIVE MODE")
-                    row = self.execute("SELECT version FROM schema_version").fetchone()
-                    if (row[0] if row else 0) > version:
-                        self.execute("COMMIT")
-                        continue
+                # Two processes opening a new database at once: one migrates, the other waits, then finds it done.
+                row = self.execute("SELECT version FROM schema_version").fetchone()
+                if (row[0] if row else 0) > version:
+                    self.execute("COMMIT")
+                    continue
                 for statement in MIGRATIONS[version].format(**TYPES[self.kind]).split(";"):
                     if statement.strip():
                         self.execute(statement)
@@ -168,13 +182,23 @@ class Store:
         return self.execute("SELECT version FROM schema_version").fetchone()[0]
 
     def write(self, items: Iterable[Message | DeadLetter]) -> int:
-        """Store a batch in one transaction; returns the rows that were new (repeats are ignored)."""
+        """Store a batch in one transaction; returns the rows that were new (repeats are ignored).
+
+        Frame results, the bulk, go in as one ``executemany`` (psycopg pipelines it: one round trip
+        instead of one per row); their order within the batch is kept."""
         now = time.time()
+        items = list(items)
+        results = [item for item in items if isinstance(item, Message) and item.kind == "results"]
         added = 0
         self.execute("BEGIN")
         try:
+            if results:
+                cursor = self.db.cursor()
+                cursor.executemany(self._sql(RESULT_INSERT), [_result_row(item, now) for item in results])
+                added += max(cursor.rowcount, 0)
             for item in items:
-                added += self._write_one(item, now)
+                if not (isinstance(item, Message) and item.kind == "results"):
+                    added += self._write_one(item, now)
             self.execute("COMMIT")
         except BaseException:
             self.execute("ROLLBACK")
@@ -188,13 +212,6 @@ class Store:
                        (item.topic, item.reason, item.raw, now))
             return 1
         body = item.body
-        if item.kind == "results":
-            counts = body["counts"]
-            return db.execute(
-                "INSERT INTO frame_results (message_id, device_id, run_id, sequence, sample_id, time, cells, blasts,"
-                " unclassified, received_at, json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING",
-                (body["message_id"], item.device_id, body["run_id"], body["sequence"], body["sample_id"], body["time"],
-                 counts["cells"], counts["blasts"], counts["unclassified"], now, item.raw.decode())).rowcount
         if item.kind == "samples":
             sample = body["sample_id"] if body["sample_id"] is not None else item.topic.rsplit("/", 1)[-1]
             # Retained summaries may come back out of order (a redelivery after a newer one): keep the

@@ -262,6 +262,22 @@ def test_example_config_is_valid_and_shows_the_defaults():
     assert example.database.path == Path("/var/lib/leukoscope-collector/results.sqlite3")
 
 
+@pytest.mark.parametrize("change", [
+    lambda b: b.update(message_id="not-a-uuid"), lambda b: b.update(time="yesterday"), lambda b: b.update(extra=1),
+    lambda b: b["counts"].update(cells=-1), lambda b: b.pop("run_id"), lambda b: b.update(schema_version=9),
+    lambda b: b.update(bundle="XYZ"), lambda b: b["cells"][0].update(p_all="high"), lambda b: b.update(sequence=0),
+])
+def test_invalid_results_become_dead_letters(change):
+    """The fast validator accepts only what the schema accepts (jsonschema words the reason)."""
+    from collector.messages import DeadLetter, classify
+
+    body = json.loads(result(1))
+    assert not isinstance(classify("leukoscope/scope-01/results", json.dumps(body).encode(), "leukoscope"), DeadLetter)
+    change(body)
+    letter = classify("leukoscope/scope-01/results", json.dumps(body).encode(), "leukoscope")
+    assert isinstance(letter, DeadLetter) and letter.reason.startswith("does not match edge/schemas/frame-result.schema.json at")
+
+
 def test_imports_neither_tensorflow_nor_opencv():
     code = ("import sys\nfor name in ('cv2', 'tensorflow', 'keras'):\n    sys.modules[name] = None\n"
             "import collector.cli, collector.service, collector.report, collector.store, collector.messages\n"

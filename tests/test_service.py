@@ -125,7 +125,10 @@ class Subscriber:
 
 def pending_results(outbox: Path) -> dict[str, dict]:
     with sqlite3.connect(outbox) as db:
-        rows = db.execute("SELECT topic, payload FROM outbox").fetchall()
+        try:
+            rows = db.execute("SELECT topic, payload FROM outbox").fetchall()
+        except sqlite3.OperationalError:  # the agent has created the file but not yet its table
+            return {}
     return {json.loads(p)["message_id"]: json.loads(p) for t, p in rows if t.endswith("/results")}
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from edge import DISCLAIMER
 from edge.calibration import DRIFT_WARNING, calibrate, drift, measure_frame
 from edge.classifier import Classifier
-from edge.commands import CommandHandler, agent_commands, answer
+from edge.commands import CommandHandler, agent_commands, answer, iso_now
 from edge.config import AgentConfig, load_config
 from edge.errors import UserError
 from edge.notify import notify, watchdog_interval
@@ -31,8 +31,11 @@ from edge.outbox import Outbox
 from edge.pipeline import Pipeline, ReviewWriter
 from edge.results import RUN_ID, SampleTally, numbered
 from edge.sources import Frame, resilient
+from edge.step import Analysed, FrameStep
+from edge.topics import BY_NAME, Topics
 
 log = logging.getLogger(__name__)
+STATS_SCHEMA, STATS_SCHEMA_VERSION = "leukoscope/stats", 1  # edge/schemas/stats.schema.json
 SUMMARY_EVERY = 10  # frames between retained per-sample summaries
 CALIBRATION_FRAMES = 10  # frames measured when the agent calibrates on start
 SCALE_WINDOW = 5  # recent per-frame red-cell scales whose median is compared with the configured scale
@@ -136,6 +139,7 @@ class Agent:
         config = calibrated(config)
         self.config = config
         self.device_id = config.device.id
+        self.topics = Topics(config.mqtt.topic_prefix, self.device_id)
         self.outbox = Outbox(config.outbox.path, max_messages=config.outbox.max_messages, when_full=config.outbox.when_full)
         self.updater = None
         if config.updates.enabled:  # signed bundles sent over MQTT (edge.updates): it knows which bundle is active
@@ -147,6 +151,8 @@ class Agent:
             self.classifier = self._classifier(config.classifier.bundle)
         self.pipeline = Pipeline(self.classifier, config.segmentation.settings(), self.device_id)
         self.scale_watch = ScaleWatch(self.pipeline.um_per_px, config.segmentation.watch_scale_every)
+        #: One frame: pipeline -> result numbered and stored in the outbox -> tally -> observers (this agent first).
+        self.step = FrameStep(self.pipeline, self._store, [self])
         self.review = ReviewWriter(config.review.folder, self.classifier.bundle.positive_label, config.review.max_files) \
             if config.review.folder else None
         self.publisher = None
@@ -176,9 +182,6 @@ class Agent:
         c = self.config.classifier
         return Classifier(bundle, num_threads=c.num_threads, edgetpu=c.edgetpu, cpu_fallback=c.cpu_fallback, max_batch=c.max_batch)
 
-    @property
-    def base(self) -> str:
-        return f"{self.config.mqtt.topic_prefix}/{self.device_id}"
 
     # -- threads ----------------------------------------------------------------------------
     def _capture(self) -> None:
@@ -230,38 +233,46 @@ class Agent:
             self._process(frame)
 
     def _process(self, frame: Frame) -> None:
-        if frame.image is None:
-            self.counters["frames_unreadable"] += 1
-            with self.lock:
-                self.tally.unreadable_frames += 1
-            log.warning("skipped %s: %s", frame.name, frame.error)
-            return
         with self.lock:  # one lock for the model and the tally: a sample starts or stops between frames
-            try:
-                result, _, crops = self.pipeline.process(frame, self.tally.sample_id)
-            except UserError as error:
-                self.counters["frames_unreadable"] += 1
-                log.warning("skipped %s: %s", frame.name, error)
-                return
-            self.tally.add(result)
-            if self.outbox.put_numbered(f"{self.base}/results", lambda sequence: numbered(result, sequence)) is None:
-                self.counters["results_refused_outbox_full"] += 1
-            if self.tally.sample_id is not None and self.tally.frames % SUMMARY_EVERY == 0:
-                self._summary(final=False)
-        self.scale_watch.observe(frame.image)
+            self.step(frame, self.tally)
+        if self.publisher:
+            self.publisher.notify()
+
+    def _store(self, result: dict) -> bytes | None:
+        """The frame step's store: numbered by the outbox's persistent sequence, in the same transaction."""
+        kept: list[bytes] = []
+
+        def render(sequence: int) -> bytes:
+            kept.append(numbered(result, sequence))
+            return kept[-1]
+
+        if self.outbox.put_numbered(self.topics.results, render) is None:
+            self.counters["results_refused_outbox_full"] += 1
+            return None
+        return kept[-1]
+
+    # -- the frame step's observer (called under the lock, in frame order) ----------------------
+    def analysed(self, done: Analysed) -> None:
+        """Health counters, scale and focus watch, the running summary, review frames, the log."""
+        result, frame = done.result, done.frame
+        self.scale_watch.observe(frame.image)  # type: ignore[arg-type]  # analysed frames have an image
         self.counters["cells_unclassified"] += result["counts"]["unclassified"]
         self._watch_focus(result)
         self.counters["frames_processed"] += 1
         self.last_progress = time.monotonic()
         for stage, ms in result["timings_ms"].items():
             self.stage_ms[stage] = 0.9 * self.stage_ms.get(stage, ms) + 0.1 * ms
+        if self.tally.sample_id is not None and self.tally.frames % SUMMARY_EVERY == 0:
+            self._summary(final=False)
         if self.review and (self.snapshot_requested or result["counts"]["blasts"] or self.config.review.all_frames):
-            self.review.write(frame.image, result, crops)  # named by the sequence, so after storing
+            self.review.write(frame.image, result, done.crops)  # type: ignore[arg-type]  # named by the sequence, so after storing
             self.snapshot_requested = False
         if self.config.pipeline.log_results:
             log.info("%s: %d cells, %d flagged as ALL blasts", frame.name, result["counts"]["cells"], result["counts"]["blasts"])
-        if self.publisher:
-            self.publisher.notify()
+
+    def skipped(self, frame: Frame, reason: str) -> None:
+        self.counters["frames_unreadable"] += 1
+        log.warning("skipped %s: %s", frame.name, reason)
 
     def _watch_focus(self, result: dict) -> None:
         """Warn once when frames go out of focus (and once when focus is back), not every frame."""
@@ -280,7 +291,7 @@ class Agent:
         """Store the open sample's summary (retained) for publishing; the caller holds the lock."""
         assert self.tally.sample_id is not None, "frames outside a sample have no summary"
         summary = self.tally.summary(self.device_id, final=final)
-        self.outbox.put(f"{self.base}/samples/{self.tally.sample_id}", json.dumps(summary).encode(), retain=True)
+        self.outbox.put(self.topics.sample(self.tally.sample_id), json.dumps(summary).encode(), retain=BY_NAME["samples"].retained)
         if self.publisher:
             self.publisher.notify()
         return summary
@@ -338,22 +349,25 @@ class Agent:
 
     # -- commands ---------------------------------------------------------------------------
     def handle_command(self, topic: str, payload: bytes) -> None:
-        """``<base>/cmd/<name>`` through the command table; the reply goes to ``<base>/reply/<reply_to or name>``."""
-        name = topic[len(f"{self.base}/cmd/"):] if topic.startswith(f"{self.base}/cmd/") else topic
-        reply_to, reply = answer(self.commands, name, payload)
+        """``cmd/<name>`` through the command table; the reply goes to ``reply/<reply_to or name>``."""
+        reply_to, reply = answer(self.commands, self.topics.command_name(topic), payload)
         with self.lock:
             self.counters["commands"] += 1
             self.counters["command_errors"] += not reply["ok"]
         if self.publisher:
-            self.publisher.publish_now(f"reply/{reply_to}", json.dumps(reply, default=str).encode())
+            self.publisher.publish_now(self.topics.reply(reply_to), json.dumps(reply, default=str).encode())
 
     # -- supervision ------------------------------------------------------------------------
     def stats(self) -> dict:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         return {
+            "schema": STATS_SCHEMA,
+            "schema_version": STATS_SCHEMA_VERSION,
+            "time": iso_now(),
             "device_id": self.device_id,
             "run_id": RUN_ID,
             "bundle": self.classifier.bundle.id,
+            "sample_id": self.tally.sample_id,
             "uptime_s": round(elapsed, 1),
             "fps": round(self.counters["frames_processed"] / elapsed, 2),
             "stage_ms": {k: round(v, 2) for k, v in self.stage_ms.items()},
@@ -406,7 +420,7 @@ class Agent:
                 notify("WATCHDOG=1")  # only while frames are being analysed: a stuck pipeline gets restarted
                 next_watchdog = now + watchdog
             if self.publisher and now >= next_stats:
-                self.publisher.publish_now("stats", json.dumps(self.stats()).encode(), qos=0)
+                self.publisher.publish_now(self.topics.stats, json.dumps(self.stats()).encode(), qos=BY_NAME["stats"].qos)
                 next_stats = now + self.config.mqtt.stats_interval_s
             time.sleep(0.1)
         notify("STOPPING=1")
@@ -421,10 +435,10 @@ class Agent:
                 self.publisher.stop(offline=False)
                 raise UserError(self.publisher.fatal)
             if not failed and not self.publisher.wait_drained(timeout=self.config.mqtt.stop_timeout_s):
-                undelivered = self.outbox.count("/results")
+                undelivered = self.outbox.count(self.topics.results)
                 log.warning("%d message(s) not acknowledged within mqtt.stop_timeout_s=%g stay in the outbox for the next start",
                             len(self.outbox), self.config.mqtt.stop_timeout_s)
-            self.publisher.publish_now("stats", json.dumps(self.stats()).encode(), qos=0)
+            self.publisher.publish_now(self.topics.stats, json.dumps(self.stats()).encode(), qos=BY_NAME["stats"].qos)
             self.publisher.stop()
         self.outbox.close()
         if summary is not None:

@@ -6,11 +6,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge import DISCLAIMER, __version__
 from edge.calibration import SCALE_FILE
 from edge.console import run_command, setup_logging
 from edge.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover - the frame step pulls in OpenCV; --help must not wait for it
+    from edge.sources import Frame
+    from edge.step import Analysed
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "default"
 
@@ -58,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=None, help="where the outbox and annotated frames go (default: a new temporary folder)")
     demo.add_argument("--frames", type=Path, default=None, help="frames to replay (default: samples/frames)")
     demo.add_argument("--bundle", type=Path, default=None, help="model bundle (default: models/default)")
+    demo.add_argument("--topic-prefix", default="leukoscope", help="MQTT topic prefix, as mqtt.topic_prefix (default: leukoscope)")
 
     check = commands.add_parser("check", help="self-test: config, bundle, camera and broker; non-zero exit on failure",
                                 description="Check a device before trusting it: the config validates, the bundle verifies and "
@@ -130,36 +136,23 @@ def _calibration_frames(source: Path, limit: int) -> tuple[list[str], list, floa
 def _replay(args: argparse.Namespace) -> int:
     from edge.calibration import frames_scale
     from edge.classifier import Classifier
-    from edge.pipeline import Pipeline, ReviewWriter
-    from edge.results import SampleTally, numbered
+    from edge.pipeline import Pipeline
+    from edge.results import SampleTally
     from edge.segmentation import SegmentationSettings
     from edge.sources.folder import FolderSourceSettings, open_source
+    from edge.step import FrameStep, count_from_one
 
     settings = SegmentationSettings(um_per_px=frames_scale(args.source, args.um_per_px))
     classifier = Classifier(args.bundle, num_threads=args.num_threads)
     pipeline = Pipeline(classifier, settings)
     sample_id = args.sample_id or (args.source.name if args.source.is_dir() else args.source.stem)
     tally = SampleTally(sample_id)
-    review = ReviewWriter(args.annotate, classifier.bundle.positive_label) if args.annotate else None
+    printer = _ReplayPrinter(args.json, classifier.bundle.positive_label, args.annotate)
     if not args.json:
         print(f"{'frame':<36} {'cells':>5} {'blasts':>6}  p(ALL) per cell")
-    sequence = 0  # no outbox here, so no persistent sequence: each replay numbers its results from 1
+    step = FrameStep(pipeline, count_from_one(), [printer])  # no outbox: each replay numbers its results from 1
     for frame in open_source(FolderSourceSettings(path=args.source)):
-        if frame.image is None:
-            tally.unreadable_frames += 1
-            print(f"edge: skipped {frame.name}: {frame.error}", file=sys.stderr)
-            continue
-        result, _, crops = pipeline.process(frame, sample_id)
-        sequence += 1
-        line = numbered(result, sequence)
-        tally.add(result)
-        if review:
-            review.write(frame.image, result, crops)
-        if args.json:
-            print(line.decode(), flush=True)
-        else:
-            scores = " ".join(f"{c['p_all']:.2f}{'*' if c['label'] == classifier.bundle.positive_label else ''}" for c in result["cells"])
-            print(f"{frame.name[:36]:<36} {result['counts']['cells']:>5} {result['counts']['blasts']:>6}  {scores}")
+        step(frame, tally)
     if not tally.frames:  # a sample of nothing is not a result: say so, and fail
         raise UserError(f"{args.source}: none of its {tally.unreadable_frames} image file(s) could be read; "
                         "point --source at smear frames (JPEG, PNG, BMP or TIFF)")
@@ -171,10 +164,34 @@ def _replay(args: argparse.Namespace) -> int:
             f"{summary['blast_fraction']:.1%} (95% CI {summary['blast_fraction_ci95'][0]:.1%}-{summary['blast_fraction_ci95'][1]:.1%})")
         print(f"\nsample {sample_id}: {summary['frames']} frames, {summary['cells']} cells, {summary['blasts']} flagged as ALL blasts; "
               f"blast fraction {fraction}" + (f"; {summary['unreadable_frames']} unreadable frame(s) skipped" if summary["unreadable_frames"] else ""))
-        if review:
+        if args.annotate:
             print(f"annotated frames in {args.annotate} (flagged crops in {args.annotate / 'flagged'})")
         print(DISCLAIMER)
     return 0
+
+
+class _ReplayPrinter:
+    """``edge replay``'s observer of the frame step: a line per frame (or its JSON), annotated frames."""
+
+    def __init__(self, as_json: bool, positive_label: str, annotate: Path | None) -> None:
+        from edge.pipeline import ReviewWriter
+
+        self.as_json = as_json
+        self.positive_label = positive_label
+        self.review = ReviewWriter(annotate, positive_label) if annotate else None
+
+    def analysed(self, done: Analysed) -> None:
+        result = done.result
+        if self.review:
+            self.review.write(done.frame.image, result, done.crops)
+        if self.as_json:
+            print(done.payload.decode(), flush=True)
+        else:
+            scores = " ".join(f"{c['p_all']:.2f}{'*' if c['label'] == self.positive_label else ''}" for c in result["cells"])
+            print(f"{done.frame.name[:36]:<36} {result['counts']['cells']:>5} {result['counts']['blasts']:>6}  {scores}")
+
+    def skipped(self, frame: Frame, reason: str) -> None:
+        print(f"edge: skipped {frame.name}: {reason}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from edge.demo import SAMPLES, run_demo
 
-            return run_demo(args.workdir, args.frames or SAMPLES, args.bundle)
+            return run_demo(args.workdir, args.frames or SAMPLES, args.bundle, args.topic_prefix)
         if args.command == "run":
             from edge import agent
 

@@ -88,7 +88,7 @@ def answer(commands: dict[str, CommandHandler], name: str, payload: bytes) -> tu
     request_id = None
     try:
         body = parse_body(name, payload)
-        request_id = body.get("request_id")
+        request_id = body.get("request_id") if isinstance(body.get("request_id"), (str, int)) else None
         if isinstance(body.get("reply_to"), str) and SAFE_NAME.fullmatch(body["reply_to"].replace("/", "_")):
             reply_to = body["reply_to"]
         handler = commands.get(name)
@@ -97,6 +97,5 @@ def answer(commands: dict[str, CommandHandler], name: str, payload: bytes) -> tu
         reply = {"ok": True, "command": name, "request_id": request_id, **handler(body)}
     except (ValueError, TypeError, UserError) as error:
         log.warning("command %r refused: %s", shown, error)
-        reply = {"ok": False, "command": shown, "request_id": request_id if isinstance(request_id, (str, int)) else None,
-                 "error": str(error)}
+        reply = {"ok": False, "command": shown, "request_id": request_id, "error": str(error) or type(error).__name__}
     return reply_to, reply

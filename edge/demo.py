@@ -16,12 +16,14 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 from edge import DISCLAIMER, in_words
 from edge.agent import Agent
 from edge.calibration import frames_scale
 from edge.config import parse_config
+from edge.sources import Frame
+from edge.step import Analysed
+from edge.topics import DEFAULT_PREFIX, Topics
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples" / "frames"
@@ -51,29 +53,31 @@ def _start_broker(workdir: Path) -> tuple[subprocess.Popen, int] | None:
     return None
 
 
-def _subscriber(port: int, lines: list[str]):
+def _subscriber(port: int, topics: Topics, seen: list[tuple[str, str]]):
+    """A real subscriber to every topic under the configured prefix; ``seen`` gets (kind, line) as they arrive."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
     def on_message(client, userdata, message):
+        kind = topics.kind(message.topic)
         try:
             body = json.loads(message.payload)
         except ValueError:
             body = message.payload.decode(errors="replace")
-        if message.topic.endswith("/results"):
+        if kind == "results":
             text = f"{body['source']}: {body['counts']['cells']} cells, {body['counts']['blasts']} flagged"
-        elif "/samples/" in message.topic:
+        elif kind == "samples":
             text = f"sample {body['sample_id']}: {body['cells']} cells, {body['blasts']} flagged" + (" (final)" if body["final"] else "")
-        elif message.topic.endswith("/stats"):
+        elif kind == "stats":
             return
         else:
             text = str(body)
         line = f"  [subscriber] {message.topic}  {text}"
-        lines.append(line)
+        seen.append((kind or "other", line))
         print(line, flush=True)
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="leukoscope-demo-subscriber")
-    client.on_connect = lambda c, u, f, rc, p: c.subscribe("leukoscope/#", qos=1)
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe(topics.everything(), qos=1)
     client.on_message = on_message
     client.connect("127.0.0.1", port)
     client.loop_start()
@@ -104,14 +108,16 @@ def _known_labels(results: list[dict], labels_csv: Path) -> list[tuple[str, str,
     return rows
 
 
-def demo_config(workdir: Path, frames: Path, bundle: Path | None, broker_port: int | None) -> dict:
+def demo_config(workdir: Path, frames: Path, bundle: Path | None, broker_port: int | None,
+                topic_prefix: str = DEFAULT_PREFIX) -> dict:
     """The agent's config for the demo: the frames' own scale (their leukoscope-scale.json, as `edge
     replay` reads it, so both make the same crops), a local broker if one runs, everything annotated."""
     config = {
         "device": {"id": "demo-scope"},
         "source": {"type": "folder", "path": str(frames)},
         "segmentation": {"um_per_px": frames_scale(frames, None)},
-        "mqtt": {"enabled": broker_port is not None, "host": "127.0.0.1", "port": broker_port or 1883, "stats_interval_s": 60},
+        "mqtt": {"enabled": broker_port is not None, "host": "127.0.0.1", "port": broker_port or 1883, "stats_interval_s": 60,
+                 "topic_prefix": topic_prefix},
         "outbox": {"path": str(workdir / "outbox.sqlite3")},
         "pipeline": {"sample_id": "DEMO-1", "log_results": True},
         "review": {"folder": str(workdir / "review"), "all_frames": True},
@@ -121,37 +127,42 @@ def demo_config(workdir: Path, frames: Path, bundle: Path | None, broker_port: i
     return config
 
 
-def run_demo(workdir: Path | None = None, frames: Path = SAMPLES, bundle: Path | None = None) -> int:
+class _Kept:
+    """The demo's observer of the agent's frame step: the results as stored, for its summary."""
+
+    def __init__(self) -> None:
+        self.results: list[dict] = []
+
+    def analysed(self, done: Analysed) -> None:
+        if done.payload is not None:
+            self.results.append(json.loads(done.payload))
+
+    def skipped(self, frame: Frame, reason: str) -> None:
+        pass
+
+
+def run_demo(workdir: Path | None = None, frames: Path = SAMPLES, bundle: Path | None = None,
+             topic_prefix: str = DEFAULT_PREFIX) -> int:
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="leukoscope-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"leukoscope demo: {DISCLAIMER}\nworking folder: {workdir}\n", flush=True)
     broker = _start_broker(workdir)
-    config = demo_config(workdir, frames, bundle, broker[1] if broker else None)
-    lines: list[str] = []
+    config = parse_config(demo_config(workdir, frames, bundle, broker[1] if broker else None, topic_prefix), "demo config")
+    seen: list[tuple[str, str]] = []
     subscriber = None
     if broker:
         print(f"mosquitto started on 127.0.0.1:{broker[1]}; a subscriber prints what arrives\n", flush=True)
-        subscriber = _subscriber(broker[1], lines)
+        subscriber = _subscriber(broker[1], Topics(config.mqtt.topic_prefix, config.device.id), seen)
     else:
         print("no mosquitto found: results go to the durable outbox and this terminal only\n", flush=True)
-    agent = Agent(parse_config(config, "demo config"))
-    results: list[dict] = []
-    original = agent.outbox.put_numbered
-
-    def keep(topic: str, render: Callable[[int], bytes], **kwargs) -> int | None:
-        def rendered(sequence: int) -> bytes:
-            payload = render(sequence)
-            results.append(json.loads(payload))
-            return payload
-
-        return original(topic, rendered, **kwargs)
-
-    agent.outbox.put_numbered = keep  # type: ignore[method-assign]  # the demo also shows the results it stored
+    agent = Agent(config)
+    kept = _Kept()
+    agent.step.observers.append(kept)  # the demo also shows the results the agent stored
     try:
         agent.run()
         if subscriber:
             deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and not any("(final)" in line for line in lines):
+            while time.monotonic() < deadline and not any(kind == "samples" and "(final)" in line for kind, line in seen):
                 time.sleep(0.05)
     finally:
         if subscriber:
@@ -160,7 +171,7 @@ def run_demo(workdir: Path | None = None, frames: Path = SAMPLES, bundle: Path |
         if broker:
             broker[0].terminate()
             broker[0].wait(timeout=10)
-    _print_summary(results, workdir, frames, delivered=sum("/results" in line for line in lines) if broker else None)
+    _print_summary(kept.results, workdir, frames, delivered=sum(kind == "results" for kind, _ in seen) if broker else None)
     return 0
 
 

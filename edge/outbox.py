@@ -119,11 +119,10 @@ class Outbox:
     def __len__(self) -> int:
         return self._count
 
-    def count(self, topic_suffix: str) -> int:
-        """Messages waiting whose topic ends with ``topic_suffix`` (e.g. ``/results``), to say what is left."""
+    def count(self, topic: str) -> int:
+        """Messages waiting on ``topic`` (e.g. the device's results), to say what is left."""
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM outbox WHERE substr(topic, -?) = ?",
-                                        (len(topic_suffix), topic_suffix)).fetchone()[0])
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox WHERE topic = ?", (topic,)).fetchone()[0])
 
     def _counter(self, name: str) -> int:
         with self._lock:

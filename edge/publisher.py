@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge.config import MQTTConfig
 from edge.errors import UserError
 from edge.outbox import Outbox
+from edge.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,30 @@ def describe_disconnect(reason: str, socket_error: str | None, keepalive_s: int)
     return reason
 
 
+def mqtt_client(c: MQTTConfig, client_id: str) -> mqtt.Client:
+    """A paho client with the configured credentials and TLS, and nothing else (no will, no callbacks):
+    the publisher's base, and the probe of ``edge check``, which must leave nothing on the broker."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
+    if c.username:
+        client.username_pw_set(c.username, c.password())
+    if c.tls:
+        try:
+            client.tls_set(ca_certs=str(c.tls.ca_file) if c.tls.ca_file else None,
+                           certfile=str(c.tls.cert_file) if c.tls.cert_file else None,
+                           keyfile=str(c.tls.key_file) if c.tls.key_file else None,
+                           cert_reqs=ssl.CERT_NONE if c.tls.insecure_skip_verify else ssl.CERT_REQUIRED)
+        except (OSError, ssl.SSLError) as error:
+            raise UserError(f"mqtt.tls: certificate files cannot be loaded ({error}); check ca_file, cert_file and key_file") from None
+        client.tls_insecure_set(c.tls.insecure_skip_verify)
+    return client
+
+
 class Publisher:
     def __init__(self, config: MQTTConfig, outbox: Outbox, device_id: str,
                  on_command: Callable[[str, bytes], None] = lambda topic, payload: None) -> None:
         self.config = config
         self.outbox = outbox
-        self.base = f"{config.topic_prefix}/{device_id}"
+        self.topics = Topics(config.topic_prefix, device_id)
         self.on_command = on_command
         self.connected = threading.Event()
         self.fatal: str | None = None
@@ -102,20 +121,8 @@ class Publisher:
     # -- set-up ---------------------------------------------------------------------------
     def _make_client(self, device_id: str) -> mqtt.Client:
         c = self.config
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=c.client_id or f"leukoscope-{device_id}",
-                             protocol=mqtt.MQTTv311, clean_session=True)
-        client.will_set(f"{self.base}/status", b"offline", qos=1, retain=True)
-        if c.username:
-            client.username_pw_set(c.username, c.password())
-        if c.tls:
-            try:
-                client.tls_set(ca_certs=str(c.tls.ca_file) if c.tls.ca_file else None,
-                               certfile=str(c.tls.cert_file) if c.tls.cert_file else None,
-                               keyfile=str(c.tls.key_file) if c.tls.key_file else None,
-                               cert_reqs=ssl.CERT_NONE if c.tls.insecure_skip_verify else ssl.CERT_REQUIRED)
-            except (OSError, ssl.SSLError) as error:
-                raise UserError(f"mqtt.tls: certificate files cannot be loaded ({error}); check ca_file, cert_file and key_file") from None
-            client.tls_insecure_set(c.tls.insecure_skip_verify)
+        client = mqtt_client(c, c.client_id or f"leukoscope-{device_id}")
+        client.will_set(self.topics.status, b"offline", qos=1, retain=True)
         client.reconnect_delay_set(1, int(max(1, c.reconnect_max_s)))
         client.max_inflight_messages_set(c.max_inflight)
         client.max_queued_messages_set(0)
@@ -145,8 +152,8 @@ class Publisher:
         log.info("connected to %s:%d", self.config.host, self.config.port)
         self.last_error = self._socket_errors.last = None
         self._connect_failures = 0
-        client.publish(f"{self.base}/status", b"online", qos=1, retain=True)
-        client.subscribe(f"{self.base}/cmd/#", qos=1)
+        client.publish(self.topics.status, b"online", qos=1, retain=True)
+        client.subscribe(self.topics.commands, qos=1)
         with self._wake:
             self.connected.set()
             self._wake.notify_all()
@@ -248,9 +255,9 @@ class Publisher:
                     self._inflight[message.id] = info
                     self._cursor = message.id
 
-    def publish_now(self, subtopic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
-        """Fire-and-forget for things that are not results (status, stats, command replies)."""
-        self.client.publish(f"{self.base}/{subtopic}", payload, qos=qos, retain=retain)
+    def publish_now(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
+        """Fire-and-forget for things that are not results (status, stats, command replies); ``topic`` from ``self.topics``."""
+        self.client.publish(topic, payload, qos=qos, retain=retain)
 
     def sending(self) -> bool:
         """False once the sending thread has died (a bug: its traceback is in the log)."""
@@ -272,7 +279,7 @@ class Publisher:
 
     def stop(self, *, offline: bool = True) -> None:
         if offline and self.connected.is_set():
-            info = self.client.publish(f"{self.base}/status", b"offline", qos=1, retain=True)
+            info = self.client.publish(self.topics.status, b"offline", qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout=2)
             except (RuntimeError, ValueError):

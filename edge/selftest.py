@@ -6,15 +6,14 @@ but runs none of its threads.
 
 from __future__ import annotations
 
+import os
 import threading
-import time
 from pathlib import Path
 
 from edge.agent import open_frames
 from edge.classifier import Classifier
 from edge.config import AgentConfig, load_config
 from edge.errors import UserError
-from edge.outbox import Outbox
 
 
 def check(config_path: Path) -> int:
@@ -44,8 +43,7 @@ def check(config_path: Path) -> int:
     if config.mqtt.enabled:
         failures.extend(_check_broker(config))
     try:
-        Outbox(config.outbox.path, max_messages=config.outbox.max_messages).close()
-        print(f"ok   outbox {config.outbox.path}")
+        print(f"ok   outbox {config.outbox.path} ({_check_outbox(config.outbox.path)})")
     except UserError as error:
         failures.append(f"outbox: {error}")
     for failure in failures:
@@ -53,26 +51,58 @@ def check(config_path: Path) -> int:
     return 1 if failures else 0
 
 
-def _check_broker(config: AgentConfig) -> list[str]:
-    from edge.publisher import Publisher
+def _check_outbox(path: Path) -> str:
+    """Whether the agent will be able to keep its outbox at ``path``, without creating it: a self-test
+    must leave nothing behind (an empty outbox made by root would even lock the service out of it)."""
+    if path.exists():
+        if not path.is_file() or not os.access(path, os.R_OK | os.W_OK):
+            raise UserError(f"{path} is not a file this user can read and write; check outbox.path and its owner")
+        with path.open("rb") as handle:
+            if path.stat().st_size and handle.read(16) != b"SQLite format 3\x00":
+                raise UserError(f"{path} is not an SQLite database; point outbox.path at a new file")
+        return f"exists, {path.stat().st_size} bytes"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{path} cannot be created: {parent} is not writable by this user; check outbox.path "
+                        "(StateDirectory= in the unit makes /var/lib/leukoscope)")
+    return f"not there yet; the agent creates it in {parent}" if parent == path.parent else \
+        f"not there yet; the agent creates it and the folders under {parent}"
 
+
+def _check_broker(config: AgentConfig) -> list[str]:
+    """Connect and disconnect with the device's credentials and TLS: no will, no status, no subscription,
+    so nothing is left on the broker (a retained ``online`` would claim an agent that is not running)."""
+    from edge.publisher import FATAL_REASONS, mqtt_client
+
+    where = f"{config.mqtt.host}:{config.mqtt.port}"
     try:
-        probe = Publisher(config.mqtt.model_copy(update={"client_id": f"leukoscope-check-{config.device.id}"}),
-                          Outbox(":memory:"), config.device.id)
+        client = mqtt_client(config.mqtt, f"leukoscope-check-{config.device.id}")
     except UserError as error:
         return [f"broker: {error}"]
-    probe.client.on_connect_fail = lambda client, userdata: setattr(probe, "last_error", "connection failed")
+    answered = threading.Event()
+    outcome: list[str] = []
+
+    def on_connect(client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            hint = " (check mqtt.username and the password file)" if str(reason_code) in FATAL_REASONS else ""
+            outcome.append(f"broker {where} refused the connection: {reason_code}{hint}")
+        answered.set()
+
+    client.on_connect = on_connect
     try:
-        probe.client.connect(config.mqtt.host, config.mqtt.port, keepalive=10)
+        client.connect(config.mqtt.host, config.mqtt.port, keepalive=10)
     except (OSError, ValueError) as error:
-        return [f"broker: cannot reach {config.mqtt.host}:{config.mqtt.port} ({error}); is the broker running and the port open?"]
-    probe.client.loop_start()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not probe.connected.is_set() and not probe.last_error:
-        time.sleep(0.05)
-    connected = probe.connected.is_set()
-    probe.stop(offline=False)
-    if not connected:
-        return [f"broker: {probe.fatal or probe.last_error or f'no answer from {config.mqtt.host}:{config.mqtt.port} within 5 s'}"]
-    print(f"ok   broker {config.mqtt.host}:{config.mqtt.port}")
+        return [f"broker: cannot reach {where} ({error}); is the broker running and the port open?"]
+    client.loop_start()
+    try:
+        if not answered.wait(5):
+            outcome.append(f"no answer from {where} within 5 s")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if outcome:
+        return [f"broker: {outcome[0]}"]
+    print(f"ok   broker {where}")
     return []

@@ -5,14 +5,14 @@
 Line protocol on stdin/stdout, so that the test decides when the network is cut:
 prints ``ready`` once connected (the ``online`` status and three QoS 0 ``stats`` are sent by then);
 on ``store N`` it moves paho's message-id counter to just before the 65,535 wrap, stores N results
-and prints ``stored <message_id> ...``; then it keeps publishing until it is killed.
+and prints ``stored <message_id> ...``; then it keeps publishing until it is killed, and on each
+``flush`` it removes the rows it takes as acknowledged and prints ``pending <rows left>``.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -30,7 +30,7 @@ def main(outbox_path: str, port: str) -> None:
     if not publisher.connected.wait(10):
         sys.exit(f"publishing_child: no connection to 127.0.0.1:{port}")
     for _ in range(3):  # like the agent's periodic stats: QoS 0, not from the outbox
-        publisher.publish_now("stats", b"{}", qos=0)
+        publisher.publish_now(publisher.topics.stats, b"{}", qos=0)
     print("ready", flush=True)
     command, count = sys.stdin.readline().split()
     assert command == "store"
@@ -43,8 +43,10 @@ def main(outbox_path: str, port: str) -> None:
         stored.append(message_id)
     publisher.notify()
     print("stored", *stored, flush=True)
-    while True:
-        time.sleep(1)
+    for line in sys.stdin:  # until it is killed
+        if line.strip() == "flush":
+            publisher._flush_acks()  # what the sending thread does every turn: drop acknowledged rows
+            print("pending", len(outbox), flush=True)
 
 
 if __name__ == "__main__":

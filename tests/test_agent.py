@@ -42,11 +42,24 @@ def test_without_a_broker_every_result_waits_in_the_outbox(tmp_path):
 def test_a_camera_faster_than_inference_drops_the_oldest_frames_counted(tmp_path):
     agent = _agent(tmp_path, fps=1000.0, loop=True)
     agent.pipeline.process = _slow(agent.pipeline.process)  # inference slower than the camera
-    threading.Timer(1.5, agent.stop_event.set).start()
+    _stop_when(agent, lambda c: c["frames_dropped"] > 0 and c["frames_processed"] >= 3)
     assert agent.run() == 0
     c = agent.counters
     assert c["frames_dropped"] > 0
     assert c["frames_captured"] - c["frames_dropped"] - c["frames_processed"] <= 2  # at most the queue and the frame in hand
+
+
+def _stop_when(agent: Agent, condition, timeout: float = 60.0) -> threading.Thread:
+    """Stop the agent as soon as ``condition(counters)`` holds (or after ``timeout``, as a bound)."""
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while not condition(agent.counters) and time.monotonic() < deadline and not agent.stop_event.is_set():
+            time.sleep(0.01)
+        agent.stop_event.set()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
 def _slow(process):
@@ -101,10 +114,12 @@ def test_systemd_notify_ready_watchdog_stopping(tmp_path, monkeypatch):
     reader = threading.Thread(target=receive)
     reader.start()
     agent = _agent(tmp_path, fps=20.0, loop=True)
-    threading.Timer(1.0, agent.stop_event.set).start()
+    _stop_when(agent, lambda c: messages.count("WATCHDOG=1") >= 3)
     try:
         assert agent.run() == 0
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10  # the datagrams are sent; wait until the reader has them all
+        while "STOPPING=1" not in messages and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         done.set()
         reader.join()

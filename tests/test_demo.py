@@ -2,8 +2,12 @@
 
 import sqlite3
 
+import pytest
+
 from edge.cli import main
 from tests.broker import MOSQUITTO
+
+pytestmark = pytest.mark.slow  # the whole agent, a broker and a subscriber
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
@@ -21,6 +25,15 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         assert "no mosquitto found" in out
     review = tmp_path / "review"
     assert len(list(review.glob("*.jpg"))) == 6, "every frame annotated, for a person to open"
+
+
+def test_the_demo_honours_the_topic_prefix(tmp_path, capsys):
+    """Its subscriber watches the configured prefix, so every result is seen under another prefix too."""
+    if not MOSQUITTO:
+        pytest.skip("the demo's broker needs mosquitto")
+    assert main(["demo", "--workdir", str(tmp_path), "--topic-prefix", "lab7/scopes"]) == 0
+    out = capsys.readouterr().out
+    assert "6 of 6 frame results delivered through the broker" in out and "lab7/scopes/demo-scope/results" in out
 
 
 def test_demo_and_replay_make_the_same_crops_from_the_same_frames(tmp_path, capsys):

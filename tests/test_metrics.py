@@ -33,8 +33,13 @@ def test_collapse_is_detected(scores):
         check_not_collapsed(scores, 0.5)
 
 
-def test_informative_scores_pass():
-    check_not_collapsed(np.linspace(0.05, 0.95, 50), 0.5)
+def test_informative_scores_pass_and_the_limits_are_where_they_say():
+    assert check_not_collapsed(np.linspace(0.05, 0.95, 50), 0.5) is None  # no raise: informative
+    assert check_not_collapsed(np.linspace(0.485, 0.52, 100), 0.5) is None  # 90% of scores over 0.0315 > 0.02
+    with pytest.raises(CollapsedModel, match="within 0.01"):
+        check_not_collapsed(np.linspace(0.495, 0.507, 100), 0.5)  # over 0.0108 < 0.02
+    with pytest.raises(CollapsedModel, match="100% are called ALL"):
+        check_not_collapsed(np.linspace(0.6, 0.95, 50), 0.5)  # spread, but one answer for every cell
 
 
 def test_fold_summary():

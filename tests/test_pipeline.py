@@ -43,6 +43,7 @@ def frames(tmp_path):
     return folder
 
 
+@pytest.mark.slow  # the tiny bundle: trains and converts a model
 def test_replay_json_lines_end_to_end(tiny_bundle, frames, tmp_path, capsys):
     annotate = tmp_path / "review"
     assert main(["replay", "--bundle", str(tiny_bundle), "--source", str(frames), "--json", "--annotate", str(annotate)]) == 0
@@ -62,12 +63,14 @@ def test_replay_json_lines_end_to_end(tiny_bundle, frames, tmp_path, capsys):
     assert len(list(annotate.glob("*.jpg"))) == len(readable)
 
 
+@pytest.mark.slow  # the tiny bundle: trains and converts a model
 def test_replay_table_and_tally(tiny_bundle, frames, capsys):
     assert main(["replay", "--bundle", str(tiny_bundle), "--source", str(frames)]) == 0
     out = capsys.readouterr().out
     assert "blast fraction" in out and "not a diagnostic device" in out
 
 
+@pytest.mark.slow  # the tiny bundle: trains and converts a model
 @pytest.mark.parametrize("args, message", [
     (["--source", "/nonexistent"], "does not exist"),
     (["--bundle", "/nonexistent"], "model bundle /nonexistent does not exist"),
@@ -94,6 +97,7 @@ def test_annotated_frames_say_what_a_lab_calls_the_cells(tmp_path, monkeypatch):
     assert texts == ["ALL blast 0.91", "normal 0.10"]
 
 
+@pytest.mark.slow  # the tiny bundle: trains and converts a model
 def test_replay_of_a_folder_with_no_readable_frame_fails(tiny_bundle, tmp_path, capsys):
     for name in ("a.png", "b.jpg"):
         (tmp_path / name).write_bytes(b"not an image")
@@ -116,6 +120,7 @@ def test_the_device_crops_cells_exactly_as_training_did():
         assert np.array_equal(batch[0], cell_input(image, CNMC_UM_PER_PX, classifier.contract))
 
 
+@pytest.mark.slow  # the tiny bundle: trains and converts a model
 def test_batched_and_one_by_one_scores_agree(tiny_bundle):
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 255, (7, 32, 32, 3), dtype=np.uint8)

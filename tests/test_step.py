@@ -1,0 +1,61 @@
+"""One per-frame step for the agent, `edge replay` and `edge demo`: what it keeps, counts and tells its
+observers, in order, with an unreadable frame among readable ones."""
+
+from __future__ import annotations
+
+import json
+
+from edge.calibration import read_scale_file
+from edge.classifier import Classifier
+from edge.pipeline import Pipeline
+from edge.results import SampleTally
+from edge.segmentation import SegmentationSettings
+from edge.sources import Frame
+from edge.sources.folder import FolderSourceSettings, open_source
+from edge.step import Analysed, FrameStep, count_from_one
+from tests.conftest import ROOT
+
+FRAMES = ROOT / "samples" / "frames"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, object]] = []
+
+    def analysed(self, done: Analysed) -> None:
+        self.events.append(("analysed", done.frame.name, json.loads(done.payload)["sequence"]))
+
+    def skipped(self, frame: Frame, reason: str) -> None:
+        self.events.append(("skipped", frame.name, reason))
+
+
+def test_the_step_numbers_keeps_tallies_and_tells_observers_in_order():
+    pipeline = Pipeline(Classifier(ROOT / "models" / "default"), SegmentationSettings(um_per_px=read_scale_file(FRAMES)))
+    frames = list(open_source(FolderSourceSettings(path=FRAMES)))[:3]
+    frames.insert(1, Frame(image=None, name="broken.jpg", error="not an image"))
+    first, second = Recorder(), Recorder()
+    step = FrameStep(pipeline, count_from_one(), [first, second])
+    tally = SampleTally("S1")
+    done = [step(frame, tally) for frame in frames]
+    assert done[1] is None and all(d is not None for d in done[:1] + done[2:])
+    assert first.events == second.events == [("analysed", frames[0].name, 1), ("skipped", "broken.jpg", "not an image"),
+                                             ("analysed", frames[2].name, 2), ("analysed", frames[3].name, 3)]
+    assert tally.frames == 3 and tally.unreadable_frames == 1
+    assert tally.cells == sum(d.result["counts"]["cells"] for d in done if d)
+    assert all(d.result["sample_id"] == "S1" and d.payload == json.dumps(d.result).encode() for d in done if d)
+
+
+def test_a_result_the_store_refuses_still_reaches_the_observers_as_refused():
+    pipeline = Pipeline(Classifier(ROOT / "models" / "default"), SegmentationSettings(um_per_px=read_scale_file(FRAMES)))
+    seen: list[Analysed] = []
+
+    class Watch:
+        def analysed(self, done: Analysed) -> None:
+            seen.append(done)
+
+        def skipped(self, frame: Frame, reason: str) -> None:
+            raise AssertionError(reason)
+
+    step = FrameStep(pipeline, lambda result: None, [Watch()])
+    step(next(iter(open_source(FolderSourceSettings(path=FRAMES)))), SampleTally(None))
+    assert len(seen) == 1 and seen[0].payload is None and seen[0].result["sample_id"] is None

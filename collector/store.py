@@ -81,9 +81,8 @@ TYPES = {"sqlite": {"id": "INTEGER PRIMARY KEY", "real": "REAL", "blob": "BLOB"}
          "postgresql": {"id": "BIGSERIAL PRIMARY KEY", "real": "DOUBLE PRECISION", "blob": "BYTEA"}}
 
 
-RESULT_INSERT = ("INSERT INTO frame_results (message_id, device_id, run_id, sequence, sample_id, time, cells, blasts,"
-                 " unclassified, received_at, json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING")
-
+RESULT_COLUMNS = "message_id, device_id, run_id, sequence, sample_id, time, cells, blasts, unclassified, received_at, json"
+RESULT_INSERT = f"INSERT INTO frame_results ({RESULT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING"
 
 def _result_row(item: Message, now: float) -> tuple:
     body, counts = item.body, item.body["counts"]  # type: ignore[index]
@@ -113,6 +112,9 @@ class Store:
         self.where = _redacted(url) if url else str(path)
         self.db: Any = self._connect_postgresql(url, password) if url else self._connect_sqlite(path)
         self._migrate()
+        if self.kind == "postgresql":  # the landing table of ``write``'s COPY, private to this connection
+            self.execute("CREATE TEMPORARY TABLE IF NOT EXISTS incoming_results"
+                         " (LIKE frame_results INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
 
     @staticmethod
     def _connect_sqlite(path: Path | None) -> sqlite3.Connection:
@@ -184,17 +186,26 @@ class Store:
     def write(self, items: Iterable[Message | DeadLetter]) -> int:
         """Store a batch in one transaction; returns the rows that were new (repeats are ignored).
 
-        Frame results, the bulk, go in as one ``executemany`` (psycopg pipelines it: one round trip
-        instead of one per row); their order within the batch is kept."""
+        Frame results, the bulk, go in as one ``executemany`` (SQLite) or one COPY and one INSERT
+        (PostgreSQL); their order within the batch is kept."""
         now = time.time()
         items = list(items)
         results = [item for item in items if isinstance(item, Message) and item.kind == "results"]
         added = 0
         self.execute("BEGIN")
         try:
-            if results:
+            if results and self.kind == "postgresql":
+                # COPY into a session's temporary table (emptied at each commit), then one INSERT ... SELECT
+                # that skips known message_ids: no statement per row, and COPY's rows are encoded in C.
                 cursor = self.db.cursor()
-                cursor.executemany(self._sql(RESULT_INSERT), [_result_row(item, now) for item in results])
+                with cursor.copy(f"COPY incoming_results ({RESULT_COLUMNS}) FROM STDIN") as copy:
+                    for item in results:
+                        copy.write_row(_result_row(item, now))
+                added += cursor.execute(f"INSERT INTO frame_results ({RESULT_COLUMNS}) SELECT {RESULT_COLUMNS}"
+                                        " FROM incoming_results ON CONFLICT (message_id) DO NOTHING").rowcount
+            elif results:
+                cursor = self.db.cursor()
+                cursor.executemany(RESULT_INSERT, [_result_row(item, now) for item in results])
                 added += max(cursor.rowcount, 0)
             for item in items:
                 if not (isinstance(item, Message) and item.kind == "results"):

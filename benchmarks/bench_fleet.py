@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -152,6 +153,7 @@ def wait_stored(database: dict, expected: int, timeout: float, during=None) -> f
 def fleet(devices: int = 200, live: int = 20, backlog: int = 50, ingest: int = 50, processes: int = 4, postgres_url: str | None = None,
           folder: Path | None = None, timeout: float = 300.0) -> dict:
     """Run the three phases (module docstring); returns the measures and the checks."""
+    own_folder = folder is None
     folder = Path(folder or tempfile.mkdtemp(prefix="leukoscope-fleet-"))
     broker = Broker(folder / "broker", extra=SITE_BROKER).start()
     database = {"url": postgres_url} if postgres_url else {"path": str(folder / "results.sqlite3")}
@@ -232,6 +234,8 @@ def fleet(devices: int = 200, live: int = 20, backlog: int = 50, ingest: int = 5
         for store in _counter.values():
             store.close()
         _counter.clear()
+        if own_folder:
+            shutil.rmtree(folder, ignore_errors=True)
     return {
         "benchmark": "fleet", "database": "postgresql" if postgres_url else "sqlite", "devices": devices,
         "processes": len(children), "results": total, "live_per_device": live, "backlog_per_device": backlog,

@@ -216,7 +216,8 @@ def fleet(devices: int = 200, live: int = 20, backlog: int = 50, ingest: int = 5
         wait_stored(database, total + 1, timeout)
         first = stored(database)
         ingest_s = wait_stored(database, total + devices * ingest, timeout)
-        ingest_rate = (total + devices * ingest - first) / ingest_s if ingest_s else None
+        # None when too few to time: the collector stored them all before the first poll
+        ingest_rate = (total + devices * ingest - first) / ingest_s if ingest_s and total + devices * ingest > first else None
         total += devices * ingest
         checks = check(database, devices, live + backlog + ingest)
     finally:

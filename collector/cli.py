@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _open_store(config_path: Path):
-    from collector.store import Store
+    from collector.store import open_store
 
-    return Store(load_config(config_path).database.path)
+    return open_store(load_config(config_path).database)
 
 
 def _gaps(args: argparse.Namespace) -> int:

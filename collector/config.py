@@ -60,8 +60,43 @@ class BrokerConfig(Strict):
 
 
 class DatabaseConfig(Strict):
+    """SQLite by default (a file, nothing to set up); ``url`` for a PostgreSQL server on a lab network."""
+
     path: Path = Field(Path(os.environ.get("STATE_DIRECTORY", "/var/lib/leukoscope-collector")) / "results.sqlite3",
                        description="SQLite database file; created with its folder's permissions")
+    url: str | None = Field(None, description="PostgreSQL instead of SQLite: postgresql://USER@HOST:PORT/DATABASE")
+    password_file: Path | None = Field(None, description="PostgreSQL password, read from this file (a bare name: "
+                                       "$CREDENTIALS_DIRECTORY); never put it in the url")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as error:
+            raise ValueError(f"is not a URL ({error}); use postgresql://USER@HOST:PORT/DATABASE") from None
+        if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
+            raise ValueError("use postgresql://USER@HOST:PORT/DATABASE (SQLite: set database.path instead)")
+        if parts.password is not None:
+            raise ValueError("holds a password; put it in a file named by database.password_file instead")
+        return value
+
+    @model_validator(mode="after")
+    def _one_database(self) -> "DatabaseConfig":
+        if self.url and "path" in self.model_fields_set:
+            raise ValueError("set database.path (SQLite) or database.url (PostgreSQL), not both")
+        if self.password_file and not self.url:
+            raise ValueError("password_file is for PostgreSQL; set database.url too, or remove it")
+        return self
+
+    def password(self) -> str | None:
+        """Read the password (never logged); see ``edge.config_files.read_password``."""
+        return read_password(self.password_file)
 
 
 class BatchConfig(Strict):

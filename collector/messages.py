@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
+import fastjsonschema
 from jsonschema import Draft202012Validator, FormatChecker
 
 STATUS_VALUES = {"online", "offline"}
@@ -42,15 +43,33 @@ def validator(name: str) -> Draft202012Validator:
     return Draft202012Validator(json.loads(text), format_checker=FormatChecker())
 
 
+UUID = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+
+
+@lru_cache(maxsize=None)
+def fast_check(name: str):
+    """The same schema compiled to Python by fastjsonschema: about 40 µs a result where jsonschema takes
+    1-2 ms, which alone would cap the collector below 1,000 results/s. It only says yes or no; the
+    reason for a no comes from jsonschema (``validator``), which dead letters are rare enough to afford."""
+    text = resources.files("edge").joinpath("schemas", f"{name}.schema.json").read_text()
+    return fastjsonschema.compile(json.loads(text), formats={"uuid": UUID})
+
+
 def subscriptions(prefix: str) -> list[str]:
     """The topic filters the collector subscribes to (QoS 1); ``cmd`` and ``reply`` are not the lab's data."""
     return [f"{prefix}/+/results", f"{prefix}/+/samples/#", f"{prefix}/+/status", f"{prefix}/+/stats"]
 
 
 def _schema_problem(name: str, body: object) -> str | None:
-    error = next(iter(sorted(validator(name).iter_errors(body), key=lambda e: list(e.absolute_path))), None)
-    if error is None:
+    try:
+        fast_check(name)(body)
         return None
+    except fastjsonschema.JsonSchemaException as refusal:
+        fast = refusal
+    error = next(iter(sorted(validator(name).iter_errors(body), key=lambda e: list(e.absolute_path))), None)
+    if error is None:  # a format jsonschema does not check without extra packages (date-time): fastjsonschema's words
+        where = (fast.name or "data").removeprefix("data").lstrip(".").replace(".", "/") or "(top level)"
+        return f"does not match edge/schemas/{name}.schema.json at {where}: {fast.message[:200]}"
     where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
     return f"does not match edge/schemas/{name}.schema.json at {where}: {error.message[:200]}"
 

@@ -67,7 +67,8 @@ def build_report(store: Store, sample_id: str) -> SampleReport:
         low, high = (min(sequences), max(sequences)) if sequences else (0, 0)
         devices.append(DeviceProvenance(
             device_id, sorted({f["run_id"] for f in own}), low, high, (stats.get("scale") or {}).get("um_per_px"),
-            stats.get("bundle"), summaries.get(device_id)))
+            # The bundles that scored this sample's frames (schema 3); the device's active one for older results.
+            ", ".join(sorted({f["bundle"] for f in own if f.get("bundle")})) or stats.get("bundle"), summaries.get(device_id)))
         # Numbers missing between this sample's first and last frame are frames of this sample (or of one
         # started and stopped in between): the report says so rather than counting without them silently.
         gaps += [g for g in store.gaps(device_id) if low < g.first and g.last < high]

@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from collector.config import CollectorConfig
 from collector.messages import DeadLetter, Message, classify, subscriptions
-from collector.store import Store
+from collector.store import Store, open_store
 from edge.errors import UserError
 from edge.notify import notify, watchdog_interval
 
@@ -182,7 +182,7 @@ class Collector:
 
 def run(config: CollectorConfig) -> int:
     """The service: until SIGTERM or SIGINT. Exit 1 if the broker cannot be reached (systemd retries)."""
-    store = Store(config.database.path)
+    store = open_store(config.database)
     collector = Collector(config, store)
     previous = {signum: signal.signal(signum, lambda *_: collector.stop_event.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -141,7 +141,14 @@ class Agent:
         self.device_id = config.device.id
         self.topics = Topics(config.mqtt.topic_prefix, self.device_id)
         self.outbox = Outbox(config.outbox.path, max_messages=config.outbox.max_messages, when_full=config.outbox.when_full)
-        self.classifier = self._classifier(config.classifier.bundle)
+        self.updater = None
+        if config.updates.enabled:  # signed bundles sent over MQTT (edge.updates): it knows which bundle is active
+            from edge.updates import Updater
+
+            self.updater = Updater(config.updates, config.classifier.bundle, self._classifier, self._install)
+            self.classifier = self.updater.start()
+        else:
+            self.classifier = self._classifier(config.classifier.bundle)
         self.pipeline = Pipeline(self.classifier, config.segmentation.settings(), self.device_id)
         self.scale_watch = ScaleWatch(self.pipeline.um_per_px, config.segmentation.watch_scale_every)
         #: One frame: pipeline -> result numbered and stored in the outbox -> tally -> observers (this agent first).
@@ -161,6 +168,8 @@ class Agent:
         self.snapshot_requested = False
         #: name -> handler(body) -> reply fields; add entries to add commands (see edge/commands.py).
         self.commands: dict[str, CommandHandler] = agent_commands(self)
+        if self.updater:
+            self.commands.update(self.updater.commands())
         self.counters = {"frames_captured": 0, "frames_dropped": 0, "frames_processed": 0, "frames_unreadable": 0,
                          "source_failures": 0, "results_refused_outbox_full": 0, "commands": 0, "command_errors": 0,
                          "frames_out_of_focus": 0, "cells_unclassified": 0}
@@ -293,6 +302,12 @@ class Agent:
             self.publisher.notify()
         return summary
 
+    def _install(self, classifier: Classifier) -> None:
+        """Make ``classifier`` the one that frames are scored with, between two frames."""
+        with self.lock:
+            self.classifier = classifier
+            self.pipeline.classifier = classifier
+
     # -- sample and model actions (called by the command table, and by any other front end) ------
     def start_sample(self, sample_id: str) -> dict | None:
         """Close the open sample (its final summary is published and returned) and start tallying ``sample_id``."""
@@ -329,9 +344,7 @@ class Agent:
         """Verify ``bundle`` (default: the configured one) and swap it in; the running model stays on any error."""
         path = bundle if bundle is not None else str(self.config.classifier.bundle)
         classifier = self._classifier(Path(path))  # verified before it replaces the running one
-        with self.lock:
-            self.classifier = classifier
-            self.pipeline.classifier = classifier
+        self._install(classifier)
         return {"bundle": path, "sha256": classifier.bundle.manifest["files"]}
 
     def _close_sample(self) -> dict | None:
@@ -359,6 +372,7 @@ class Agent:
             "time": iso_now(),
             "device_id": self.device_id,
             "run_id": RUN_ID,
+            "bundle": self.classifier.bundle.id,
             "sample_id": self.tally.sample_id,
             "uptime_s": round(elapsed, 1),
             "fps": round(self.counters["frames_processed"] / elapsed, 2),

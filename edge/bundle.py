@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,6 +22,9 @@ MANIFEST = "manifest.json"
 FORMAT = "leukoscope-model-bundle"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("labels", "positive_label", "input", "output", "preprocessing", "threshold", "models", "files")
+#: Crops (N x S x S x 3 uint8, array ``crops`` of a compressed ``.npz``) that a device scores before it switches to a
+#: bundle it was sent: the scores must match ``manifest["selftest"]["scores"]`` within its tolerance.
+SELFTEST_FILE = "selftest_crops.npz"
 
 
 def sha256_file(path: Path) -> str:
@@ -37,6 +41,12 @@ class Bundle:
 
     root: Path
     manifest: dict[str, Any] = field(repr=False)
+
+    @cached_property
+    def id(self) -> str:
+        """Short name of exactly this bundle: the manifest names every file's SHA-256, so its own
+        hash names the whole bundle (what a device reports as its active bundle)."""
+        return bundle_id(self.root / MANIFEST)
 
     @property
     def input_size(self) -> int:
@@ -68,15 +78,38 @@ class Bundle:
         return self.root / models[variant]
 
 
+def bundle_id(manifest_path: Path) -> str:
+    """The first 16 hex digits of the manifest's SHA-256 (see ``Bundle.id``)."""
+    return sha256_file(manifest_path)[:16]
+
+
 def write_manifest(root: Path, manifest: Mapping[str, Any]) -> Path:
-    """Write ``manifest.json`` with the SHA-256 of every model file it names filled in."""
+    """Write ``manifest.json`` with the SHA-256 of every file it names (models, self-test crops) filled in."""
     manifest = dict(manifest)
     manifest["format"] = FORMAT
     manifest["format_version"] = FORMAT_VERSION
-    manifest["files"] = {name: sha256_file(root / name) for name in sorted(set(manifest["models"].values()))}
+    names = set(manifest["models"].values())
+    if isinstance(manifest.get("selftest"), dict):
+        names.add(manifest["selftest"]["file"])
+    manifest["files"] = {name: sha256_file(root / name) for name in sorted(names)}
     path = root / MANIFEST
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def record_self_test(root: Path, crops: Any, scores: Any, tolerance: float) -> Path:
+    """Add self-test crops and the scores this bundle's model gave them to the bundle at ``root``
+    (manifest rewritten with their hash): a device that is sent the bundle scores them again and
+    refuses to switch if its runtime disagrees."""
+    import numpy as np
+
+    crops = np.asarray(crops, dtype=np.uint8)
+    with (root / SELFTEST_FILE).open("wb") as handle:
+        np.savez_compressed(handle, crops=crops)
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest["selftest"] = {"file": SELFTEST_FILE, "scores": [round(float(s), 6) for s in scores],
+                            "tolerance": float(tolerance)}
+    return write_manifest(root, manifest)
 
 
 def load_bundle(root: str | Path) -> Bundle:
@@ -91,6 +124,22 @@ def load_bundle(root: str | Path) -> Bundle:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BundleError(f"{manifest_path} is not valid JSON ({error}); re-export the bundle") from None
+    check_manifest(manifest, manifest_path)
+    for name, expected in manifest["files"].items():
+        path = root / name
+        if not path.is_file():
+            raise BundleError(f"model bundle {root} is missing {name}; copy the whole bundle folder again")
+        if sha256_file(path) != expected:
+            raise BundleError(
+                f"{path} does not match its SHA-256 in {MANIFEST} (corrupt or modified); copy the bundle again"
+            )
+    return Bundle(root=root, manifest=manifest)
+
+
+def check_manifest(manifest: Any, manifest_path: Path | str) -> None:
+    """Everything about a manifest that this leukoscope can check without its files: format, labels,
+    crop contract, colour order, checksums named. A device checks a bundle it is sent with this
+    before the first byte of the model arrives."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{manifest_path} is not a leukoscope model bundle manifest; re-export the bundle")
     version = manifest.get("format_version")
@@ -102,6 +151,8 @@ def load_bundle(root: str | Path) -> Bundle:
     missing = [key for key in REQUIRED_KEYS if key not in manifest]
     if missing:
         raise BundleError(f"{manifest_path} lacks {', '.join(missing)}; re-export the bundle")
+    if not isinstance(manifest["files"], dict) or not isinstance(manifest["models"], dict) or not isinstance(manifest["input"], dict):
+        raise BundleError(f"{manifest_path}: files, models and input must be JSON objects; re-export the bundle")
     if manifest["positive_label"] not in manifest["labels"]:
         raise BundleError(f"{manifest_path}: positive_label is not one of labels; re-export the bundle")
     contract = CropContract.from_manifest(manifest["preprocessing"], str(manifest_path))
@@ -115,17 +166,14 @@ def load_bundle(root: str | Path) -> Bundle:
     for name in manifest["models"].values():
         if name not in manifest["files"]:
             raise BundleError(f"{manifest_path}: model file {name} has no checksum; re-export the bundle")
-    for name, expected in manifest["files"].items():
-        path = root / name
-        if Path(name).name != name:
+    selftest = manifest.get("selftest")
+    if selftest is not None and not (isinstance(selftest, dict) and selftest.get("file") in manifest["files"]
+                                     and isinstance(selftest.get("scores"), list)
+                                     and isinstance(selftest.get("tolerance"), (int, float))):
+        raise BundleError(f"{manifest_path}: selftest must name a checksummed file, its scores and a tolerance; re-export the bundle")
+    for name in manifest["files"]:
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
             raise BundleError(f"{manifest_path}: file name {name!r} points outside the bundle; re-export it")
-        if not path.is_file():
-            raise BundleError(f"model bundle {root} is missing {name}; copy the whole bundle folder again")
-        if sha256_file(path) != expected:
-            raise BundleError(
-                f"{path} does not match its SHA-256 in {MANIFEST} (corrupt or modified); copy the bundle again"
-            )
-    return Bundle(root=root, manifest=manifest)
 
 
 def check_tensors(bundle: Bundle, inputs: list[dict], outputs: list[dict]) -> None:

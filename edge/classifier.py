@@ -92,5 +92,28 @@ class Classifier:
             out.append(self._dequantize(self.interpreter.get_tensor(self._output["index"])))
         return np.concatenate(out)
 
+    def self_test(self) -> str | None:
+        """Score the bundle's own self-test crops; None when they score as its manifest records,
+        else one line saying how far off (a runtime, delegate or file that computes something else).
+        A bundle without a self-test is a failure: nothing would show that it works here."""
+        record = self.bundle.manifest.get("selftest")
+        if not record:
+            return (f"bundle {self.bundle.root} records no self-test; add one with "
+                    "`quantize selftest BUNDLE --data DIR` (or re-export it)")
+        try:
+            with np.load(self.bundle.root / record["file"], allow_pickle=False) as archive:
+                crops = archive["crops"]
+            got = self.scores(crops)
+        except (OSError, ValueError, KeyError) as error:
+            return f"self-test crops of bundle {self.bundle.root} cannot be scored ({error})"
+        expected = np.asarray(record["scores"], dtype=np.float32)
+        if got.shape != expected.shape:
+            return f"self-test: {len(got)} crops but {len(expected)} recorded scores; re-export the bundle"
+        worst = float(np.max(np.abs(got - expected))) if len(got) else 0.0
+        if worst > float(record["tolerance"]):
+            return (f"self-test failed: scores differ from the recorded ones by up to {worst:.4f} "
+                    f"(tolerance {record['tolerance']}); this runtime does not compute what the bundle was made with")
+        return None
+
     def labels(self, scores: np.ndarray) -> list[str]:
         return [self._positive if s >= self.threshold else self._negative for s in scores]

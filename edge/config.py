@@ -140,6 +140,37 @@ class WebConfig(Strict):
                             "(e.g. `openssl rand -hex 16`)")
         return None if token is None else token.strip()
 
+class UpdatesConfig(Strict):
+    """Signed model updates over MQTT (``quantize publish``); off unless a public key is set."""
+
+    enabled: bool = Field(False, description="accept bundles sent with `quantize publish`")
+    public_key: str | None = Field(None, description="Ed25519 public key, base64 (`quantize keygen` prints it)")
+    folder: Path = Field(Path(os.environ.get("STATE_DIRECTORY", "/var/lib/leukoscope")) / "bundles",
+                         description="received bundles, the active and the previous one")
+    reserve_mb: float = Field(50.0, ge=0, description="free disk space an update must leave; less: refused")
+
+    @field_validator("public_key")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        import base64
+        import binascii
+
+        if value is None:
+            return value
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError("must be a base64 Ed25519 public key (32 bytes); copy it from `quantize keygen`")
+        return value
+
+    @model_validator(mode="after")
+    def _needs_key(self) -> "UpdatesConfig":
+        if self.enabled and not self.public_key:
+            raise ValueError("enabled without public_key; set updates.public_key (from `quantize keygen`)")
+        return self
+
 
 Source = Annotated[Union[FolderSourceSettings, OpenCVSourceSettings, Picamera2SourceSettings], Field(discriminator="type")]
 
@@ -154,6 +185,7 @@ class AgentConfig(Strict):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
     web: WebConfig = Field(default_factory=WebConfig)
+    updates: UpdatesConfig = Field(default_factory=UpdatesConfig)
 
 
 def _describe(error: dict) -> str:

@@ -71,6 +71,7 @@ class Pipeline:
             timings_ms={"segment": 1000 * (segmented - started), "crop": 1000 * (cropped - segmented),
                         "classify": 1000 * (classified - cropped), "total": 1000 * (classified - started)},
             captured_at=frame.timestamp, positive_label=self.classifier.bundle.positive_label,
+            bundle=self.classifier.bundle.id,
         )
         return result, cells, batch
 

@@ -16,7 +16,8 @@ import uuid
 from dataclasses import dataclass, field
 
 #: 2: frames carry ``unclassified`` cells (quality gate) and ``focus``; summaries the reasons.
-SCHEMA_VERSION = 2
+#: 3: frames carry ``bundle`` (the id of the model bundle that scored them), summaries ``bundles``.
+SCHEMA_VERSION = 3
 FRAME_SCHEMA = "leukoscope/frame-result"
 SAMPLE_SCHEMA = "leukoscope/sample-summary"
 #: Made once per process start: every payload of this run of the agent carries it.
@@ -35,7 +36,8 @@ def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float,
 
 def frame_result(*, device_id: str, sample_id: str | None, source: str, cells: list[dict],
                  timings_ms: dict[str, float], captured_at: float, positive_label: str,
-                 unclassified: list[dict] | None = None, focus: float | None = None, min_focus: float | None = None) -> dict:
+                 unclassified: list[dict] | None = None, focus: float | None = None, min_focus: float | None = None,
+                 bundle: str | None = None) -> dict:
     """One frame's payload, its ``sequence`` still None (see ``numbered``). ``cells`` were classified and
     are counted; ``unclassified`` were found but stopped by the quality gate (``reason``) and are not.
     ``focus``: the median nucleus focus, with ``out_of_focus`` when it is below ``min_focus``."""
@@ -57,6 +59,7 @@ def frame_result(*, device_id: str, sample_id: str | None, source: str, cells: l
         "focus": None if focus is None else round(focus, 1),
         "out_of_focus": focus is not None and min_focus is not None and focus < min_focus,
         "timings_ms": {k: round(v, 2) for k, v in timings_ms.items()},
+        "bundle": bundle,
     }
 
 
@@ -81,6 +84,8 @@ class SampleTally:
     #: Found but not classified (quality gate), by reason: never part of cells or blasts.
     unclassified: dict[str, int] = field(default_factory=dict)
     out_of_focus_frames: int = 0
+    #: Ids of the model bundles that scored the sample's frames (two after an update mid-sample).
+    bundles: set[str] = field(default_factory=set)
 
     def add(self, result: dict) -> None:
         self.frames += 1
@@ -89,6 +94,8 @@ class SampleTally:
         for cell in result.get("unclassified", []):
             self.unclassified[cell["reason"]] = self.unclassified.get(cell["reason"], 0) + 1
         self.out_of_focus_frames += bool(result.get("out_of_focus"))
+        if result.get("bundle"):
+            self.bundles.add(result["bundle"])
 
     def summary(self, device_id: str, *, final: bool = False) -> dict:
         low, high = wilson_interval(self.blasts, self.cells)
@@ -110,4 +117,5 @@ class SampleTally:
             "out_of_focus_frames": self.out_of_focus_frames,
             "blast_fraction": self.blasts / self.cells if self.cells else None,
             "blast_fraction_ci95": [low, high] if self.cells else None,
+            "bundles": sorted(self.bundles),
         }

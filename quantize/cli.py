@@ -56,6 +56,41 @@ def build_parser() -> argparse.ArgumentParser:
                           help="data source in the trainer's layouts, with the same scale rules; repeat for several")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     evaluate.add_argument("--num-threads", type=int, default=2, help="interpreter threads (default 2)")
+
+    keygen = commands.add_parser("keygen", help="make the Ed25519 key that signs model updates",
+                                 description="Write a new Ed25519 private key (PEM, mode 0600) and print its public half, "
+                                             "which goes into each device's config as updates.public_key.",
+                                 epilog="Example: quantize keygen --out ~/.config/leukoscope/update-signing.pem")
+    keygen.add_argument("--out", type=Path, required=True, help="private key file to write (refused if it exists)")
+
+    selftest = commands.add_parser("selftest", help="record self-test crops and their scores in a bundle",
+                                   description="Score cells of a data folder with the bundle and record a few of them, "
+                                               "with their scores, in the bundle: a device scores them again before it "
+                                               "switches to a bundle sent by `quantize publish`. `quantize export` does this itself.",
+                                   epilog="Example: quantize selftest models/default --data ../shared/data/cnmc-dev")
+    _add_bundle(selftest)
+    selftest.add_argument("--data", action="append", required=True, metavar="DIR[=UM_PER_PX]", help="data source with cells")
+
+    for name, text in (("publish", "sign a bundle and send it to devices over MQTT"), ("revert", "switch devices back to their previous bundle")):
+        command = commands.add_parser(name, help=text, description=(
+            "Sign the bundle with --key and send it in chunks, each with its hash, to the devices over MQTT. Each device "
+            "checks the signature against its updates.public_key, stages and self-tests the bundle, switches to it "
+            "atomically and answers; a refusal leaves the device as it was." if name == "publish" else
+            "Ask devices to switch back to the bundle they ran before the last update."),
+            epilog=f"Example: quantize {name} {'bundles/edge --key signing.pem ' if name == 'publish' else ''}--to pi-lab-1 --host broker.lab")
+        if name == "publish":
+            _add_bundle(command)
+            command.add_argument("--key", type=Path, required=True, help="Ed25519 private key from `quantize keygen`")
+        target = command.add_mutually_exclusive_group(required=True)
+        target.add_argument("--to", action="append", metavar="DEVICE", help="device id (repeat for several)")
+        target.add_argument("--all", action="store_true", help="every device whose retained status on the broker is online")
+        command.add_argument("--host", default="localhost", help="MQTT broker (default localhost)")
+        command.add_argument("--port", type=int, default=1883, help="MQTT port (default 1883)")
+        command.add_argument("--topic-prefix", default="leukoscope", help="the devices' mqtt.topic_prefix (default leukoscope)")
+        command.add_argument("--username", help="MQTT user name")
+        command.add_argument("--password-file", type=Path, help="file holding the MQTT password")
+        command.add_argument("--ca", type=Path, help="CA certificate for TLS to the broker")
+        command.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each device's answer (default 120)")
     return parser
 
 
@@ -110,6 +145,28 @@ def evaluate_bundle(path: Path, data: list[str], num_threads: int) -> dict:
     return result
 
 
+def _publish(args: argparse.Namespace) -> int:
+    from quantize import publish
+
+    signed = publish.sign_bundle(_bundle(args), publish.load_key(args.key)) if args.command == "publish" else None
+    password = args.password_file.read_text().strip() if args.password_file else None
+    sender = publish.Sender(args.host, args.port, args.topic_prefix, username=args.username, password=password, tls_ca=args.ca)
+    try:
+        devices = args.to or sender.devices()
+        if not devices:
+            raise UserError(f"no device is online under {args.topic_prefix}/+/status; name them with --to")
+        outcomes = publish.publish(sender, signed, devices, args.timeout) if signed else publish.revert(sender, devices, args.timeout)
+    finally:
+        sender.close()
+    for o in outcomes:
+        if o.ok:
+            state = "already active" if o.reply.get("unchanged") else f"active {o.reply.get('active')}, previous {o.reply.get('previous')}"
+            print(f"{o.device}: {state} ({o.seconds:.1f} s)")
+        else:
+            print(f"{o.device}: REFUSED: {o.reply.get('error')}")
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -145,6 +202,21 @@ def main(argv: list[str] | None = None) -> int:
                 print("ops    " + ", ".join(f"{k} x{v}" for k, v in info["edgetpu_check"]["op_counts"].items()))
                 verdict = info["edgetpu_check"]
                 print("Edge TPU: " + ("compatible" if verdict["compatible"] else "; ".join(verdict["problems"])))
+        elif args.command == "keygen":
+            from quantize.publish import keygen
+
+            public = keygen(args.out)
+            print(f"private key written to {args.out} (keep it on the workstation)")
+            print(f"devices' config: [updates]\nenabled = true\npublic_key = \"{public}\"")
+        elif args.command == "selftest":
+            from quantize.publish import selftest_from_data
+
+            bundle = _bundle(args)
+            manifest = selftest_from_data(bundle, args.data)
+            record = manifest["selftest"]
+            print(f"self-test of {len(record['scores'])} crops recorded in {bundle} (tolerance {record['tolerance']:.4f})")
+        elif args.command in ("publish", "revert"):
+            return _publish(args)
         else:
             from trainer.fit import seen_warning
 

@@ -227,6 +227,11 @@ def _export(source: Run, staging: Path, options: ExportOptions) -> dict:
                         "or pass --accept-parity-loss to export anyway")
     manifest["metrics"] = {"parity": result}
     write_manifest(staging, manifest)
+    # A few validation crops and the int8 scores they got here: a device sent this bundle by
+    # `quantize publish` scores them again and refuses to switch if its runtime disagrees.
+    from quantize.publish import add_self_test
+
+    manifest = add_self_test(staging, eval_images, int8_scores, meta.threshold)
     cv = json.loads((options.cv / "cv.json").read_text()) if options.cv else None
     (staging / "MODEL_CARD.md").write_text(model_card(manifest, config, meta.kind, source.metrics, cv))
     load_bundle(staging)  # what we hand over must verify

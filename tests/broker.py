@@ -37,8 +37,10 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class Broker:
     """Start, stop and restart a broker; state persists across restarts (like a real deployment)."""
 
-    def __init__(self, folder: Path, *, password_file: Path | None = None, tls: dict | None = None) -> None:
+    def __init__(self, folder: Path, *, password_file: Path | None = None, tls: dict | None = None,
+                 extra: list[str] | None = None) -> None:
         self.folder = folder
+        self.extra = extra or []  # more mosquitto.conf lines (e.g. a site broker's max_inflight_messages)
         self.port = free_port()
         self.password_file = password_file
         self.tls = tls
@@ -57,6 +59,7 @@ class Broker:
             lines += ["allow_anonymous true"]
         if self.tls:
             lines += [f"cafile {self.tls['ca']}", f"certfile {self.tls['cert']}", f"keyfile {self.tls['key']}"]
+        lines += self.extra
         path = self.folder / "mosquitto.conf"
         path.write_text("\n".join(lines) + "\n")
         return path

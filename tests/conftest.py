@@ -98,3 +98,17 @@ def tiny_bundle(tiny_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "bundle"
     assert main(["export", str(tiny_run[1]), "--out", str(out), "--samples", "16", "--accept-parity-loss", "--float-twin"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One private PostgreSQL cluster for the session (tests/postgres.py); skipped, with the reason, where
+    PostgreSQL cannot run."""
+    from tests.postgres import Postgres, why_unavailable
+
+    reason = why_unavailable()
+    if reason:
+        pytest.skip(reason)
+    server = Postgres().start()
+    yield server
+    server.stop()

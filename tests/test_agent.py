@@ -33,6 +33,8 @@ def test_without_a_broker_every_result_waits_in_the_outbox(tmp_path):
         rows = db.execute("SELECT topic, payload FROM outbox ORDER BY id").fetchall()
     results = [json.loads(p) for t, p in rows if t.endswith("/results")]
     assert [r["sequence"] for r in results] == list(range(1, frames + 1))
+    bundle_id = agent.classifier.bundle.id  # every result names the bundle that scored it
+    assert {r["bundle"] for r in results} == {bundle_id}
     assert rows[-1][0].endswith("/samples/S9") and json.loads(rows[-1][1])["final"] is True
     assert agent.counters["frames_dropped"] == 0
 

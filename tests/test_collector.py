@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -39,10 +40,41 @@ def broker(tmp_path):
     b.stop()
 
 
-def write_config(tmp_path: Path, port: int, extra: str = "") -> Path:
+class Database:
+    """Where a test's collector stores: the SQLite file, or a fresh database on the test PostgreSQL server."""
+
+    def __init__(self, tmp_path: Path, url: str | None = None) -> None:
+        self.url = url
+        self.path = tmp_path / "results.sqlite3"
+        self.toml = f'url = "{url}"\n' if url else f'path = "{self.path}"\n'
+
+    def open(self) -> Store:
+        return Store(url=self.url) if self.url else Store(self.path)
+
+    def count(self, table: str) -> int:
+        if not self.url and not self.path.exists():
+            return 0
+        store = None
+        try:
+            store = self.open()  # migrates an empty database: the table then exists with no rows
+            return store.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        finally:
+            if store:
+                store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path) -> Database:
+    if request.param == "sqlite":
+        return Database(tmp_path)
+    return Database(tmp_path, request.getfixturevalue("postgres_server").new_database())
+
+
+def write_config(tmp_path: Path, port: int, extra: str = "", database: Database | None = None) -> Path:
     path = tmp_path / "collector.toml"
+    database = database or Database(tmp_path)
     path.write_text(f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nclient_id = "test-collector"\nconnect_timeout_s = 5\n{extra}'
-                    f'[database]\npath = "{tmp_path / "results.sqlite3"}"\n[batch]\nmax_messages = 50\nmax_delay_ms = 50\n')
+                    f'[database]\n{database.toml}[batch]\nmax_messages = 50\nmax_delay_ms = 50\n')
     return path
 
 
@@ -87,7 +119,9 @@ def result(sequence: int, *, device_id: str = "scope-01", sample: str = "BM-42",
     return numbered(body, sequence)
 
 
-def count(db: Path, table: str) -> int:
+def count(db: Path | Database, table: str) -> int:
+    if isinstance(db, Database):
+        return db.count(table)
     if not db.exists():
         return 0
     with sqlite3.connect(db) as connection:
@@ -97,7 +131,7 @@ def count(db: Path, table: str) -> int:
             return 0
 
 
-def wait_rows(db: Path, table: str, expected: int, timeout: float = 10.0) -> None:
+def wait_rows(db: Path | Database, table: str, expected: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while count(db, table) < expected and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -105,9 +139,9 @@ def wait_rows(db: Path, table: str, expected: int, timeout: float = 10.0) -> Non
 
 
 @needs_mosquitto
-def test_repeats_stored_once_dead_letters_kept_gap_reported_and_report(tmp_path, broker, capsys):
-    config = write_config(tmp_path, broker.port)
-    db = tmp_path / "results.sqlite3"
+def test_repeats_stored_once_dead_letters_kept_gap_reported_and_report(tmp_path, broker, capsys, database):
+    config = write_config(tmp_path, broker.port, database=database)
+    db = database
     collector = CollectorProcess(config)
     collector.wait_connected()
     scope = device(broker.port)
@@ -130,11 +164,12 @@ def test_repeats_stored_once_dead_letters_kept_gap_reported_and_report(tmp_path,
     assert collector.stop() == 0
     scope.loop_stop()
 
-    store = Store(db)
+    store = db.open()
     reasons = sorted(reason for _, _, reason, _ in store.dead_letters())
     assert reasons[0].startswith("does not match edge/schemas/frame-result.schema.json at counts/cells")
     assert reasons[1].startswith("not JSON")
-    assert store.db.execute("SELECT status FROM device_status WHERE device_id = 'scope-01'").fetchone() == ("online",)
+    assert {payload for _, _, _, payload in store.dead_letters()} >= {b"{not json"}
+    assert store.execute("SELECT status FROM device_status WHERE device_id = 'scope-01'").fetchone() == ("online",)
     store.close()
 
     assert main(["gaps", "--config", str(config)]) == 3
@@ -163,9 +198,9 @@ def test_repeats_stored_once_dead_letters_kept_gap_reported_and_report(tmp_path,
 
 
 @needs_mosquitto
-def test_persistent_session_keeps_what_the_device_sent_while_the_collector_was_down(tmp_path, broker):
-    config = write_config(tmp_path, broker.port)
-    db = tmp_path / "results.sqlite3"
+def test_persistent_session_keeps_what_the_device_sent_while_the_collector_was_down(tmp_path, broker, database):
+    config = write_config(tmp_path, broker.port, database=database)
+    db = database
     collector = CollectorProcess(config)
     collector.wait_connected()
     assert collector.stop() == 0  # the broker now holds a session for client id test-collector
@@ -177,7 +212,7 @@ def test_persistent_session_keeps_what_the_device_sent_while_the_collector_was_d
     wait_rows(db, "frame_results", 200)
     assert "resumed session" in collector.log_path.read_text()
     assert collector.stop() == 0
-    store = Store(db)
+    store = db.open()
     assert store.gaps() == [] and store.sequence_ranges() == [("scope-01", 200, 1, 200, 0)]
     store.close()
 
@@ -227,6 +262,22 @@ def test_example_config_is_valid_and_shows_the_defaults():
     assert example.database.path == Path("/var/lib/leukoscope-collector/results.sqlite3")
 
 
+@pytest.mark.parametrize("change", [
+    lambda b: b.update(message_id="not-a-uuid"), lambda b: b.update(time="yesterday"), lambda b: b.update(extra=1),
+    lambda b: b["counts"].update(cells=-1), lambda b: b.pop("run_id"), lambda b: b.update(schema_version=9),
+    lambda b: b.update(bundle="XYZ"), lambda b: b["cells"][0].update(p_all="high"), lambda b: b.update(sequence=0),
+])
+def test_invalid_results_become_dead_letters(change):
+    """The fast validator accepts only what the schema accepts (jsonschema words the reason)."""
+    from collector.messages import DeadLetter, classify
+
+    body = json.loads(result(1))
+    assert not isinstance(classify("leukoscope/scope-01/results", json.dumps(body).encode(), "leukoscope"), DeadLetter)
+    change(body)
+    letter = classify("leukoscope/scope-01/results", json.dumps(body).encode(), "leukoscope")
+    assert isinstance(letter, DeadLetter) and letter.reason.startswith("does not match edge/schemas/frame-result.schema.json at")
+
+
 def test_imports_neither_tensorflow_nor_opencv():
     code = ("import sys\nfor name in ('cv2', 'tensorflow', 'keras'):\n    sys.modules[name] = None\n"
             "import collector.cli, collector.service, collector.report, collector.store, collector.messages\n"
@@ -235,16 +286,39 @@ def test_imports_neither_tensorflow_nor_opencv():
     assert done.stdout.strip() == "ok", done.stderr
 
 
-def test_migrations_are_numbered_and_rerunnable(tmp_path):
-    store = Store(tmp_path / "db.sqlite3")
+def test_migrations_are_numbered_and_rerunnable(database):
+    store = database.open()
     assert store.schema_version() == 1
     store.close()
-    store = Store(tmp_path / "db.sqlite3")  # opening again migrates nothing and keeps the version
+    store = database.open()  # opening again migrates nothing and keeps the version
     assert store.schema_version() == 1
-    store.db.execute("UPDATE schema_version SET version = 99")
+    store.execute("UPDATE schema_version SET version = 99")
     store.close()
     with pytest.raises(UserError, match="has schema version 99, newer than this collector's 1; upgrade leukoscope"):
-        Store(tmp_path / "db.sqlite3")
+        database.open()
+
+
+@pytest.mark.parametrize("database_section, message", [
+    ('url = "postgresql://lab:secret@db.lab/results"\n', "database.url: holds a password; put it in a file named by database.password_file"),
+    ('url = "mysql://db.lab/results"\n', "database.url: use postgresql://USER@HOST:PORT/DATABASE"),
+    ('url = "postgresql://db.lab/results"\npath = "/tmp/x.sqlite3"\n', "database: set database.path (SQLite) or database.url"),
+    ('password_file = "pw"\n', "database: password_file is for PostgreSQL"),
+])
+def test_database_config_mistakes_are_one_line(tmp_path, database_section, message):
+    path = tmp_path / "collector.toml"
+    path.write_text(f"[database]\n{database_section}")
+    with pytest.raises(UserError, match=re.escape(message)) as caught:
+        load_config(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_an_unreachable_postgresql_is_one_line_and_exit_2(tmp_path):
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is not installed (pip install 'leukoscope[collector]')")
+    path = tmp_path / "collector.toml"
+    path.write_text(f'[mqtt]\nport = {free_port()}\n[database]\nurl = "postgresql://nobody@127.0.0.1:{free_port()}/results"\n')
+    done = run_cli("gaps", "--config", str(path))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"collect: error: database postgresql://nobody@127.0.0.1:") and "check database.url" in done.stderr
 
 
 def test_html_report_without_matplotlib_says_so(tmp_path, monkeypatch):

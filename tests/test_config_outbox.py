@@ -20,7 +20,7 @@ def test_example_config_is_valid_and_documents_every_section():
     config = load_config(EXAMPLE)
     assert config.source.type == "picamera2"
     text = EXAMPLE.read_text()
-    for section in ("device", "source", "segmentation", "classifier", "mqtt", "mqtt.tls", "outbox", "pipeline", "review"):
+    for section in ("device", "source", "segmentation", "classifier", "mqtt", "mqtt.tls", "outbox", "pipeline", "review", "updates"):
         assert f"[{section}]" in text
 
 
@@ -41,6 +41,8 @@ def test_defaults_live_in_code():
     ({"source": {"type": "folder", "path": "/f"}, "device": {"id": "scope 1"}}, "device.id: use 1-64 letters"),
     ({"source": {"type": "folder", "path": "/f"}, "outbox": {"when_full": "explode"}}, "outbox.when_full"),
     ({"source": {"type": "folder", "path": "/f"}, "classifer": {}}, "classifer: unknown key"),
+    ({"source": {"type": "folder", "path": "/f"}, "updates": {"enabled": True}}, "updates: enabled without public_key"),
+    ({"source": {"type": "folder", "path": "/f"}, "updates": {"public_key": "abc"}}, "updates.public_key: must be a base64 Ed25519"),
 ])
 def test_bad_config_gives_one_line_naming_the_key(data, message):
     with pytest.raises(UserError, match=message) as caught:

@@ -47,3 +47,14 @@ def test_the_longest_allowed_stop_fits_in_timeout_stop_sec():
     assert parse_config({"source": {"type": "folder", "path": "/f"}, "mqtt": {"stop_timeout_s": longest}})
     with pytest.raises(UserError, match="mqtt.stop_timeout_s: use at most 20 s: the whole stop must end within"):
         parse_config({"source": {"type": "folder", "path": "/f"}, "mqtt": {"stop_timeout_s": longest + 1}})
+
+
+def test_install_script_parses_and_names_both_roles():
+    script = ROOT / "systemd" / "install.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    done = subprocess.run(["bash", str(script), "lab-server"], capture_output=True, text=True)  # refused before anything runs
+    assert done.returncode == 2 and done.stderr.strip() == "install.sh: unknown role 'lab-server'; use 'edge' (default) or 'collector'"
+    text = script.read_text()
+    for unit in UNITS:
+        assert f"unit={unit.stem}" in text
+    assert '"$prefix[$role]"' in text and "collector-db-password" in (ROOT / "systemd" / "leukoscope-collector.service").read_text()

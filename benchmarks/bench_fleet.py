@@ -1,0 +1,305 @@
+"""Fleet: many devices publish through one mosquitto into one collector, across a broker outage.
+
+    python benchmarks/bench_fleet.py [--devices 200] [--live 20] [--backlog 50] [--processes 4] [--postgres]
+
+Each simulated device is the project's own ``Outbox`` and ``Publisher`` (one SQLite outbox and one
+MQTT connection per device; no camera, no model: results are schema-valid frame results made by
+``edge.results``), ``--processes`` processes holding them. The collector is ``collect run``.
+
+1. live: every device stores and publishes ``--live`` results; wait until all are stored.
+2. outage: the broker is stopped (it saves its queues); every device stores ``--backlog`` more,
+   which wait in its outbox.
+3. drain: the broker starts; the devices reconnect and send their backlogs; halfway through, the
+   collector is stopped (SIGTERM) and started again. Drain rate = backlog / (broker start ->
+   everything stored), reconnects and the collector's restart included.
+4. ingest: the collector is stopped; every device sends ``--ingest`` more, which the broker queues
+   for the collector's persistent session; the collector starts. Ingest rate = those results /
+   (first of them stored -> all stored): what the collector alone sustains.
+
+Then, from the database: results stored per device against produced (lost), sequences carried
+twice (duplicated), gaps, and, with SQLite, whether each device's results were stored in sequence
+order (rowid). Printed as one JSON object. Targets (issue 13): 0 lost, 0 duplicated, order kept;
+ingest >= 2,000 results/s with SQLite, >= 5,000 with PostgreSQL. Needs mosquitto.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.broker import Broker  # noqa: E402
+
+#: The site broker of the benchmark: its window towards the collector. mosquitto's default (20
+#: unacknowledged QoS 1 messages per client) caps a collector that acknowledges after each commit.
+SITE_BROKER = ["max_inflight_messages 1000", "max_queued_messages 1000000"]
+
+
+# -- the devices' processes -------------------------------------------------------------------
+def devices_child(port: int, folder: Path, first: int, count: int) -> None:
+    """Line protocol on stdin/stdout: ``produce N`` -> ``produced``; ``drain`` -> ``drained``; ``stop``."""
+    from edge.config import MQTTConfig
+    from edge.outbox import Outbox
+    from edge.publisher import Publisher
+    from edge.results import frame_result, numbered
+
+    config = MQTTConfig(host="127.0.0.1", port=port, keepalive_s=10, reconnect_max_s=1.0, max_inflight=100)
+    fleet = []
+    for number in range(first, first + count):
+        device_id = f"dev{number:04d}"
+        outbox = Outbox(folder / f"{device_id}.sqlite3")
+        publisher = Publisher(config, outbox, device_id)
+        publisher.start()
+        fleet.append((device_id, outbox, publisher))
+    deadline = time.monotonic() + 60
+    while not all(p.connected.is_set() for _, _, p in fleet):
+        if time.monotonic() > deadline:
+            sys.exit("fleet child: devices did not connect within 60 s")
+        time.sleep(0.05)
+    print("ready", flush=True)
+    cells = [{"bbox": [10, 10, 60, 60], "area": 2100, "p_all": 0.81, "label": "all", "focus": 250.0},
+             {"bbox": [90, 40, 140, 92], "area": 1900, "p_all": 0.12, "label": "hem", "focus": 240.0}]
+    for line in sys.stdin:
+        command, *rest = line.split()
+        if command == "produce":
+            for _ in range(int(rest[0])):
+                for device_id, outbox, publisher in fleet:
+                    result = frame_result(device_id=device_id, sample_id="FLEET-1", source="bench", cells=cells,
+                                          timings_ms={"total": 40.0}, captured_at=time.time(), positive_label="all",
+                                          focus=245.0, min_focus=50.0, bundle="0123456789abcdef")
+                    outbox.put_numbered(f"leukoscope/{device_id}/results", lambda sequence, r=result: numbered(r, sequence))
+                    publisher.notify()
+            print("produced", flush=True)
+        elif command == "drain":
+            left = sum(not p.wait_drained(timeout=300) for _, _, p in fleet)
+            print(f"drained {left}", flush=True)
+        elif command == "stop":
+            break
+    for _, outbox, publisher in fleet:
+        publisher.stop(offline=False)
+        outbox.close()
+
+
+class Devices(subprocess.Popen):
+    def __init__(self, port: int, folder: Path, first: int, count: int) -> None:
+        self.log = (folder / f"devices-{first}.log").open("w")  # their reconnect warnings, for a post-mortem
+        super().__init__([sys.executable, __file__, "child", str(port), str(folder), str(first), str(count)], cwd=ROOT,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    def say(self, line: str) -> None:
+        self.stdin.write(line + "\n")
+        self.stdin.flush()
+
+    def expect(self, word: str) -> str:
+        line = self.stdout.readline().strip()
+        if not line.startswith(word):
+            raise RuntimeError(f"fleet child said {line!r} (exit {self.poll()}), expected {word!r}")
+        return line
+
+
+# -- the collector ----------------------------------------------------------------------------
+class Collector(subprocess.Popen):
+    def __init__(self, config: Path) -> None:
+        self.log = config.with_suffix(".log").open("a")
+        super().__init__([sys.executable, "-m", "collector.cli", "run", "--config", str(config)], cwd=ROOT,
+                         stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    def stop(self) -> int:
+        self.send_signal(signal.SIGTERM)
+        return self.wait(30)
+
+
+_counter: dict = {}
+
+
+def stored(database: dict) -> int:
+    """Results stored so far, through one kept connection (a new PostgreSQL connection per poll would
+    cost the server a process start each time, taken from the collector being measured)."""
+    from collector.store import Store
+
+    key = database.get("url") or database["path"]
+    if key not in _counter:
+        _counter[key] = Store(url=database["url"]) if database.get("url") else Store(Path(database["path"]))
+    return _counter[key].execute("SELECT COUNT(*) FROM frame_results").fetchone()[0]
+
+
+def wait_stored(database: dict, expected: int, timeout: float, during=None) -> float:
+    """Seconds until ``expected`` results are stored; ``during(count)`` is called on each poll."""
+    started = time.monotonic()
+    while True:
+        count = stored(database)
+        if during:
+            during(count)
+        if count >= expected:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"only {count} of {expected} results stored within {timeout:g} s")
+        time.sleep(0.1)
+
+
+def fleet(devices: int = 200, live: int = 20, backlog: int = 50, ingest: int = 50, processes: int = 4, postgres_url: str | None = None,
+          folder: Path | None = None, timeout: float = 300.0) -> dict:
+    """Run the three phases (module docstring); returns the measures and the checks."""
+    own_folder = folder is None
+    folder = Path(folder or tempfile.mkdtemp(prefix="leukoscope-fleet-"))
+    broker = Broker(folder / "broker", extra=SITE_BROKER).start()
+    database = {"url": postgres_url} if postgres_url else {"path": str(folder / "results.sqlite3")}
+    config = folder / "collector.toml"
+    section = f'url = "{postgres_url}"' if postgres_url else f'path = "{database["path"]}"'
+    config.write_text(f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nclient_id = "fleet-collector"\nreconnect_max_s = 1.0\n'
+                      f'[database]\n{section}\n[batch]\nmax_messages = 1000\nmax_delay_ms = 100\n')
+    collector = Collector(config)
+    children: list[Devices] = []
+    try:
+        wait_stored(database, 0, 30)  # the collector has created its schema
+        share = -(-devices // processes)
+        for first in range(0, devices, share):
+            (folder / "outboxes").mkdir(exist_ok=True)
+            children.append(Devices(broker.port, folder / "outboxes", first, min(share, devices - first)))
+        for child in children:
+            child.expect("ready")
+
+        started = time.monotonic()
+        for child in children:
+            child.say(f"produce {live}")
+        for child in children:
+            child.expect("produced")
+        wait_stored(database, devices * live, timeout)
+        live_s = time.monotonic() - started
+
+        broker.stop()
+        started = time.monotonic()
+        for child in children:
+            child.say(f"produce {backlog}")
+        for child in children:
+            child.expect("produced")
+        produce_s = time.monotonic() - started
+
+        total = devices * (live + backlog)
+        restart = {"done": False}
+
+        def restart_collector_halfway(count: int) -> None:
+            nonlocal collector
+            if not restart["done"] and count >= devices * live + devices * backlog // 2:
+                restart["done"] = True
+                restart["exit"] = collector.stop()
+                collector = Collector(config)
+
+        broker.start()
+        drain_s = wait_stored(database, total, timeout, during=restart_collector_halfway)
+        for child in children:
+            child.say("drain")
+        undelivered = sum(int(child.expect("drained").split()[1]) for child in children)
+
+        collector.stop()
+        for child in children:
+            child.say(f"produce {ingest}")
+        for child in children:
+            child.expect("produced")
+        for child in children:
+            child.say("drain")  # delivered to the broker, which queues them for the collector
+        undelivered += sum(int(child.expect("drained").split()[1]) for child in children)
+        collector = Collector(config)
+        wait_stored(database, total + 1, timeout)
+        first = stored(database)
+        ingest_s = wait_stored(database, total + devices * ingest, timeout)
+        # None when too few to time: the collector stored them all before the first poll
+        ingest_rate = (total + devices * ingest - first) / ingest_s if ingest_s and total + devices * ingest > first else None
+        total += devices * ingest
+        checks = check(database, devices, live + backlog + ingest)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.say("stop")
+        for child in children:
+            try:
+                child.wait(60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if collector.poll() is None:
+            collector.stop()
+        broker.stop()
+        for store in _counter.values():
+            store.close()
+        _counter.clear()
+        if own_folder:
+            shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "benchmark": "fleet", "database": "postgresql" if postgres_url else "sqlite", "devices": devices,
+        "processes": len(children), "results": total, "live_per_device": live, "backlog_per_device": backlog,
+        "live_s": round(live_s, 2), "live_results_per_s": round(devices * live / live_s, 1) if live_s else None,
+        "backlog_produce_s": round(produce_s, 2), "drain_s": round(drain_s, 2),
+        "drain_results_per_s": round(devices * backlog / drain_s, 1) if drain_s else None,
+        "ingest_per_device": ingest, "ingest_results_per_s": None if ingest_rate is None else round(ingest_rate, 1),
+        "collector_restarted_mid_drain": restart["done"], "collector_exit": restart.get("exit"),
+        "undelivered_in_outboxes": undelivered, **checks,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    }
+
+
+def check(database: dict, devices: int, per_device: int) -> dict:
+    from collector.store import Store
+
+    store = Store(url=database["url"]) if database.get("url") else Store(Path(database["path"]))
+    try:
+        ranges = {device: (n, low, high, repeats) for device, n, low, high, repeats in store.sequence_ranges()}
+        gaps = store.gaps()
+        out_of_order = None
+        if store.kind == "sqlite":  # rowid is the order of insertion
+            out_of_order = 0
+            for device in ranges:
+                sequence = [s for (s,) in store.execute("SELECT sequence FROM frame_results WHERE device_id = ? ORDER BY rowid", (device,))]
+                out_of_order += sum(b < a for a, b in zip(sequence, sequence[1:]))
+        lost = sum(per_device - ranges.get(f"dev{n:04d}", (0,))[0] for n in range(devices))
+        return {"stored": sum(r[0] for r in ranges.values()), "lost": lost, "duplicated": sum(r[3] for r in ranges.values()),
+                "gaps": len(gaps), "out_of_order": out_of_order,
+                "devices_complete": sum(r[0] == per_device and r[1] == 1 and r[2] == per_device for r in ranges.values())}
+    finally:
+        store.close()
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        devices_child(int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=200)
+    parser.add_argument("--live", type=int, default=20, help="results per device published with the broker up")
+    parser.add_argument("--backlog", type=int, default=50, help="results per device stored while the broker is down")
+    parser.add_argument("--ingest", type=int, default=50, help="results per device queued by the broker for a stopped collector")
+    parser.add_argument("--processes", type=int, default=4)
+    parser.add_argument("--postgres", action="store_true", help="store in PostgreSQL (a private cluster, tests/postgres.py)")
+    args = parser.parse_args()
+    server = None
+    url = None
+    if args.postgres:
+        from tests.postgres import Postgres, why_unavailable
+
+        reason = why_unavailable()
+        if reason:
+            sys.exit(f"bench_fleet: {reason}")
+        server = Postgres().start()
+        url = server.new_database()
+    try:
+        print(json.dumps(fleet(args.devices, args.live, args.backlog, args.ingest, args.processes, url)))
+    finally:
+        if server:
+            server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -318,7 +318,7 @@ def test_an_unreachable_postgresql_is_one_line_and_exit_2(tmp_path):
     path.write_text(f'[mqtt]\nport = {free_port()}\n[database]\nurl = "postgresql://nobody@127.0.0.1:{free_port()}/results"\n')
     done = run_cli("gaps", "--config", str(path))
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert done.stderr.startswith(f"collect: error: database postgresql://nobody@127.0.0.1:") and "check database.url" in done.stderr
+    assert done.stderr.startswith("collect: error: database postgresql://nobody@127.0.0.1:") and "check database.url" in done.stderr
 
 
 def test_html_report_without_matplotlib_says_so(tmp_path, monkeypatch):

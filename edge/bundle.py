@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TypedDict
 
 from edge.errors import BundleError
 from edge.preprocessing import COLOR_ORDER, CropContract
@@ -21,7 +21,60 @@ from edge.preprocessing import COLOR_ORDER, CropContract
 MANIFEST = "manifest.json"
 FORMAT = "leukoscope-model-bundle"
 FORMAT_VERSION = 1
+#: The classes, index = class id: C-NMC's folder names, kept in JSON; people read ``edge.LABEL_WORDS``.
+LABELS = ("hem", "all")
+POSITIVE_LABEL = "all"  # an ALL (leukemic) blast: the class a model's single output scores
+
+
+class Tensor(TypedDict, total=False):
+    """An input or output tensor as the exporter saw it in the int8 model; checked on the device's interpreter."""
+
+    dtype: str
+    shape: list[int]
+    quantization: dict[str, float]
+    size: int  # input: side of the square crop
+    color_order: str  # input
+    meaning: str  # output
+
+
+class Manifest(TypedDict, total=False):
+    """``manifest.json``, the one definition of what a bundle declares: ``new_manifest`` writes it (at
+    export), ``check_manifest`` and ``Bundle`` read it (on the device). ``files``, ``format`` and
+    ``format_version`` are filled in by ``write_manifest``; ``metrics`` and ``selftest`` are added after
+    the parity check and the self-test recording."""
+
+    format: str
+    format_version: int
+    labels: list[str]
+    positive_label: str
+    input: Tensor
+    output: Tensor
+    preprocessing: dict[str, Any]  # ``CropContract.to_manifest()``
+    threshold: float
+    threshold_rule: str
+    models: dict[str, str]  # variant ("cpu", "edgetpu") -> file name
+    files: dict[str, str]  # file name -> SHA-256
+    edgetpu: dict[str, Any]
+    provenance: dict[str, Any]
+    metrics: dict[str, Any]
+    selftest: dict[str, Any]
+
+
 REQUIRED_KEYS = ("labels", "positive_label", "input", "output", "preprocessing", "threshold", "models", "files")
+
+
+def new_manifest(*, input_tensor: Tensor, output_tensor: Tensor, contract: CropContract, threshold: float,
+                 threshold_rule: str, models: dict[str, str], edgetpu: dict[str, Any],
+                 provenance: dict[str, Any]) -> Manifest:
+    """The manifest of a new bundle, before ``write_manifest`` adds the checksums: the classes, the
+    colour order and the crop contract are this leukoscope's, so a bundle always states what it was made for."""
+    return Manifest(
+        labels=list(LABELS), positive_label=POSITIVE_LABEL,
+        input=Tensor(**input_tensor, size=contract.size, color_order=COLOR_ORDER),
+        output=Tensor(**output_tensor, meaning=f"P({POSITIVE_LABEL})"),
+        preprocessing=contract.to_manifest(), threshold=float(threshold), threshold_rule=threshold_rule,
+        models=dict(models), edgetpu=dict(edgetpu), provenance=dict(provenance),
+    )
 #: Crops (N x S x S x 3 uint8, array ``crops`` of a compressed ``.npz``) that a device scores before it switches to a
 #: bundle it was sent: the scores must match ``manifest["selftest"]["scores"]`` within its tolerance.
 SELFTEST_FILE = "selftest_crops.npz"
@@ -40,7 +93,7 @@ class Bundle:
     """A verified bundle: the folder and its manifest, every file checked."""
 
     root: Path
-    manifest: dict[str, Any] = field(repr=False)
+    manifest: Manifest = field(repr=False)
 
     @cached_property
     def id(self) -> str:

@@ -21,15 +21,14 @@ from typing import Sequence
 import numpy as np
 
 from edge import DISCLAIMER, __version__
-from edge.bundle import load_bundle, write_manifest
+from edge.bundle import Tensor, load_bundle, new_manifest, write_manifest
 from edge.classifier import Classifier
 from edge.console import progress, staged_folder, stdout_to_debug_log
 from edge.errors import UserError
 from edge.interpreter import open_interpreter
-from edge.preprocessing import COLOR_ORDER
 from quantize import edgetpu
 from trainer import metrics as M
-from trainer.dataset import LABELS, POSITIVE_LABEL, Sample, load_arrays, scan_sources
+from trainer.dataset import LABELS, Sample, load_arrays, scan_sources
 from trainer.run_folder import Run
 
 log = logging.getLogger(__name__)
@@ -124,10 +123,10 @@ def _convert(converter, kind: str) -> bytes:
         raise UserError(f"{kind} conversion failed: {first}") from None
 
 
-def _tensor_record(detail: dict) -> dict:
+def _tensor_record(detail: dict) -> Tensor:
     scale, zero_point = detail["quantization"]
-    return {"dtype": np.dtype(detail["dtype"]).name, "shape": [int(d) for d in detail["shape"]],
-            "quantization": {"scale": float(scale), "zero_point": int(zero_point)}}
+    return Tensor(dtype=np.dtype(detail["dtype"]).name, shape=[int(d) for d in detail["shape"]],
+                  quantization={"scale": float(scale), "zero_point": int(zero_point)})
 
 
 def parity(float_scores: np.ndarray, int8_scores: np.ndarray, labels: np.ndarray, threshold: float,
@@ -187,17 +186,12 @@ def _export(source: Run, staging: Path, options: ExportOptions) -> dict:
             log.warning("%s", compile_record["reason"])
         if not verdict["compatible"]:
             log.warning("Edge TPU: %s", "; ".join(verdict["problems"]))
-    manifest = {
-        "labels": list(LABELS),
-        "positive_label": POSITIVE_LABEL,
-        "input": {**_tensor_record(interpreter.get_input_details()[0]), "size": size, "color_order": COLOR_ORDER},
-        "output": {**_tensor_record(interpreter.get_output_details()[0]), "meaning": f"P({POSITIVE_LABEL})"},
-        "preprocessing": contract.to_manifest(),
-        "threshold": meta.threshold,
-        "threshold_rule": source.threshold_rule,
-        "models": models,
-        "edgetpu": {**verdict, **compile_record},
-        "provenance": {
+    manifest = new_manifest(
+        input_tensor=_tensor_record(interpreter.get_input_details()[0]),
+        output_tensor=_tensor_record(interpreter.get_output_details()[0]),
+        contract=contract, threshold=meta.threshold, threshold_rule=source.threshold_rule,
+        models=models, edgetpu={**verdict, **compile_record},
+        provenance={
             "source_run": str(run.resolve()),
             "model_kind": meta.kind,
             "training_data_fingerprint": config.get("data_fingerprint"),
@@ -207,7 +201,7 @@ def _export(source: Run, staging: Path, options: ExportOptions) -> dict:
             "versions": {**config.get("versions", {}), "exported_with": __version__},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
-    }
+    )
     write_manifest(staging, manifest)
 
     labels = np.array([s.label for s in eval_samples])

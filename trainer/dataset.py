@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from edge.bundle import LABELS  # the class contract: one home, shared with the bundle
 from edge.calibration import SCALE_FILE, calibrate, check_scale, read_scale_file
 from edge.errors import DataError
 from edge.preprocessing import DEFAULT_CONTRACT, CropContract, crop_cell, read_rgb
@@ -43,8 +44,6 @@ from edge.segmentation import SegmentationSettings, find_cells
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
-LABELS = ("hem", "all")  # index = class id; 1 = ALL (leukemic blast), the positive class
-POSITIVE_LABEL = "all"
 # The published download holds a few copies named like "UID_11_5_4_all (1).bmp".
 _NAME = re.compile(r"^UID_(?P<patient>H?\d+)_.*_(?P<label>all|hem)(?: \(\d+\))?$", re.IGNORECASE)
 #: Unreadable files tolerated (with a warning naming them) before loading fails.

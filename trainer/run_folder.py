@@ -18,7 +18,8 @@ from typing import Any
 
 from edge.errors import BundleError, UserError
 from edge.preprocessing import COLOR_ORDER, CropContract
-from trainer.dataset import LABELS, POSITIVE_LABEL, Sample
+from edge.bundle import LABELS, POSITIVE_LABEL
+from trainer.dataset import Sample
 
 MODEL_FILE = "model.keras"
 SIDES = ("train", "validation", "test")

@@ -21,6 +21,16 @@ PBC = SHARED_DATA / "pbc-normal"
 
 needs_cnmc = pytest.mark.skipif(not CNMC.is_dir(), reason=f"real C-NMC crops not found at {CNMC} (../shared is absent in a bare clone)")
 needs_pbc = pytest.mark.skipif(not PBC.is_dir(), reason=f"real PBC cells not found at {PBC} (../shared is absent in a bare clone)")
+@pytest.fixture
+def broker(tmp_path: Path):
+    """A private mosquitto (or amqtt where mosquitto is absent) on a free port, stopped after the test."""
+    from tests.broker import Broker
+
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
 def wait_for(condition: Callable[[], object], timeout: float) -> bool:
     """Wait on the event itself (polled every 50 ms) instead of a fixed sleep; False on timeout."""
     deadline = time.monotonic() + timeout

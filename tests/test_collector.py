@@ -33,13 +33,6 @@ needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="the collector's 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path / "broker").start()
-    yield b
-    b.stop()
-
-
 class Database:
     """Where a test's collector stores: the SQLite file, or a fresh database on the test PostgreSQL server."""
 

@@ -47,13 +47,6 @@ def frames(tmp_path) -> Path:
     return folder
 
 
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path / "broker").start()
-    yield b
-    b.stop()
-
-
 def write_config(path: Path, *, port: int, frames: Path, outbox: Path, fps: float | None = None, loop: bool = False,
                  extra: str = "", device: str = "t1") -> Path:
     source = f'[source]\ntype = "folder"\npath = "{frames}"\nloop = {str(loop).lower()}\n' + (f"fps = {fps}\n" if fps else "")

@@ -21,7 +21,6 @@ from edge.classifier import Classifier
 from edge.config import UpdatesConfig
 from edge.updates import UpdateRefused, Updater, canonical
 from quantize import publish as P
-from tests.broker import Broker
 from tests.conftest import ROOT
 from tests.test_service import Agent, Subscriber, wait_for, write_config
 
@@ -40,13 +39,6 @@ def variant(tmp_path: Path, name: str, change=lambda manifest: None) -> Path:
     change(manifest)
     write_manifest(root, manifest)
     return root
-
-
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path / "broker").start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture

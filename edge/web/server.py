@@ -550,11 +550,11 @@ class Handler(BaseHTTPRequestHandler):
                 continue
             with page.live.changed:
                 shown = page.live.recent.get(frame[0]) or {}
+            if viewer:  # before the write: once the page has the picture, its JSON already names it
+                page.live.streamed_to(viewer, frame[0])
             self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: " + str(len(frame[1])).encode()
                              + f"\r\nX-Frame-Sequence: {shown.get('sequence')}\r\n\r\n".encode() + frame[1] + b"\r\n")
             self.wfile.flush()
-            if viewer:
-                page.live.streamed_to(viewer, frame[0])
             rest = interval - (time.monotonic() - started)
             if rest > 0 and page.stopping.wait(rest):
                 break

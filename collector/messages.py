@@ -20,7 +20,7 @@ STATUS_VALUES = {"online", "offline"}
 
 @dataclass(frozen=True)
 class Message:
-    """A message that passed its checks. ``kind``: results, samples, status or stats."""
+    """A message that passed its checks. ``kind``: results, samples, status, stats or reviews."""
 
     kind: str
     topic: str
@@ -57,7 +57,7 @@ def fast_check(name: str):
 
 def subscriptions(prefix: str) -> list[str]:
     """The topic filters the collector subscribes to (QoS 1); ``cmd`` and ``reply`` are not the lab's data."""
-    return [f"{prefix}/+/results", f"{prefix}/+/samples/#", f"{prefix}/+/status", f"{prefix}/+/stats"]
+    return [f"{prefix}/+/results", f"{prefix}/+/samples/#", f"{prefix}/+/status", f"{prefix}/+/stats", f"{prefix}/+/reviews"]
 
 
 def _schema_problem(name: str, body: object) -> str | None:
@@ -93,6 +93,8 @@ def classify(topic: str, payload: bytes, prefix: str) -> Message | DeadLetter:
         problem = _schema_problem("frame-result", body)
     elif kind == "samples" and len(parts) >= 3:
         problem = _schema_problem("sample-summary", body)
+    elif kind == "reviews" and len(parts) == 2:
+        problem = _schema_problem("review-label", body)
     elif kind == "stats" and len(parts) == 2:
         problem = None if isinstance(body, dict) else "stats must be a JSON object"
     else:

@@ -4,7 +4,9 @@ The counts are recomputed from the frames the collector stored, not copied from 
 tally, and the device's own tally is shown beside them: when the two differ, results are missing (the
 sequence gaps inside the sample say which). The blast fraction comes with its 95% Wilson interval,
 unclassified cells (quality gate) are listed by reason and never counted, and the research-use
-disclaimer is part of every report.
+disclaimer is part of every report. Where people reviewed the sample's cells on a device's local page,
+their labels are counted beside the model's calls: how often a person agreed with the model is the
+one measure of it on this lab's own slides.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class SampleReport:
     unclassified: Counter = field(default_factory=Counter)
     out_of_focus_frames: int = 0
     scores: list[float] = field(default_factory=list)
+    reviews: list[dict] = field(default_factory=list)  #: the latest label of each reviewed crop (payloads)
 
     @property
     def blast_fraction(self) -> float | None:
@@ -72,7 +75,7 @@ def build_report(store: Store, sample_id: str) -> SampleReport:
         # Numbers missing between this sample's first and last frame are frames of this sample (or of one
         # started and stopped in between): the report says so rather than counting without them silently.
         gaps += [g for g in store.gaps(device_id) if low < g.first and g.last < high]
-    report = SampleReport(sample_id, frames, devices, gaps)
+    report = SampleReport(sample_id, frames, devices, gaps, reviews=store.review_labels_of(sample_id))
     for frame in frames:
         report.cells += frame["counts"]["cells"]
         report.blasts += frame["counts"]["blasts"]
@@ -105,8 +108,34 @@ def summary_rows(report: SampleReport) -> list[tuple[str, str]]:
                  (f"device {d.device_id}: its own tally",
                   "none received" if tally is None else
                   f"{tally['frames']} frames, {tally['cells']} cells, {tally['blasts']} blasts ({'final' if tally['final'] else 'running'})")]
+    rows += review_rows(report.reviews)
     rows += [("missing results", "; ".join(f"{g.device_id} #{g.first}..{g.last} ({g.missing})" for g in report.gaps) or "none"),
              ("disclaimer", DISCLAIMER)]
+    return rows
+
+
+#: A reviewer's label that says the model's call was right: "blast" for a cell the model flagged, "normal" for
+#: one it did not. "not_a_cell" and "unsure" neither confirm nor contradict the call and are left out of agreement.
+AGREES = {"flagged": "blast", "random": "normal"}
+REVIEW_LABELS = ("blast", "normal", "not_a_cell", "unsure")
+
+
+def review_rows(reviews: list[dict]) -> list[tuple[str, str]]:
+    """Review labels of the sample's cells: how many of each, and how often the reviewer agreed with the model."""
+    if not reviews:
+        return [("review labels", "none received")]
+    counts = Counter(r["label"] for r in reviews)
+    rows = [("review labels", f"{len(reviews)} cells reviewed")]
+    rows += [(f"review labels: {label}", str(counts[label])) for label in REVIEW_LABELS if counts[label]]
+    judged = [r for r in reviews if r["label"] in ("blast", "normal")]
+    agreed = sum(AGREES[r["cell"]["selected"]] == r["label"] for r in judged)
+    rows.append(("review agreement with the model", f"{agreed} of {len(judged)} ({agreed / len(judged):.0%})" if judged
+                 else "no cell labelled blast or normal"))
+    for selected, said in (("flagged", "flagged as blast by the model"), ("random", "not flagged (random sample)")):
+        group = [r for r in judged if r["cell"]["selected"] == selected]
+        if group:
+            confirmed = sum(r["label"] == AGREES[selected] for r in group)
+            rows.append((f"review: {said}", f"reviewer agreed on {confirmed} of {len(group)}"))
     return rows
 
 

@@ -74,6 +74,28 @@ MIGRATIONS: list[str] = [
         received_at {real} NOT NULL
     );
     """,
+    # 2: review labels from the devices' local pages (topic <prefix>/<device_id>/reviews). Every label is kept
+    # (keyed on its message_id); a crop labelled again has several rows, and readers take the latest.
+    """
+    CREATE TABLE review_labels (
+        message_id TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        crop_id INTEGER NOT NULL,
+        sample_id TEXT,
+        frame_sequence INTEGER,
+        label TEXT NOT NULL,
+        selected TEXT NOT NULL,
+        model_label TEXT NOT NULL,
+        p_all {real} NOT NULL,
+        reviewer TEXT NOT NULL,
+        reviewed_at TEXT NOT NULL,
+        received_at {real} NOT NULL,
+        json TEXT NOT NULL
+    );
+    CREATE INDEX review_labels_sample ON review_labels (sample_id);
+    CREATE INDEX review_labels_crop ON review_labels (device_id, crop_id, reviewed_at);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 #: The only words of the schema that differ between the two databases.
@@ -236,6 +258,15 @@ class Store:
                 " (sample_summaries.started, sample_summaries.frames, sample_summaries.final)",
                 (item.device_id, sample, body["message_id"], body["run_id"], body["started"], body["frames"],
                  int(body["final"]), now, item.raw.decode())).rowcount
+        if item.kind == "reviews":
+            cell = body["cell"]
+            return db.execute(
+                "INSERT INTO review_labels (message_id, device_id, run_id, crop_id, sample_id, frame_sequence, label, selected,"
+                " model_label, p_all, reviewer, reviewed_at, received_at, json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (message_id) DO NOTHING",
+                (body["message_id"], item.device_id, body["run_id"], body["crop_id"], cell["sample_id"], cell["frame_sequence"],
+                 body["label"], cell["selected"], cell["model"]["label"], cell["model"]["p_all"], body["reviewer"],
+                 body["reviewed_at"], now, item.raw.decode())).rowcount
         if item.kind == "status":
             db.execute("INSERT INTO device_status (device_id, status, received_at) VALUES (?, ?, ?) ON CONFLICT (device_id)"
                        " DO UPDATE SET status = excluded.status, received_at = excluded.received_at", (item.device_id, body, now))
@@ -271,6 +302,17 @@ class Store:
     def summaries_of(self, sample_id: str) -> list[dict]:
         return [json.loads(text) for (text,) in self.execute(
             "SELECT json FROM sample_summaries WHERE sample_id = ? ORDER BY device_id", (sample_id,))]
+
+    def review_labels_of(self, sample_id: str) -> list[dict]:
+        """The latest label of each reviewed crop of a sample's cells (a crop labelled again counts once, as
+        its newest label: ``reviewed_at``, then arrival), as the label payloads, oldest crop first."""
+        rows = self.execute(
+            "SELECT device_id, crop_id, reviewed_at, received_at, json FROM review_labels WHERE sample_id = ?"
+            " ORDER BY device_id, crop_id, reviewed_at, received_at", (sample_id,)).fetchall()
+        latest: dict[tuple[str, int], str] = {}
+        for device_id, crop_id, _, _, text in rows:
+            latest[(device_id, crop_id)] = text
+        return [json.loads(text) for text in latest.values()]
 
     def latest_stats(self, device_id: str) -> dict | None:
         row = self.execute("SELECT json FROM device_stats WHERE device_id = ? ORDER BY id DESC LIMIT 1", (device_id,)).fetchone()

@@ -341,7 +341,15 @@ class Agent:
         return self.config.review.folder
 
     def reload_model(self, bundle: str | None = None) -> dict:
-        """Verify ``bundle`` (default: the configured one) and swap it in; the running model stays on any error."""
+        """Verify ``bundle`` (default: the configured one) and swap it in; the running model stays on any error.
+
+        Refused while updates are enabled: the updater owns which bundle is active (its ``active`` link
+        survives restarts and is what ``update_status`` and ``stats`` report), so a second way to switch
+        would let the bundle that scores differ from the one reported."""
+        if self.updater:
+            raise UserError(f"reload_model is off while updates.enabled: the updater owns the active bundle "
+                            f"({self.updater.status()['active']}); send a signed bundle with `quantize publish` "
+                            "(update_begin, update_chunk), go back with update_revert, see update_status")
         path = bundle if bundle is not None else str(self.config.classifier.bundle)
         classifier = self._classifier(Path(path))  # verified before it replaces the running one
         self._install(classifier)

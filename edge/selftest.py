@@ -25,12 +25,7 @@ def check(config_path: Path) -> int:
         print(f"FAIL config: {error}")
         return 1
     print(f"ok   config {config_path}")
-    try:
-        classifier = Classifier(config.classifier.bundle, num_threads=config.classifier.num_threads,
-                                edgetpu=config.classifier.edgetpu, cpu_fallback=config.classifier.cpu_fallback)
-        print(f"ok   model bundle {config.classifier.bundle} ({'Edge TPU' if classifier.edgetpu else 'CPU'})")
-    except UserError as error:
-        failures.append(f"model: {error}")
+    failures.extend(_check_bundle(config))
     stop = threading.Event()
     try:
         frame = next(iter(open_frames(config, stop.is_set, lambda reason: (failures.append(f"camera: {reason}"), stop.set()))), None)
@@ -49,6 +44,29 @@ def check(config_path: Path) -> int:
     for failure in failures:
         print(f"FAIL {failure}")
     return 1 if failures else 0
+
+
+def _check_bundle(config: AgentConfig) -> list[str]:
+    """Open the bundle the agent will score with: with updates enabled, the updater's active one (a bundle
+    sent by `quantize publish`), which may differ from classifier.bundle in the config."""
+    bundle, note = config.classifier.bundle, ""
+    if config.updates.enabled:
+        from edge.updates import bundle_in_use
+
+        bundle, previous = bundle_in_use(config.updates, config.classifier.bundle)
+        if bundle.resolve() != config.classifier.bundle.resolve():
+            note = f", the updater's active bundle; classifier.bundle {config.classifier.bundle} is the factory one"
+    try:
+        classifier = Classifier(bundle, num_threads=config.classifier.num_threads,
+                                edgetpu=config.classifier.edgetpu, cpu_fallback=config.classifier.cpu_fallback)
+    except UserError as error:
+        if note:
+            fallback = previous or config.classifier.bundle
+            return [f"model: the updater's active bundle {bundle}: {error}; the agent would roll back to {fallback} "
+                    "at start (or send a good bundle with `quantize publish`)"]
+        return [f"model: {error}"]
+    print(f"ok   model bundle {bundle} {classifier.bundle.id} ({'Edge TPU' if classifier.edgetpu else 'CPU'}{note})")
+    return []
 
 
 def _check_outbox(path: Path) -> str:

@@ -56,6 +56,16 @@ MAX_CHUNK = 1 << 20  # a chunk larger than this is refused (a broker's message l
 MAX_FILES = 16
 
 
+def bundle_in_use(config: UpdatesConfig, factory: Path) -> tuple[Path, Path | None]:
+    """(the bundle the agent opens at start, the one it rolls back to): the ``active`` and ``previous``
+    links in ``updates.folder``, or the configured (factory) bundle when no update was ever installed.
+    Reads only, creates nothing: ``edge check`` asks it too, and a self-test must leave nothing behind."""
+    folder = Path(config.folder)
+    active, previous = (Path(os.readlink(link)) if link.is_symlink() else None
+                        for link in (folder / "active", folder / "previous"))
+    return active or Path(factory).resolve(), previous
+
+
 class UpdateRefused(UserError):
     """An update the device will not take; the message is the reply, the device is unchanged."""
 
@@ -142,10 +152,10 @@ class Updater:
         return Path(os.readlink(link)) if link.is_symlink() else None
 
     def active_root(self) -> Path:
-        return self._target(self.active_link) or self.factory
+        return bundle_in_use(self.config, self.factory)[0]
 
     def previous_root(self) -> Path | None:
-        return self._target(self.previous_link)
+        return bundle_in_use(self.config, self.factory)[1]
 
     def start(self) -> Classifier:
         """Open the active bundle; if it fails, roll back to the previous one, then to the factory one."""

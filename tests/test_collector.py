@@ -280,15 +280,34 @@ def test_imports_neither_tensorflow_nor_opencv():
 
 
 def test_migrations_are_numbered_and_rerunnable(database):
+    from collector.store import SCHEMA_VERSION
+
     store = database.open()
-    assert store.schema_version() == 1
+    assert store.schema_version() == SCHEMA_VERSION == 2
     store.close()
     store = database.open()  # opening again migrates nothing and keeps the version
-    assert store.schema_version() == 1
+    assert store.schema_version() == SCHEMA_VERSION
     store.execute("UPDATE schema_version SET version = 99")
     store.close()
-    with pytest.raises(UserError, match="has schema version 99, newer than this collector's 1; upgrade leukoscope"):
+    with pytest.raises(UserError, match=f"has schema version 99, newer than this collector's {SCHEMA_VERSION}; upgrade leukoscope"):
         database.open()
+
+
+def test_a_version_1_database_gains_the_review_labels_table_and_keeps_its_results(database, monkeypatch):
+    from collector import store as store_module
+    from collector.messages import classify
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 1)
+    old = database.open()  # as the collector before review labels left it
+    old.write([classify("leukoscope/scope-01/results", result(1), "leukoscope")])
+    assert old.schema_version() == 1
+    old.close()
+    monkeypatch.undo()
+    store = database.open()
+    assert store.schema_version() == 2 and store.sequence_ranges() == [("scope-01", 1, 1, 1, 0)]
+    assert store.execute("SELECT COUNT(*) FROM review_labels").fetchone()[0] == 0
+    store.close()
 
 
 @pytest.mark.parametrize("database_section, message", [
@@ -325,3 +344,67 @@ def test_html_report_without_matplotlib_says_so(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="no results stored for sample 'BM-43'"):
         build_report(store, "BM-43")
     store.close()
+
+
+@needs_mosquitto
+@pytest.mark.slow
+def test_review_labels_from_a_real_agent_are_stored_once_and_reported(tmp_path, broker, capsys, request):
+    """A real agent's page labels three cells of a sample; collectors on SQLite and PostgreSQL (both, where
+    PostgreSQL runs) store each label once, keep an invalid one as a dead letter, and report them."""
+    from tests.postgres import why_unavailable
+    from tests.web_helpers import RunningAgent, agent_config, wait_for
+
+    databases = [Database(tmp_path / "sqlite")]
+    if why_unavailable() is None:
+        databases.append(Database(tmp_path / "pg", request.getfixturevalue("postgres_server").new_database()))
+    collectors = []
+    for number, database in enumerate(databases):
+        folder = tmp_path / f"collector{number}"
+        folder.mkdir()
+        config = write_config(folder, broker.port, database=database)
+        config.write_text(config.read_text().replace('"test-collector"', f'"review-collector-{number}"'))
+        collectors.append((config, CollectorProcess(config)))
+    for _, collector in collectors:
+        collector.wait_connected()
+    with RunningAgent(agent_config(tmp_path, mqtt_port=broker.port)) as running:
+        running.agent.start_sample("BM-7")
+        web = running.agent.web
+        assert wait_for(lambda: len([c for c in web.store.pending(limit=50) if c["sample_id"] == "BM-7"]) >= 3, 90)
+        crops = [c["id"] for c in web.store.pending(limit=50) if c["sample_id"] == "BM-7"][:3]
+        for crop, label in zip(crops, ("blast", "normal", "unsure")):
+            web.label(crop, label, "R1", "loopback")
+        web.label(crops[1], "blast", "R2", "loopback")  # the same crop again: its latest label counts
+        for database in databases:  # through the agent's outbox and publisher, to every collector
+            wait_rows(database, "review_labels", 4, timeout=30)
+    labels = review_payloads(tmp_path / "reviews.sqlite3")
+    scope = device(broker.port, "resender")
+    publish(scope, "leukoscope/w1/reviews", labels[0])  # a QoS 1 redelivery: stored once
+    broken = json.loads(labels[0])
+    broken["label"] = "maybe"
+    publish(scope, "leukoscope/w1/reviews", json.dumps(broken).encode())
+    scope.loop_stop()
+    for (config, collector), database in zip(collectors, databases):
+        wait_rows(database, "review_labels", 4)
+        wait_rows(database, "dead_letters", 1)
+        assert collector.stop() == 0
+        store = database.open()
+        (reason,) = [reason for _, _, reason, _ in store.dead_letters()]
+        assert reason.startswith("does not match edge/schemas/review-label.schema.json at label")
+        store.close()
+        assert main(["report", "BM-7", "--format", "csv", "--config", str(config)]) == 0
+        rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+        summary = dict(rows[1:rows.index([])])
+        selected = {json.loads(p)["crop_id"]: json.loads(p)["cell"]["selected"] for p in labels}
+        latest = {crops[0]: "blast", crops[1]: "blast", crops[2]: "unsure"}
+        judged = [c for c in crops if latest[c] != "unsure"]
+        agreed = sum((selected[c] == "flagged") == (latest[c] == "blast") for c in judged)
+        assert summary["review labels"] == "3 cells reviewed"
+        assert (summary["review labels: blast"], summary["review labels: unsure"]) == ("2", "1")
+        assert "review labels: normal" not in summary
+        assert summary["review agreement with the model"] == f"{agreed} of 2 ({agreed / 2:.0%})"
+
+
+def review_payloads(path: Path) -> list[bytes]:
+    """The label payloads a device's review database holds, oldest first."""
+    with sqlite3.connect(path) as connection:
+        return [bytes(row[0]) for row in connection.execute("SELECT payload FROM labels ORDER BY id")]

@@ -12,6 +12,8 @@ import json
 import re
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,8 +108,25 @@ def test_publish_switches_reports_in_stats_and_reverts(tmp_path, broker, key, se
     stats = Subscriber(broker.port, "leukoscope/pi1/stats", client_id="stats-watcher")
     try:  # the collector reads the active bundle from stats
         assert stats.wait_for(lambda: any(json.loads(p)["bundle"] == new_id for p in stats.payloads("/stats")), 10)
+        # reload_model would switch behind the updater's back (stats naming one bundle, update_status another):
+        # refused, naming the update commands, and the bundle that scores stays the one reported
+        for body in ({"bundle": str(DEFAULT)}, {}):
+            sender.command(device.id, "reload_model", body)
+            refused = sender.reply(device.id, 10)
+            assert refused and not refused["ok"], refused
+            assert refused["error"].startswith("reload_model is off while updates.enabled") and new_id in refused["error"]
+            assert "update_revert" in refused["error"] and "update_status" in refused["error"]
+        seen = len(stats.payloads("/stats"))
+        assert stats.wait_for(lambda: len(stats.payloads("/stats")) >= seen + 2, 10)
+        assert {json.loads(p)["bundle"] for p in stats.payloads("/stats")[seen:]} == {new_id}
+        assert device.status(sender)["active"] == new_id
     finally:
         stats.close()
+    # `edge check` opens the bundle the agent runs, the updater's active one, not classifier.bundle
+    check = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config", str(device.config)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"ok   model bundle {device.folder / 'store' / new_id} {new_id} (CPU, the updater's active bundle" in check.stdout
     assert sorted(p.name for p in (device.folder / "store").iterdir()) == [new_id]
 
     [again] = P.publish(sender, P.sign_bundle(new, key), [device.id])  # publishing twice changes nothing
@@ -213,6 +232,11 @@ def test_sigkill_mid_transfer_discards_it_and_a_broken_active_bundle_rolls_back(
     assert outcome.ok, outcome.reply
     device.stop()
     (device.folder / "store" / signed.bundle_id / "model_int8.tflite").write_bytes(b"not a model")  # disk damage
+    check = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config", str(device.config)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 1 and "Traceback" not in check.stderr
+    assert f"FAIL model: the updater's active bundle {device.folder / 'store' / signed.bundle_id}: " in check.stdout
+    assert f"the agent would roll back to {DEFAULT.resolve()} at start" in check.stdout
     device.start(sender)
     assert device.status(sender)["active"] == default_id
     assert "rolling back" in device.process.log()

@@ -73,6 +73,77 @@ def test_the_live_view_follows_the_frames(tmp_path):
         assert b"multipart/x-mixed-replace" in received and b"Content-Type: image/jpeg" in received
 
 
+class Stream:
+    """``/stream.mjpg?viewer=...`` read part by part over a raw socket: (frame sequence, JPEG) per part."""
+
+    def __init__(self, port: int, viewer: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.sendall(f"GET /stream.mjpg?viewer={viewer} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        self.buffer = b""
+        self.parts: list[tuple[int, bytes]] = []
+
+    def next_part(self) -> tuple[int, bytes]:
+        while True:
+            start = self.buffer.find(b"--frame\r\n")
+            head_end = self.buffer.find(b"\r\n\r\n", start) if start >= 0 else -1
+            if head_end >= 0:
+                headers = dict(line.split(": ", 1) for line in self.buffer[start + 9:head_end].decode().split("\r\n"))
+                body_start = head_end + 4
+                length = int(headers["Content-Length"])
+                if len(self.buffer) >= body_start + length:
+                    part = (int(headers["X-Frame-Sequence"]), self.buffer[body_start:body_start + length])
+                    self.buffer = self.buffer[body_start + length:]
+                    self.parts.append(part)
+                    return part
+            chunk = self.sock.recv(65536)
+            assert chunk, "the stream ended"
+            self.buffer += chunk
+
+    def sent(self, sequence: int, limit: int = 20) -> bool:
+        """Whether the stream sent (or sends within ``limit`` more parts) the frame ``sequence``."""
+        for _ in range(limit):
+            if any(s == sequence for s, _ in self.parts):
+                return True
+            self.next_part()
+        return any(s == sequence for s, _ in self.parts)
+
+
+def test_the_live_panel_names_the_frame_in_the_picture(tmp_path):
+    """The picture (MJPEG) and the numbers (JSON) are fetched apart; with the page's viewer id, the JSON is
+    the frame last streamed to that page, each part names its frame, and the number is drawn in the picture."""
+    import cv2
+    import numpy as np
+
+    from tests.test_service import pending_results
+
+    viewer = "0123abcd4567ef89"
+    with RunningAgent(agent_config(tmp_path, fps=8.0, web={"stream_fps": 1.0})) as running:
+        port = running.port
+        stream = Stream(port, viewer)
+        sequence, jpeg = stream.next_part()
+        for _ in range(3):
+            state = request(port, "GET", f"/api/live?viewer={viewer}").json()
+            assert state["picture"] is True
+            # the numbers are of a frame this page was sent (never a newer one it was not), and they are that frame's
+            assert state["sequence"] >= sequence and stream.sent(state["sequence"])
+            sequence = stream.parts[-1][0]
+            result = next(r for r in pending_results(tmp_path / "outbox.sqlite3").values() if r["sequence"] == state["sequence"])
+            assert state["counts"] == result["counts"] and state["source"] == result["source"]
+        # frames are analysed faster than this viewer is sent pictures: the newest is often not its picture
+        assert wait_for(lambda: (s := request(port, "GET", f"/api/live?viewer={viewer}").json())["latest_sequence"] > s["sequence"], 30)
+        stream.sock.close()
+        shown = stream.parts[-1][0]
+        assert wait_for(lambda: request(port, "GET", "/api/live").json()["sequence"] > shown + 1, 30)
+        state = request(port, "GET", f"/api/live?viewer={viewer}").json()
+        assert state["picture"] and state["latest_sequence"] > state["sequence"] >= shown, (state, stream.parts)
+        unknown = request(port, "GET", "/api/live?viewer=ffffffffffffffff").json()  # no picture sent: the newest
+        assert unknown["picture"] is False and unknown["sequence"] == unknown["latest_sequence"]
+    # the frame's number is drawn in the picture's top left corner: a black box with white text
+    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
+    corner = image[2:20, 2:30]
+    assert (corner < 40).mean() > 0.3 and (corner > 215).any()
+
+
 def test_every_post_needs_the_pages_csrf_token_and_origin(tmp_path):
     with RunningAgent(agent_config(tmp_path)) as running:
         port = running.port

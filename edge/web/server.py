@@ -48,6 +48,19 @@ REVIEW_PATH = re.compile(r"/api/review/([0-9]{1,12})")
 REVIEWER = re.compile(r"[A-Za-z0-9 ._@-]{1,64}")
 MAX_PATH = 2048
 LIVE_WIDTH = 960  # frames are shrunk to this width for the page: a fraction of the encoding cost
+RECENT_FRAMES = 64  # results kept to match a viewer's picture: seconds of frames at any rate the Pi reaches
+MAX_VIEWERS = 32
+VIEWER = re.compile(r"[A-Za-z0-9]{8,32}")
+
+
+def stamp_frame_number(canvas: np.ndarray, sequence: int | None) -> None:
+    """Draw "#<sequence>" in the picture's top left corner (white on black), the number the panel names:
+    a person can always see which frame the picture is, even if the panel's numbers are of another."""
+    label = "#" + (str(sequence) if sequence is not None else "-")
+    scale = max(canvas.shape[1] / LIVE_WIDTH, 0.5) * 0.8
+    (width, height), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 2)
+    cv2.rectangle(canvas, (0, 0), (width + 12, height + base + 12), (0, 0, 0), -1)
+    cv2.putText(canvas, label, (6, height + 6), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 2, cv2.LINE_AA)
 FLAGGED_PER_FRAME = 8  # at most this many flagged crops of one frame are kept for review
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -71,13 +84,36 @@ class LiveView:
         self._jpeg: tuple[int, bytes] | None = None
         self._encode = threading.Lock()
         self.version = 0
+        #: The results of the last frames by version, so that the panel can show the numbers of the frame a
+        #: viewer's picture shows, not of a newer one analysed since (the picture and the JSON come separately).
+        self.recent: dict[int, dict] = {}
+        #: viewer id (chosen by the page) -> the version of the last picture streamed to it
+        self.streamed: dict[str, int] = {}
 
     def observe(self, image: np.ndarray, result: dict) -> None:
         with self.changed:
             self.image, self.result = image, result
             self.version += 1
+            self.recent[self.version] = result
+            self.recent.pop(self.version - RECENT_FRAMES, None)
             self.times.append(time.monotonic())
             self.changed.notify_all()
+
+    def streamed_to(self, viewer: str, version: int) -> None:
+        with self.changed:
+            self.streamed.pop(viewer, None)
+            self.streamed[viewer] = version
+            while len(self.streamed) > MAX_VIEWERS:  # the oldest viewer goes (dicts keep insertion order)
+                self.streamed.pop(next(iter(self.streamed)))
+
+    def shown(self, viewer: str | None) -> tuple[int, dict | None, bool]:
+        """(version, result, whether it is the picture ``viewer`` was last sent): the streamed frame's
+        result while it is among the recent ones, else the newest."""
+        with self.changed:
+            version = self.streamed.get(viewer) if viewer else None
+            if version is not None and version in self.recent:
+                return version, self.recent[version], True
+            return self.version, self.result, False
 
     def fps(self) -> float | None:
         """Frames per second over the last frames (not since start: the page shows what happens now)."""
@@ -98,6 +134,7 @@ class LiveView:
                 if canvas.shape[1] > LIVE_WIDTH:
                     height = int(canvas.shape[0] * LIVE_WIDTH / canvas.shape[1])
                     canvas = cv2.resize(canvas, (LIVE_WIDTH, height), interpolation=cv2.INTER_AREA)
+                stamp_frame_number(canvas, result.get("sequence"))
                 ok, data = cv2.imencode(".jpg", canvas, [cv2.IMWRITE_JPEG_QUALITY, 80])
                 self._jpeg = (version, data.tobytes())
             return self._jpeg
@@ -296,9 +333,13 @@ class WebPage:
             agent.publisher.notify()
 
     # -- what the pages show --------------------------------------------------------------------------
-    def live_state(self) -> dict:
+    def live_state(self, viewer: str | None = None) -> dict:
+        """The panel's numbers. With ``viewer`` (the id the page streams with), they are those of the frame
+        last streamed to it, the one in its picture; ``picture`` says whether they are, and ``latest_sequence``
+        names the newest frame analysed."""
+        version, result, is_picture = self.live.shown(viewer)
         with self.live.changed:
-            result, version = self.live.result, self.live.version
+            latest = self.live.result
         stats = self.agent.stats()
         warnings = []
         if result and result.get("out_of_focus"):
@@ -311,6 +352,7 @@ class WebPage:
                      for c in result["cells"]] + \
                     [{"label": "not classified", "reason": c["reason"]} for c in result.get("unclassified", [])]
         return {"version": version, "sequence": result and result.get("sequence"), "source": result and result["source"],
+                "picture": is_picture, "latest_sequence": latest and latest.get("sequence"),
                 "sample_id": result and result.get("sample_id"), "counts": result and result["counts"],
                 "focus": result and result.get("focus"), "cells": cells, "warnings": warnings,
                 "fps": self.live.fps(), "timings_ms": result and result["timings_ms"], "stage_ms": stats["stage_ms"]}
@@ -454,7 +496,7 @@ class Handler(BaseHTTPRequestHandler):
             elif path in STATIC:
                 self._send(200, page.files[path.rsplit("/", 1)[1]], STATIC[path])
             elif path == "/api/live":
-                self._json(200, page.live_state())
+                self._json(200, page.live_state(self._viewer()))
             elif path == "/api/sample":
                 self._json(200, page.sample_state())
             elif path == "/api/review":
@@ -479,9 +521,17 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, socket.timeout, ssl.SSLError):
             self.close_connection = True
 
+    def _viewer(self) -> str | None:
+        """``?viewer=ID``: the page's own random id, tying its picture stream to its panel's JSON."""
+        values = parse_qs(self.path.split("?", 1)[1]).get("viewer", []) if "?" in self.path else []
+        return values[0] if values and VIEWER.fullmatch(values[0]) else None
+
     def _stream(self) -> None:
-        """MJPEG: one JPEG part per new frame, at most stream_fps, until the viewer leaves or the agent stops."""
+        """MJPEG: one JPEG part per new frame, at most stream_fps, until the viewer leaves or the agent stops.
+        Each part names its frame (``X-Frame-Sequence``; the number is drawn in the picture's corner too),
+        and with ``?viewer=ID`` the panel's JSON for that id is the streamed frame's."""
         page = self.page
+        viewer = self._viewer()
         self.send_response(200)
         self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
         self.send_header("Cache-Control", "no-store")
@@ -498,8 +548,12 @@ class Handler(BaseHTTPRequestHandler):
             frame = page.live.jpeg()
             if frame is None:
                 continue
+            with page.live.changed:
+                shown = page.live.recent.get(frame[0]) or {}
+            if viewer:  # before the write: once the page has the picture, its JSON already names it
+                page.live.streamed_to(viewer, frame[0])
             self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: " + str(len(frame[1])).encode()
-                             + b"\r\n\r\n" + frame[1] + b"\r\n")
+                             + f"\r\nX-Frame-Sequence: {shown.get('sequence')}\r\n\r\n".encode() + frame[1] + b"\r\n")
             self.wfile.flush()
             rest = interval - (time.monotonic() - started)
             if rest > 0 and page.stopping.wait(rest):

@@ -28,11 +28,17 @@ function say(message, error) {
 function every(ms, fn) { fn(); setInterval(fn, ms); }
 
 // -- live -------------------------------------------------------------------------------------
+// The picture (MJPEG) and the numbers (JSON) are fetched apart; the page's random viewer id ties them, so the
+// server answers with the numbers of the frame it last streamed to this page. The frame number is also drawn
+// in the picture's corner, and the panel says when its numbers are not the picture's.
 function live() {
+  const viewer = Array.from(crypto.getRandomValues(new Uint8Array(8)), (b) => b.toString(16).padStart(2, "0")).join("");
+  $("frame").src = `/stream.mjpg?viewer=${viewer}`;
   every(1000, async () => {
-    const s = await getJSON("/api/live");
+    const s = await getJSON(`/api/live?viewer=${viewer}`);
     text("fps", s.fps === null ? "–" : s.fps.toFixed(1));
-    text("frame-no", s.sequence === null ? "–" : `#${s.sequence} ${s.source || ""}`);
+    text("frame-no", s.sequence === null ? "–" : `#${s.sequence} ${s.source || ""}` +
+      (s.picture ? " (the picture)" : " (newest analysed; not the picture)"));
     text("sample", s.sample_id || "none started");
     if (s.counts) {
       text("cells", s.counts.cells); text("blasts", s.counts.blasts); text("unclassified", s.counts.unclassified);

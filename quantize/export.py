@@ -227,6 +227,10 @@ def _export(source: Run, staging: Path, options: ExportOptions) -> dict:
 
     manifest = add_self_test(staging, eval_images, int8_scores, meta.threshold)
     cv = json.loads((options.cv / "cv.json").read_text()) if options.cv else None
+    if cv is not None:  # how long each fold trained, beside the bundle's own model: a shorter fold is a conservative estimate
+        folds = [json.loads(p.read_text()) for p in sorted(options.cv.glob("fold_*/metrics.json"))]
+        cv["training"] = {"folds": [(f.get("epochs_run"), f.get("train_seconds")) for f in folds],
+                          "bundle": (source.metrics.get("epochs_run"), source.metrics.get("train_seconds"))}
     (staging / "MODEL_CARD.md").write_text(model_card(manifest, config, meta.kind, source.metrics, cv))
     load_bundle(staging)  # what we hand over must verify
     if options.float_twin:
@@ -259,8 +263,15 @@ def _cv_section(cv: dict | None) -> str:
     bccd = cv.get("bccd_false_blast_rate_per_fold")
     tail = ["", "BCCD white cells called ALL by each fold's model (a lab never trained on): "
                 + ", ".join(f"{r:.1%}" for r in bccd) + "."] if bccd else []
+    training = cv.get("training", {})
+    folds = [f for f in training.get("folds", []) if None not in f]
+    if folds and None not in training.get("bundle", (None,)):
+        epochs, seconds = zip(*folds)
+        tail += ["", f"Each fold's model trained {min(epochs)}-{max(epochs)} epochs ({min(seconds) / 60:.0f}-{max(seconds) / 60:.0f} min); "
+                     f"this bundle's model {training['bundle'][0]} epochs ({training['bundle'][1] / 60:.0f} min)"
+                     + (": the folds trained less, so read their numbers as a conservative estimate." if max(seconds) < training["bundle"][1] else ".")]
     return "\n".join([f"Grouped {cv['folds']}-fold cross-validation, whole patients left out, C-NMC cells of the left-out "
-                      "patients (`trainer cv`, same recipe):", "", "| metric | mean +- sd | range |", "| --- | --- | --- |", *rows,
+                      "patients (`trainer cv`, the same data and recipe):", "", "| metric | mean +- sd | range |", "| --- | --- | --- |", *rows,
                       *tail])
 
 

@@ -126,3 +126,17 @@ def test_model_card_states_the_threshold_and_its_rule_once(tiny_bundle):
     card = model_card(manifest, {}, {"kind": "edge"})
     assert "Decision threshold 0.500 (the default for class-balanced training: validation holds only 1 cells" in card
     assert "0.500: 0.5" not in card
+
+
+def test_model_card_says_how_long_the_cross_validation_folds_trained():
+    """A CV of shorter-trained folds than the bundle's model must not pass for the bundle's own estimate."""
+    from quantize.export import _cv_section
+
+    summary = {"weighted_f1": {"mean": 0.84, "std": 0.12, "min": 0.65, "max": 0.97}}
+    cv = {"folds": 5, "summary": summary, "training": {"folds": [(8, 776.0), (14, 648.0)], "bundle": (23, 1351.7)}}
+    text = _cv_section(cv)
+    assert "Each fold's model trained 8-14 epochs (11-13 min); this bundle's model 23 epochs (23 min)" in text
+    assert "conservative estimate" in text
+    cv["training"]["bundle"] = (10, 600.0)
+    assert "conservative" not in _cv_section(cv)
+    assert "trained" not in _cv_section({"folds": 5, "summary": summary})  # an older cv.json: nothing claimed

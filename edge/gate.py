@@ -90,12 +90,26 @@ def frame_focus(verdicts: list[Verdict]) -> float | None:
     return float(np.median([v.focus for v in verdicts])) if verdicts else None
 
 
+def percentile_u8(values: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` (linear) of uint8 values, from a 256-bin histogram: the same number
+    without sorting (a partial sort of every cell's pixels was ~0.1 ms a cell, 6 ms on a 12 MP frame)."""
+    n = values.size
+    counts = cv2.calcHist([np.ascontiguousarray(values).reshape(-1, 1)], [0], None, [256], [0, 256]).ravel()
+    index = (n - 1) * (q / 100)
+    below = int(np.floor(index))
+    gamma = index - below
+    cumulative = np.cumsum(counts)
+    a = float(np.searchsorted(cumulative, below, side="right"))
+    b = float(np.searchsorted(cumulative, min(below + 1, n - 1), side="right"))
+    return b - (b - a) * (1 - gamma) if gamma >= 0.5 else a + (b - a) * gamma
+
+
 def _red_cell_pixels(crop_rgb: np.ndarray, stained: np.ndarray) -> np.ndarray:
     """Red-cell pixels: darker than the background in green (haemoglobin) and no bluer than the
     background (a white cell's pale cytoplasm is darker too, but bluer), not stained violet."""
     green = crop_rgb[..., 1]
     excess = crop_rgb[..., 2].astype(np.int16) - crop_rgb[..., 0].astype(np.int16)
-    bright = green >= np.percentile(green, 95)
+    bright = green >= percentile_u8(green, 95)
     background, field_excess = float(green[bright].mean()), float(np.median(excess[bright]))
     return (green < 0.85 * background) & (excess < field_excess + RED_CELL_BLUE_EXCESS) & ~stained
 
@@ -145,7 +159,7 @@ def judge(frame_rgb: np.ndarray, cell: Cell, um_per_px: float,
     if np.count_nonzero(mask) / hull_area < MIN_SOLIDITY:
         return Verdict("broken", focus)
     if area_um2 > SMUDGE_AREA_UM2 and not cell.pre_cropped:
-        background = float(np.percentile(crop[..., 1], 95))
+        background = percentile_u8(crop[..., 1], 95)
         inked = float(crop[..., 1][nucleus].mean()) if nucleus.any() else background
         if inked > SMUDGE_PALENESS * background:
             return Verdict("smudge", focus)

@@ -89,9 +89,16 @@ def _downscale(frame_rgb: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(source, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
 
 
+def _brightest(rgb: np.ndarray) -> np.ndarray:
+    """The largest channel per pixel. ``rgb.max(axis=2)`` reduces over 3 bytes at a time (~5 ms on a
+    12 MP frame's 1/8 copy); OpenCV's per-plane max gives the same bytes ~20x faster."""
+    red, green, blue = cv2.split(rgb)
+    return cv2.max(cv2.max(red, green), blue)
+
+
 def _is_black_background(frame: np.ndarray, level: int) -> bool:
-    small = _decimate(frame, 8)
-    return float(np.mean(small.max(axis=2) <= level)) > 0.3
+    small = _brightest(_decimate(frame, 8))
+    return cv2.countNonZero((small <= level).view(np.uint8)) > 0.3 * small.size
 
 
 def _solidity(mask: np.ndarray) -> float:
@@ -112,10 +119,13 @@ def _group_fragments(stats: np.ndarray, centroids: np.ndarray, keep: list[int], 
         return i
 
     fragments = [i for i in keep if stats[i, cv2.CC_STAT_AREA] < 0.45 * disc]
-    for n, i in enumerate(fragments):
-        for j in fragments[n + 1:]:
-            if np.linalg.norm(centroids[i] - centroids[j]) < 0.6 * diameter:
-                parent[root(i)] = root(j)
+    # All pairwise distances at once (a 12 MP frame has ~100 fragments: 5,000 pairs), joined in the
+    # same order as a pair-by-pair loop would.
+    points = centroids[fragments]
+    offsets = points[:, None, :] - points[None, :, :]
+    near = np.sqrt((offsets * offsets).sum(axis=2)) < 0.6 * diameter
+    for a, b in zip(*np.nonzero(np.triu(near, 1))):
+        parent[root(fragments[a])] = root(fragments[b])
     groups: dict[int, list[int]] = {}
     for i in keep:
         groups.setdefault(root(i), []).append(i)
@@ -289,7 +299,7 @@ def _keep_stained(frame_rgb: np.ndarray, cell: Cell, settings: SegmentationSetti
 
 def _find_on_black(frame_rgb: np.ndarray, settings: SegmentationSettings) -> list[Cell]:
     """A cell already segmented onto black (C-NMC format): the largest foreground object."""
-    foreground = (frame_rgb.max(axis=2) > settings.black_level).astype(np.uint8)
+    foreground = (_brightest(frame_rgb) > settings.black_level).astype(np.uint8)
     foreground = cv2.morphologyEx(foreground, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
     if count <= 1:

@@ -64,8 +64,11 @@ class Cell:
 def _stained(rgb: np.ndarray, blue_threshold: float, dark_level: int) -> np.ndarray:
     """uint8 mask of stained pixels: blue well above red, or dark and not red."""
     red, green, blue = cv2.split(rgb)
-    dark = (cv2.max(cv2.max(red, green), blue) < dark_level) & (cv2.add(blue, 10) >= red)
-    return ((cv2.subtract(blue, red) > blue_threshold) | dark).astype(np.uint8)
+    # OpenCV's compare and bitwise ops (0/255 masks) in place of NumPy's bool arrays: ~3x faster, same pixels.
+    dark = cv2.bitwise_and(cv2.compare(cv2.max(cv2.max(red, green), blue), float(dark_level), cv2.CMP_LT),
+                           cv2.compare(cv2.add(blue, 10), red, cv2.CMP_GE))
+    blue_excess = cv2.compare(cv2.subtract(blue, red), float(blue_threshold), cv2.CMP_GT)
+    return cv2.min(cv2.bitwise_or(blue_excess, dark), 1)
 
 
 def _decimate(frame_rgb: np.ndarray, step: int) -> np.ndarray:
@@ -214,7 +217,8 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
         y1 = max(stats[i, 1] + stats[i, 3] for i in group)
         if x0 <= margin or y0 <= margin or x1 >= small.shape[1] - margin or y1 >= small.shape[0] - margin:
             continue  # cut by the frame border: half a cell is no evidence
-        component = np.isin(labels[y0:y1, x0:x1], group).astype(np.uint8)
+        box = labels[y0:y1, x0:x1]
+        component = (box == group[0] if len(group) == 1 else np.isin(box, group)).astype(np.uint8)  # isin sorts: 10x slower
         area = int(np.count_nonzero(component))
         parts = _split_touching(component, diameter) if area > SMALL_PAIR_DISCS * disc else [component]
         if area <= SPLIT_ABOVE_DISCS * disc and min(int(np.count_nonzero(p)) for p in parts) < SMALL_PART_DISCS * disc:

@@ -80,7 +80,7 @@ def nucleus_focus(crop_rgb: np.ndarray, nucleus: np.ndarray, um_per_px: float) -
     inside = cv2.erode(inside, np.ones((3, 3), np.uint8)).astype(bool)  # the nucleus' own edge is not texture
     if np.count_nonzero(inside) < 20:
         return 0.0
-    return float(cv2.Laplacian(grey.astype(np.float32), cv2.CV_32F, ksize=3)[inside].var())
+    return float(cv2.Laplacian(grey, cv2.CV_32F, ksize=3)[inside].var())  # from uint8: the same whole numbers
 
 
 def frame_focus(verdicts: list[Verdict]) -> float | None:
@@ -104,14 +104,30 @@ def percentile_u8(values: np.ndarray, q: float) -> float:
     return b - (b - a) * (1 - gamma) if gamma >= 0.5 else a + (b - a) * gamma
 
 
+def median_int(values: np.ndarray, low: int, high: int) -> float:
+    """``np.median`` of integers in ``low..high``, from a histogram (no sort)."""
+    n = values.size
+    cumulative = np.cumsum(np.bincount((values.ravel().astype(np.int32) - low), minlength=high - low + 1))
+    upper = float(np.searchsorted(cumulative, n // 2, side="right") + low)
+    if n % 2:
+        return upper
+    lower = float(np.searchsorted(cumulative, n // 2 - 1, side="right") + low)
+    return (lower + upper) / 2
+
+
 def _red_cell_pixels(crop_rgb: np.ndarray, stained: np.ndarray) -> np.ndarray:
     """Red-cell pixels: darker than the background in green (haemoglobin) and no bluer than the
-    background (a white cell's pale cytoplasm is darker too, but bluer), not stained violet."""
-    green = crop_rgb[..., 1]
-    excess = crop_rgb[..., 2].astype(np.int16) - crop_rgb[..., 0].astype(np.int16)
-    bright = green >= percentile_u8(green, 95)
-    background, field_excess = float(green[bright].mean()), float(np.median(excess[bright]))
-    return (green < 0.85 * background) & (excess < field_excess + RED_CELL_BLUE_EXCESS) & ~stained
+    background (a white cell's pale cytoplasm is darker too, but bluer), not stained violet.
+    (Integer pixels against fractional levels: ``v >= t`` is ``v >= ceil(t)`` and ``v < t`` is
+    ``v < ceil(t)``, so OpenCV's integer compares give NumPy's float ones.)"""
+    red, green, blue = cv2.split(crop_rgb)
+    excess = cv2.subtract(blue, red, dtype=cv2.CV_16S)
+    bright = cv2.compare(green, int(np.ceil(percentile_u8(green, 95))), cv2.CMP_GE)
+    background = cv2.mean(green, mask=bright)[0]
+    field_excess = median_int(excess[bright.view(bool)], -255, 255)
+    darker = cv2.compare(green, int(np.ceil(0.85 * background)), cv2.CMP_LT)
+    not_bluer = cv2.compare(excess, int(np.ceil(field_excess + RED_CELL_BLUE_EXCESS)), cv2.CMP_LT)
+    return cv2.bitwise_and(darker, not_bluer).view(bool) & ~stained
 
 
 def _border_contact(cell: Cell, shape: tuple[int, int]) -> int:

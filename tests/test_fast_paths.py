@@ -6,7 +6,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from edge.gate import percentile_u8
+from edge.gate import RED_CELL_BLUE_EXCESS, _red_cell_pixels, median_int, percentile_u8
 from edge.preprocessing import DEFAULT_CONTRACT, CropContract, normalise_colour
 from edge.segmentation import _brightest, _stained
 
@@ -52,3 +52,25 @@ def test_colour_normalisation_by_lookup_table_is_pixel_by_pixel() -> None:
         if mask.sum() < 4:
             continue
         assert np.array_equal(normalise_colour(cell, mask, DEFAULT_CONTRACT), _normalised_by_numpy(cell, mask, DEFAULT_CONTRACT))
+
+
+def _red_cells_by_numpy(crop: np.ndarray, stained: np.ndarray) -> np.ndarray:
+    green = crop[..., 1]
+    excess = crop[..., 2].astype(np.int16) - crop[..., 0].astype(np.int16)
+    bright = green >= np.percentile(green, 95)
+    background, field_excess = float(green[bright].mean()), float(np.median(excess[bright]))
+    return (green < 0.85 * background) & (excess < field_excess + RED_CELL_BLUE_EXCESS) & ~stained
+
+
+def test_red_cell_pixels_by_integer_compares_are_numpys() -> None:
+    rng = np.random.default_rng(3)
+    for trial in range(1500):
+        height, width = (int(v) for v in rng.integers(1, 100, 2))
+        crop = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        if trial % 2:  # narrow ranges: fractional percentiles, means and medians land between levels
+            crop = (crop // int(rng.integers(1, 40)) + rng.integers(0, 200)).astype(np.uint8)
+        stained = rng.random((height, width)) < 0.3
+        assert np.array_equal(_red_cell_pixels(crop, stained), _red_cells_by_numpy(crop, stained))
+    for _ in range(1000):
+        values = rng.integers(-255, 256, int(rng.integers(1, 400))).astype(np.int16)
+        assert median_int(values, -255, 255) == float(np.median(values))

@@ -71,6 +71,31 @@ def _stained(rgb: np.ndarray, blue_threshold: float, dark_level: int) -> np.ndar
     return cv2.min(cv2.bitwise_or(blue_excess, dark), 1)
 
 
+def components(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """``cv2.connectedComponentsWithStats(mask, connectivity=8)`` for the objects (labels >= 1): the
+    same count, labels, stats and centroids, but row 0 (the background) is left zero. Why: OpenCV's
+    statistics pass costs ~9x its labelling (1 ms on a 480x270 detection copy); the objects are a few
+    per cent of the pixels, so they are summed here from the labelled pixels alone."""
+    count, labels = cv2.connectedComponents(mask, connectivity=8, ltype=cv2.CV_32S)
+    stats = np.zeros((count, 5), np.int32)
+    centroids = np.zeros((count, 2), np.float64)
+    if count > 1:
+        points = cv2.findNonZero((labels > 0).view(np.uint8)).reshape(-1, 2)  # raster order; ~10x np.nonzero
+        xs, ys = points[:, 0], points[:, 1]
+        ids = labels[ys, xs]
+        area = np.bincount(ids, minlength=count)
+        by_label = np.argsort(ids, kind="stable")  # grouped by label, rows still ascending
+        starts = np.concatenate(([0], np.cumsum(area[1:])[:-1]))
+        columns, rows = xs[by_label], ys[by_label]
+        left, right = np.minimum.reduceat(columns, starts), np.maximum.reduceat(columns, starts)
+        top, bottom = rows[starts], rows[starts + area[1:] - 1]
+        stats[1:] = np.stack([left, top, right - left + 1, bottom - top + 1, area[1:]], axis=1)
+        # Integer sums (exact in float64) over the area, as OpenCV divides them.
+        centroids[1:, 0] = np.bincount(ids, weights=xs, minlength=count)[1:] / area[1:]
+        centroids[1:, 1] = np.bincount(ids, weights=ys, minlength=count)[1:] / area[1:]
+    return count, labels, stats, centroids
+
+
 def _decimate(frame_rgb: np.ndarray, step: int) -> np.ndarray:
     """``frame_rgb[::step, ::step]``, contiguous. NumPy copies a pixel-strided view byte by byte (~3.5 ms
     for 1080p); OpenCV's nearest-neighbour resize of the row view picks exactly those columns when the
@@ -168,7 +193,7 @@ def _split_touching(component: np.ndarray, diameter: float) -> list[np.ndarray]:
     beside a large one and merged chains of cells that overlap."""
     distance = cv2.distanceTransform(component, cv2.DIST_L2, 5)
     local_max = (distance >= cv2.dilate(distance, np.ones((5, 5), np.uint8))) & (distance >= MIN_NUCLEUS_DIAMETERS * diameter / 2)
-    count, markers, _, centres = cv2.connectedComponentsWithStats(local_max.astype(np.uint8), connectivity=8)
+    count, markers, _, centres = components(local_max.astype(np.uint8))
     if count <= 2:
         return [component]
     depth = [0.0] + [float(distance[int(round(centres[k][1])), int(round(centres[k][0]))]) for k in range(1, count)]
@@ -206,7 +231,7 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
     close = max(3, int(diameter * 0.14) | 1)
     nucleus = cv2.morphologyEx(nucleus, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (close, close)))
     disc = np.pi * (diameter / 2) ** 2
-    count, labels, stats, centroids = cv2.connectedComponentsWithStats(nucleus, connectivity=8)
+    count, labels, stats, centroids = components(nucleus)
     keep = [i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= 0.04 * disc]  # platelets are smaller
     margin = settings.border_margin_px
     cells = []

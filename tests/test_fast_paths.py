@@ -8,7 +8,7 @@ import numpy as np
 
 from edge.gate import RED_CELL_BLUE_EXCESS, _red_cell_pixels, median_int, percentile_u8
 from edge.preprocessing import DEFAULT_CONTRACT, CropContract, normalise_colour
-from edge.segmentation import _brightest, _stained
+from edge.segmentation import _brightest, _stained, components
 
 
 def test_percentile_from_histogram_is_numpys() -> None:
@@ -74,3 +74,18 @@ def test_red_cell_pixels_by_integer_compares_are_numpys() -> None:
     for _ in range(1000):
         values = rng.integers(-255, 256, int(rng.integers(1, 400))).astype(np.int16)
         assert median_int(values, -255, 255) == float(np.median(values))
+
+
+def test_components_match_opencvs_statistics() -> None:
+    rng = np.random.default_rng(4)
+    for trial in range(1500):
+        height, width = (int(v) for v in rng.integers(1, 200, 2))
+        mask = (rng.random((height, width)) < rng.random() * 0.6).astype(np.uint8)
+        if trial % 3 == 0:  # blobs, not salt
+            mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
+        if trial % 7 == 0:
+            mask[:] = trial % 2
+        count, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        got = components(mask)
+        assert got[0] == count and np.array_equal(got[1], labels)
+        assert np.array_equal(got[2][1:], stats[1:]) and np.array_equal(got[3][1:], centroids[1:])

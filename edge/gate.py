@@ -120,7 +120,7 @@ def _red_cell_pixels(crop_rgb: np.ndarray, stained: np.ndarray) -> np.ndarray:
     background (a white cell's pale cytoplasm is darker too, but bluer), not stained violet.
     (Integer pixels against fractional levels: ``v >= t`` is ``v >= ceil(t)`` and ``v < t`` is
     ``v < ceil(t)``, so OpenCV's integer compares give NumPy's float ones.)"""
-    red, green, blue = cv2.split(crop_rgb)
+    red, green, blue = cv2.split(np.ascontiguousarray(crop_rgb))
     excess = cv2.subtract(blue, red, dtype=cv2.CV_16S)
     bright = cv2.compare(green, int(np.ceil(percentile_u8(green, 95))), cv2.CMP_GE)
     background = cv2.mean(green, mask=bright)[0]

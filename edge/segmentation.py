@@ -194,7 +194,7 @@ def _split_touching(component: np.ndarray, diameter: float) -> list[np.ndarray]:
     beside a large one and merged chains of cells that overlap."""
     distance = cv2.distanceTransform(component, cv2.DIST_L2, 5)
     local_max = (distance >= cv2.dilate(distance, np.ones((5, 5), np.uint8))) & (distance >= MIN_NUCLEUS_DIAMETERS * diameter / 2)
-    count, markers, _, centres = components(local_max.astype(np.uint8))
+    count, markers, _, centres = cv2.connectedComponentsWithStats(local_max.astype(np.uint8), connectivity=8)
     if count <= 2:
         return [component]
     depth = [0.0] + [float(distance[int(round(centres[k][1])), int(round(centres[k][0]))]) for k in range(1, count)]

@@ -80,7 +80,7 @@ def nucleus_focus(crop_rgb: np.ndarray, nucleus: np.ndarray, um_per_px: float) -
     inside = cv2.erode(inside, np.ones((3, 3), np.uint8)).astype(bool)  # the nucleus' own edge is not texture
     if np.count_nonzero(inside) < 20:
         return 0.0
-    return float(cv2.Laplacian(grey.astype(np.float32), cv2.CV_32F, ksize=3)[inside].var())
+    return float(cv2.Laplacian(grey, cv2.CV_32F, ksize=3)[inside].var())  # from uint8: the same whole numbers
 
 
 def frame_focus(verdicts: list[Verdict]) -> float | None:
@@ -90,14 +90,44 @@ def frame_focus(verdicts: list[Verdict]) -> float | None:
     return float(np.median([v.focus for v in verdicts])) if verdicts else None
 
 
+def percentile_u8(values: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` (linear) of uint8 values, from a 256-bin histogram: the same number
+    without sorting (a partial sort of every cell's pixels was ~0.1 ms a cell, 6 ms on a 12 MP frame)."""
+    n = values.size
+    counts = cv2.calcHist([np.ascontiguousarray(values).reshape(-1, 1)], [0], None, [256], [0, 256]).ravel()
+    index = (n - 1) * (q / 100)
+    below = int(np.floor(index))
+    gamma = index - below
+    cumulative = np.cumsum(counts)
+    a = float(np.searchsorted(cumulative, below, side="right"))
+    b = float(np.searchsorted(cumulative, min(below + 1, n - 1), side="right"))
+    return b - (b - a) * (1 - gamma) if gamma >= 0.5 else a + (b - a) * gamma
+
+
+def median_int(values: np.ndarray, low: int, high: int) -> float:
+    """``np.median`` of integers in ``low..high``, from a histogram (no sort)."""
+    n = values.size
+    cumulative = np.cumsum(np.bincount((values.ravel().astype(np.int32) - low), minlength=high - low + 1))
+    upper = float(np.searchsorted(cumulative, n // 2, side="right") + low)
+    if n % 2:
+        return upper
+    lower = float(np.searchsorted(cumulative, n // 2 - 1, side="right") + low)
+    return (lower + upper) / 2
+
+
 def _red_cell_pixels(crop_rgb: np.ndarray, stained: np.ndarray) -> np.ndarray:
     """Red-cell pixels: darker than the background in green (haemoglobin) and no bluer than the
-    background (a white cell's pale cytoplasm is darker too, but bluer), not stained violet."""
-    green = crop_rgb[..., 1]
-    excess = crop_rgb[..., 2].astype(np.int16) - crop_rgb[..., 0].astype(np.int16)
-    bright = green >= np.percentile(green, 95)
-    background, field_excess = float(green[bright].mean()), float(np.median(excess[bright]))
-    return (green < 0.85 * background) & (excess < field_excess + RED_CELL_BLUE_EXCESS) & ~stained
+    background (a white cell's pale cytoplasm is darker too, but bluer), not stained violet.
+    (Integer pixels against fractional levels: ``v >= t`` is ``v >= ceil(t)`` and ``v < t`` is
+    ``v < ceil(t)``, so OpenCV's integer compares give NumPy's float ones.)"""
+    red, green, blue = cv2.split(np.ascontiguousarray(crop_rgb))
+    excess = cv2.subtract(blue, red, dtype=cv2.CV_16S)
+    bright = cv2.compare(green, int(np.ceil(percentile_u8(green, 95))), cv2.CMP_GE)
+    background = cv2.mean(green, mask=bright)[0]
+    field_excess = median_int(excess[bright.view(bool)], -255, 255)
+    darker = cv2.compare(green, int(np.ceil(0.85 * background)), cv2.CMP_LT)
+    not_bluer = cv2.compare(excess, int(np.ceil(field_excess + RED_CELL_BLUE_EXCESS)), cv2.CMP_LT)
+    return cv2.bitwise_and(darker, not_bluer).view(bool) & ~stained
 
 
 def _border_contact(cell: Cell, shape: tuple[int, int]) -> int:
@@ -134,8 +164,8 @@ def judge(frame_rgb: np.ndarray, cell: Cell, um_per_px: float,
     area_um2 = np.count_nonzero(mask) * pixel_um2
     if area_um2 < MIN_AREA_UM2:
         return Verdict("debris", focus)
-    pieces, _, stats, _ = cv2.connectedComponentsWithStats(nucleus.astype(np.uint8), connectivity=8)
-    areas = stats[1:, cv2.CC_STAT_AREA] * pixel_um2
+    pieces, labels = cv2.connectedComponents(nucleus.view(np.uint8), connectivity=8)  # areas only: no stats pass
+    areas = np.bincount(labels.ravel(), minlength=pieces)[1:] * pixel_um2
     areas = areas[areas >= 1.0]  # specks of chromatin texture are not pieces
     if len(areas) >= CLUMP_PIECES and float(areas.max()) < CLUMP_LARGEST_UM2 and area_um2 < CLUMP_MAX_UM2:
         return Verdict("platelet clump", focus)
@@ -145,7 +175,7 @@ def judge(frame_rgb: np.ndarray, cell: Cell, um_per_px: float,
     if np.count_nonzero(mask) / hull_area < MIN_SOLIDITY:
         return Verdict("broken", focus)
     if area_um2 > SMUDGE_AREA_UM2 and not cell.pre_cropped:
-        background = float(np.percentile(crop[..., 1], 95))
+        background = percentile_u8(crop[..., 1], 95)
         inked = float(crop[..., 1][nucleus].mean()) if nucleus.any() else background
         if inked > SMUDGE_PALENESS * background:
             return Verdict("smudge", focus)

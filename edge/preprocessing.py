@@ -96,6 +96,9 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return filled.astype(bool)
 
 
+_BYTES = np.arange(256, dtype=np.uint8).reshape(256, 1)
+
+
 def normalise_colour(cell_rgb: np.ndarray, mask: np.ndarray, contract: CropContract) -> np.ndarray:
     """Map the masked pixels' CIELAB mean and spread to the contract's reference; black outside."""
     inside = mask.astype(bool)
@@ -105,10 +108,12 @@ def normalise_colour(cell_rgb: np.ndarray, mask: np.ndarray, contract: CropContr
     mean, std = (v.reshape(3) for v in cv2.meanStdDev(lab, mask=inside.view(np.uint8)))
     gain = np.float32(contract.lab_std) / np.maximum(std, 1.0).astype(np.float32)
     offset = np.float32(contract.lab_mean) - mean.astype(np.float32) * gain
-    lab = np.clip(lab * gain + offset, 0, 255).astype(np.uint8)
-    out = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+    # The per-channel map applied to the 256 possible bytes, then looked up: the same arithmetic as on
+    # every pixel (float32 multiply, add, clip, truncate), at a fraction of the cost.
+    table = np.clip(_BYTES * gain + offset, 0, 255).astype(np.uint8).reshape(256, 1, 3)
+    out = cv2.cvtColor(cv2.LUT(lab, table), cv2.COLOR_LAB2RGB)
     # A normalised pixel must never read as background (black): the model tells cell from field by it.
-    return np.where(inside[..., None], np.maximum(out, 1), 0).astype(np.uint8)
+    return cv2.bitwise_and(cv2.max(out, (1, 1, 1, 0)), (255, 255, 255, 0), mask=inside.view(np.uint8))
 
 
 def crop_cell(frame_rgb: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int, int], frame_um_per_px: float,

@@ -29,8 +29,9 @@ broker, and one more step runs after 3:
 Then, from the database: results stored per device against produced (lost), sequences carried
 twice (duplicated), gaps, and whether each device's results were stored in sequence order
 (``Store.out_of_order``: SQLite's rowid, PostgreSQL's stored_order). Each broker's CPU seconds give the
-messages one mosquitto thread handles per CPU second. Printed as one JSON object. Targets (issue 13): 0 lost, 0 duplicated, order kept;
-ingest >= 2,000 results/s with SQLite, >= 5,000 with PostgreSQL. Needs mosquitto.
+messages one mosquitto thread handles per CPU second. Printed as one JSON object. Targets (issue 13):
+0 lost, 0 duplicated, order kept; ingest >= 2,000 results/s with SQLite, >= 5,000 with PostgreSQL.
+Needs mosquitto.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Fleet: many devices publish through one mosquitto into one collector, across a broker outage.
 
-    python benchmarks/bench_fleet.py [--devices 200] [--live 20] [--backlog 50] [--processes 4] [--postgres]
+    python benchmarks/bench_fleet.py [--devices 200] [--live 20] [--backlog 50] [--processes 4] [--postgres] [--bridged]
 
 Each simulated device is the project's own ``Outbox`` and ``Publisher`` (one SQLite outbox and one
 MQTT connection per device; no camera, no model: results are schema-valid frame results made by
@@ -16,10 +16,22 @@ MQTT connection per device; no camera, no model: results are schema-valid frame 
    for the collector's persistent session; the collector starts. Ingest rate = those results /
    (first of them stored -> all stored): what the collector alone sustains.
 
+``--bridged``: the devices publish to a device broker bridged to a site broker, where the collector
+subscribes (two mosquitto instances; the bridge is ``firmware_config/mosquitto-bridge.conf`` as shipped,
+its lab address, TLS and credentials replaced by the site broker on loopback). Step 2 stops the device
+broker, and one more step runs after 3:
+
+3b. site outage: the site broker is stopped; every device stores ``--backlog`` more, which the device
+    broker acknowledges (the devices' outboxes empty) and queues for the bridge; the device broker is
+    restarted (its queue must survive on disk), then the site broker starts. Time = site broker start ->
+    everything stored.
+
 Then, from the database: results stored per device against produced (lost), sequences carried
-twice (duplicated), gaps, and, with SQLite, whether each device's results were stored in sequence
-order (rowid). Printed as one JSON object. Targets (issue 13): 0 lost, 0 duplicated, order kept;
-ingest >= 2,000 results/s with SQLite, >= 5,000 with PostgreSQL. Needs mosquitto.
+twice (duplicated), gaps, and whether each device's results were stored in sequence order
+(``Store.out_of_order``: SQLite's rowid, PostgreSQL's stored_order). Each broker's CPU seconds give the
+messages one mosquitto thread handles per CPU second. Printed as one JSON object. Targets (issue 13):
+0 lost, 0 duplicated, order kept; ingest >= 2,000 results/s with SQLite, >= 5,000 with PostgreSQL.
+Needs mosquitto.
 """
 
 from __future__ import annotations
@@ -44,6 +56,26 @@ from tests.broker import Broker  # noqa: E402
 #: The site broker of the benchmark: its window towards the collector. mosquitto's default (20
 #: unacknowledged QoS 1 messages per client) caps a collector that acknowledges after each commit.
 SITE_BROKER = ["max_inflight_messages 1000", "max_queued_messages 1000000"]
+BRIDGE_CONF = ROOT / "firmware_config" / "mosquitto-bridge.conf"
+#: Lines of the shipped bridge config that name this Pi's listener or the lab's broker: the bench's own.
+SITE_SPECIFIC = {"listener", "allow_anonymous", "persistence", "address", "bridge_cafile", "remote_clientid", "remote_username",
+                 "remote_password"}
+
+
+def bridge_config(site_port: int) -> list[str]:
+    """The shipped device-broker config, bridged to the site broker on loopback: its QoS, session and queue
+    settings as shipped (so the bench tests them), its one device's topics widened to the whole fleet."""
+    lines = ["max_queued_messages 1000"]  # mosquitto's default again (tests/broker.py raises it): the shipped value must hold
+    for line in BRIDGE_CONF.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or line.split()[0] in SITE_SPECIFIC:
+            continue
+        lines.append(line.replace("leukoscope/scope-01/", "leukoscope/+/"))
+        if line.startswith("connection "):
+            lines += [f"address 127.0.0.1:{site_port}", "remote_clientid fleet-bridge"]
+    if not any(line.startswith("connection ") for line in lines):
+        raise RuntimeError(f"{BRIDGE_CONF} has no 'connection' section")
+    return lines
 
 
 # -- the devices' processes -------------------------------------------------------------------
@@ -113,8 +145,19 @@ class Devices(subprocess.Popen):
 class Collector(subprocess.Popen):
     def __init__(self, config: Path) -> None:
         self.log = config.with_suffix(".log").open("a")
+        self.log_from = self.log.tell()  # this instance's lines start here (the log is shared by restarts)
         super().__init__([sys.executable, "-m", "collector.cli", "run", "--config", str(config)], cwd=ROOT,
                          stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    def wait_connected(self, timeout: float = 30.0) -> None:
+        """Until it logs its connection: ``collect run`` exits when the broker is down at its start (systemd
+        restarts it), so a broker stopped right after a collector restart would leave none running."""
+        deadline = time.monotonic() + timeout
+        path = Path(self.log.name)
+        while "collector.service: connected to" not in path.read_text()[self.log_from:]:
+            if self.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the collector did not connect (exit {self.poll()}); see {path}")
+            time.sleep(0.05)
 
     def stop(self) -> int:
         self.send_signal(signal.SIGTERM)
@@ -150,11 +193,12 @@ def wait_stored(database: dict, expected: int, timeout: float, during=None) -> f
 
 
 def fleet(devices: int = 200, live: int = 20, backlog: int = 50, ingest: int = 50, processes: int = 4, postgres_url: str | None = None,
-          folder: Path | None = None, timeout: float = 300.0) -> dict:
-    """Run the three phases (module docstring); returns the measures and the checks."""
+          folder: Path | None = None, timeout: float = 300.0, bridged: bool = False) -> dict:
+    """Run the phases (module docstring); returns the measures and the checks."""
     own_folder = folder is None
     folder = Path(folder or tempfile.mkdtemp(prefix="leukoscope-fleet-"))
-    broker = Broker(folder / "broker", extra=SITE_BROKER).start()
+    broker = Broker(folder / "broker", extra=SITE_BROKER).start()  # the collector's (the site broker when bridged)
+    device_broker = Broker(folder / "device-broker", extra=bridge_config(broker.port)).start() if bridged else broker  # the devices'
     database = {"url": postgres_url} if postgres_url else {"path": str(folder / "results.sqlite3")}
     config = folder / "collector.toml"
     section = f'url = "{postgres_url}"' if postgres_url else f'path = "{database["path"]}"'
@@ -167,7 +211,7 @@ def fleet(devices: int = 200, live: int = 20, backlog: int = 50, ingest: int = 5
         share = -(-devices // processes)
         for first in range(0, devices, share):
             (folder / "outboxes").mkdir(exist_ok=True)
-            children.append(Devices(broker.port, folder / "outboxes", first, min(share, devices - first)))
+            children.append(Devices(device_broker.port, folder / "outboxes", first, min(share, devices - first)))
         for child in children:
             child.expect("ready")
 
@@ -179,7 +223,7 @@ def fleet(devices: int = 200, live: int = 20, backlog: int = 50, ingest: int = 5
         wait_stored(database, devices * live, timeout)
         live_s = time.monotonic() - started
 
-        broker.stop()
+        device_broker.stop()
         started = time.monotonic()
         for child in children:
             child.say(f"produce {backlog}")
@@ -197,11 +241,28 @@ def fleet(devices: int = 200, live: int = 20, backlog: int = 50, ingest: int = 5
                 restart["exit"] = collector.stop()
                 collector = Collector(config)
 
-        broker.start()
+        device_broker.start()
         drain_s = wait_stored(database, total, timeout, during=restart_collector_halfway)
         for child in children:
             child.say("drain")
         undelivered = sum(int(child.expect("drained").split()[1]) for child in children)
+
+        site_outage_s = None
+        if bridged:
+            collector.wait_connected()
+            broker.stop()
+            for child in children:
+                child.say(f"produce {backlog}")
+            for child in children:
+                child.expect("produced")
+            for child in children:
+                child.say("drain")  # acknowledged by the device broker: now only in its bridge queue
+            undelivered += sum(int(child.expect("drained").split()[1]) for child in children)
+            device_broker.stop()  # saves the bridge queue
+            device_broker.start()
+            broker.start()
+            total += devices * backlog
+            site_outage_s = wait_stored(database, total, timeout)
 
         collector.stop()
         for child in children:
@@ -218,7 +279,7 @@ def fleet(devices: int = 200, live: int = 20, backlog: int = 50, ingest: int = 5
         # None when too few to time: the collector stored them all before the first poll
         ingest_rate = (total + devices * ingest - first) / ingest_s if ingest_s and total + devices * ingest > first else None
         total += devices * ingest
-        checks = check(database, devices, live + backlog + ingest)
+        checks = check(database, devices, live + backlog * (2 if bridged else 1) + ingest)
     finally:
         for child in children:
             if child.poll() is None:
@@ -230,6 +291,7 @@ def fleet(devices: int = 200, live: int = 20, backlog: int = 50, ingest: int = 5
                 child.kill()
         if collector.poll() is None:
             collector.stop()
+        device_broker.stop()
         broker.stop()
         for store in _counter.values():
             store.close()
@@ -237,14 +299,18 @@ def fleet(devices: int = 200, live: int = 20, backlog: int = 50, ingest: int = 5
         if own_folder:
             shutil.rmtree(folder, ignore_errors=True)
     return {
-        "benchmark": "fleet", "database": "postgresql" if postgres_url else "sqlite", "devices": devices,
+        "benchmark": "fleet", "database": "postgresql" if postgres_url else "sqlite", "bridged": bridged, "devices": devices,
         "processes": len(children), "results": total, "live_per_device": live, "backlog_per_device": backlog,
         "live_s": round(live_s, 2), "live_results_per_s": round(devices * live / live_s, 1) if live_s else None,
         "backlog_produce_s": round(produce_s, 2), "drain_s": round(drain_s, 2),
         "drain_results_per_s": round(devices * backlog / drain_s, 1) if drain_s else None,
         "ingest_per_device": ingest, "ingest_results_per_s": None if ingest_rate is None else round(ingest_rate, 1),
+        "site_outage_drain_s": None if site_outage_s is None else round(site_outage_s, 2),
         "collector_restarted_mid_drain": restart["done"], "collector_exit": restart.get("exit"),
         "undelivered_in_outboxes": undelivered, **checks,
+        # per result: one QoS 1 publish in and one out, at each broker on the way
+        "broker_cpu_s": round(broker.cpu_s, 2), "device_broker_cpu_s": round(device_broker.cpu_s, 2) if bridged else None,
+        "broker_results_per_cpu_s": round(total / broker.cpu_s) if broker.cpu_s else None,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
     }
 
@@ -256,12 +322,7 @@ def check(database: dict, devices: int, per_device: int) -> dict:
     try:
         ranges = {device: (n, low, high, repeats) for device, n, low, high, repeats in store.sequence_ranges()}
         gaps = store.gaps()
-        out_of_order = None
-        if store.kind == "sqlite":  # rowid is the order of insertion
-            out_of_order = 0
-            for device in ranges:
-                sequence = [s for (s,) in store.execute("SELECT sequence FROM frame_results WHERE device_id = ? ORDER BY rowid", (device,))]
-                out_of_order += sum(b < a for a, b in zip(sequence, sequence[1:]))
+        out_of_order = store.out_of_order()
         lost = sum(per_device - ranges.get(f"dev{n:04d}", (0,))[0] for n in range(devices))
         return {"stored": sum(r[0] for r in ranges.values()), "lost": lost, "duplicated": sum(r[3] for r in ranges.values()),
                 "gaps": len(gaps), "out_of_order": out_of_order,
@@ -281,6 +342,8 @@ def main() -> int:
     parser.add_argument("--ingest", type=int, default=50, help="results per device queued by the broker for a stopped collector")
     parser.add_argument("--processes", type=int, default=4)
     parser.add_argument("--postgres", action="store_true", help="store in PostgreSQL (a private cluster, tests/postgres.py)")
+    parser.add_argument("--bridged", action="store_true", help="devices -> device broker -> bridge -> site broker -> collector "
+                        "(firmware_config/mosquitto-bridge.conf), with a site broker outage and a device broker restart")
     args = parser.parse_args()
     server = None
     url = None
@@ -293,7 +356,7 @@ def main() -> int:
         server = Postgres().start()
         url = server.new_database()
     try:
-        print(json.dumps(fleet(args.devices, args.live, args.backlog, args.ingest, args.processes, url)))
+        print(json.dumps(fleet(args.devices, args.live, args.backlog, args.ingest, args.processes, url, bridged=args.bridged)))
     finally:
         if server:
             server.stop()

@@ -2,7 +2,7 @@
 
 SQLite (embedded, nothing to set up) is the default; a lab network points ``database.url`` at a
 PostgreSQL server instead. Both run the same migrations and the same statements: the schema is written
-once with three type words that differ (``{id}``, ``{real}``, ``{blob}``), and statements use ``?``
+once with a few words that differ (``{id}``, ``{real}``, ``{blob}``, ``{stored_order}``), and statements use ``?``
 placeholders, turned into psycopg's ``%s`` for PostgreSQL.
 
 Every write is keyed so that a QoS 1 redelivery (the same ``message_id`` again) changes nothing, and
@@ -96,11 +96,20 @@ MIGRATIONS: list[str] = [
     CREATE INDEX review_labels_sample ON review_labels (sample_id);
     CREATE INDEX review_labels_crop ON review_labels (device_id, crop_id, reviewed_at);
     """,
+    # 3: the order results were stored in, so per-device order can be checked in either database. SQLite's
+    # rowid already is that order (``{stored_order}`` is empty there); PostgreSQL gains a BIGSERIAL column
+    # (existing rows are numbered in their physical order, the best record of their arrival there is).
+    """
+    {stored_order}
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 #: The only words of the schema that differ between the two databases.
-TYPES = {"sqlite": {"id": "INTEGER PRIMARY KEY", "real": "REAL", "blob": "BLOB"},
-         "postgresql": {"id": "BIGSERIAL PRIMARY KEY", "real": "DOUBLE PRECISION", "blob": "BYTEA"}}
+TYPES = {"sqlite": {"id": "INTEGER PRIMARY KEY", "real": "REAL", "blob": "BLOB", "stored_order": ""},
+         "postgresql": {"id": "BIGSERIAL PRIMARY KEY", "real": "DOUBLE PRECISION", "blob": "BYTEA",
+                        "stored_order": "ALTER TABLE frame_results ADD COLUMN stored_order BIGSERIAL"}}
+#: The column that numbers frame results in the order they were stored.
+STORED_ORDER = {"sqlite": "rowid", "postgresql": "stored_order"}
 
 
 RESULT_COLUMNS = "message_id, device_id, run_id, sequence, sample_id, time, cells, blasts, unclassified, received_at, json"
@@ -223,8 +232,11 @@ class Store:
                 with cursor.copy(f"COPY incoming_results ({RESULT_COLUMNS}) FROM STDIN") as copy:
                     for item in results:
                         copy.write_row(_result_row(item, now))
-                added += cursor.execute(f"INSERT INTO frame_results ({RESULT_COLUMNS}) SELECT {RESULT_COLUMNS}"
-                                        " FROM incoming_results ON CONFLICT (message_id) DO NOTHING").rowcount
+                # stored_order was drawn by COPY, row by row in the batch's order (the landing table shares
+                # frame_results' default), and is carried over, so the stored order is the order received.
+                added += cursor.execute(f"INSERT INTO frame_results ({RESULT_COLUMNS}, stored_order) SELECT {RESULT_COLUMNS},"
+                                        " stored_order FROM incoming_results ORDER BY stored_order"
+                                        " ON CONFLICT (message_id) DO NOTHING").rowcount
             elif results:
                 cursor = self.db.cursor()
                 cursor.executemany(RESULT_INSERT, [_result_row(item, now) for item in results])
@@ -290,6 +302,12 @@ class Store:
         return [tuple(row) for row in self.execute(
             "SELECT device_id, COUNT(*), MIN(sequence), MAX(sequence), COUNT(*) - COUNT(DISTINCT sequence) FROM frame_results"
             " WHERE CAST(? AS TEXT) IS NULL OR device_id = ? GROUP BY device_id ORDER BY device_id", (device_id, device_id))]
+
+    def out_of_order(self) -> int:
+        """Results stored after one of the same device with a higher sequence number (0 when order was kept)."""
+        return int(self.execute(
+            f"SELECT COUNT(*) FROM (SELECT sequence, LAG(sequence) OVER (PARTITION BY device_id ORDER BY {STORED_ORDER[self.kind]})"
+            " AS before FROM frame_results) AS o WHERE sequence < before").fetchone()[0])
 
     def dead_letters(self, limit: int = 50) -> list[tuple[float, str, str, bytes]]:
         return [(at, topic, reason, bytes(payload)) for at, topic, reason, payload in self.execute(

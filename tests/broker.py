@@ -45,6 +45,7 @@ class Broker:
         self.password_file = password_file
         self.tls = tls
         self.process: subprocess.Popen | None = None
+        self.cpu_s = 0.0  # CPU seconds its processes used, summed over restarts (what one broker thread costs)
         self.kind = "mosquitto" if MOSQUITTO else "amqtt"
         if self.kind == "amqtt" and (password_file or tls):
             raise RuntimeError("credentials and TLS tests need mosquitto (apt-get install mosquitto)")
@@ -81,12 +82,22 @@ class Broker:
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
+            self.cpu_s += _cpu_seconds(self.process.pid)
             self.process.terminate()  # mosquitto saves its persistence file on SIGTERM
             try:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self.process = None
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process from /proc (0 where there is no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15 of stat
 
 
 class Relay:

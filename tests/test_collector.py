@@ -283,7 +283,7 @@ def test_migrations_are_numbered_and_rerunnable(database):
     from collector.store import SCHEMA_VERSION
 
     store = database.open()
-    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.schema_version() == SCHEMA_VERSION == 3
     store.close()
     store = database.open()  # opening again migrates nothing and keeps the version
     assert store.schema_version() == SCHEMA_VERSION
@@ -300,13 +300,32 @@ def test_a_version_1_database_gains_the_review_labels_table_and_keeps_its_result
     monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", 1)
     old = database.open()  # as the collector before review labels left it
-    old.write([classify("leukoscope/scope-01/results", result(1), "leukoscope")])
+    # as that collector wrote it (today's ``write`` also fills migration 3's stored_order)
+    old.execute(store_module.RESULT_INSERT, store_module._result_row(classify("leukoscope/scope-01/results", result(1), "leukoscope"), 0.0))
     assert old.schema_version() == 1
     old.close()
     monkeypatch.undo()
     store = database.open()
-    assert store.schema_version() == 2 and store.sequence_ranges() == [("scope-01", 1, 1, 1, 0)]
+    assert store.schema_version() == 3 and store.sequence_ranges() == [("scope-01", 1, 1, 1, 0)]
+    assert store.out_of_order() == 0
     assert store.execute("SELECT COUNT(*) FROM review_labels").fetchone()[0] == 0
+    store.close()
+
+
+def test_the_store_keeps_the_order_results_arrived_in_and_counts_a_device_going_backwards(database):
+    """The fleet benchmark's order check: the database records arrival order (SQLite's rowid, PostgreSQL's
+    stored_order drawn row by row in the batch), so a result stored after a later one of its device is seen."""
+    from collector.messages import classify
+
+    store = database.open()
+    message = lambda sequence, device="scope-01": classify(f"leukoscope/{device}/results", result(sequence, device_id=device), "leukoscope")  # noqa: E731
+    first = [message(s) for s in (1, 2, 3)]
+    store.write(first + [message(s, "scope-02") for s in (2, 1)])
+    assert store.out_of_order() == 1  # scope-02 sent 2 before 1
+    store.write([message(s) for s in (5, 4, 6)])
+    assert store.out_of_order() == 2
+    store.write([first[2]])  # a redelivery (same message_id) changes nothing, in order or not
+    assert store.out_of_order() == 2
     store.close()
 
 

@@ -91,12 +91,9 @@ def main() -> int:
     try:
         url = None
         if args.postgres:
-            from tests.postgres import Postgres, why_unavailable
+            from tests.postgres import for_benchmark
 
-            reason = why_unavailable()
-            if reason:
-                sys.exit(f"bench_collector: {reason}")
-            server = Postgres().start()
+            server = for_benchmark("bench_collector")
             url = server.new_database()
         print(json.dumps(ingest(args.results, args.devices, url, folder)))
     finally:

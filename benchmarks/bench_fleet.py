@@ -348,12 +348,9 @@ def main() -> int:
     server = None
     url = None
     if args.postgres:
-        from tests.postgres import Postgres, why_unavailable
+        from tests.postgres import for_benchmark
 
-        reason = why_unavailable()
-        if reason:
-            sys.exit(f"bench_fleet: {reason}")
-        server = Postgres().start()
+        server = for_benchmark("bench_fleet")
         url = server.new_database()
     try:
         print(json.dumps(fleet(args.devices, args.live, args.backlog, args.ingest, args.processes, url, bridged=args.bridged)))

@@ -50,6 +50,16 @@ def why_unavailable() -> str | None:
     return None
 
 
+def for_benchmark(program: str) -> "Postgres":
+    """A started server for a benchmark's ``--postgres``; exits with one line naming what is missing."""
+    import sys
+
+    reason = why_unavailable()
+    if reason:
+        sys.exit(f"{program}: {reason}")
+    return Postgres().start()
+
+
 class Postgres:
     """``start()``, ``url(database)`` for a fresh database, ``stop()`` (the folder is removed)."""
 

@@ -47,6 +47,7 @@ credential() { [ -f "/etc/leukoscope/$1" ] || { install -m 0600 -o root -g root 
 if [ "$role" = edge ]; then
   [ -f /etc/leukoscope/leukoscope.toml ] || install -m 0640 -o root -g leukoscope "$here/firmware_config/leukoscope.toml" /etc/leukoscope/leukoscope.toml
   credential mqtt-password "the broker password, if it has one, goes in"
+  credential web-token "the local page's token (only if [web] listens off loopback; openssl rand -hex 16) goes in"
   unit=leukoscope-edge
 else
   [ -f /etc/leukoscope/collector.toml ] || install -m 0640 -o root -g leukoscope "$here/firmware_config/collector.toml" /etc/leukoscope/collector.toml

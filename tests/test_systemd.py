@@ -32,7 +32,7 @@ def test_unit_has_no_unknown_keys(unit):
 
 def test_unit_is_a_notify_service_with_watchdog_and_credentials():
     text = UNIT.read_text()
-    for line in ("Type=notify", "WatchdogSec=", "StateDirectory=leukoscope", "LoadCredential=mqtt-password:", "User=leukoscope",
+    for line in ("Type=notify", "WatchdogSec=", "StateDirectory=leukoscope", "LoadCredential=mqtt-password:", "LoadCredential=web-token:", "User=leukoscope",
                  "RestartPreventExitStatus=2"):
         assert line in text
 

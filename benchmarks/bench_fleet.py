@@ -150,11 +150,11 @@ class Collector(subprocess.Popen):
                          stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
     def wait_connected(self, timeout: float = 30.0) -> None:
-        """Until it logs its connection: ``collect run`` exits when the broker is down at its start (systemd
+        """Until its subscriptions are acknowledged (SUBACK): ``collect run`` exits when the broker is down at its start (systemd
         restarts it), so a broker stopped right after a collector restart would leave none running."""
         deadline = time.monotonic() + timeout
         path = Path(self.log.name)
-        while "collector.service: connected to" not in path.read_text()[self.log_from:]:
+        while "collector.service: subscribed" not in path.read_text()[self.log_from:]:
             if self.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the collector did not connect (exit {self.poll()}); see {path}")
             time.sleep(0.05)
@@ -208,6 +208,7 @@ def fleet(devices: int = 200, live: int = 20, backlog: int = 50, ingest: int = 5
     children: list[Devices] = []
     try:
         wait_stored(database, 0, 30)  # the collector has created its schema
+        collector.wait_connected()  # and its subscriptions are acknowledged: nothing the devices publish is missed
         share = -(-devices // processes)
         for first in range(0, devices, share):
             (folder / "outboxes").mkdir(exist_ok=True)

@@ -60,6 +60,7 @@ class Collector:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     # -- paho callbacks (network thread) ------------------------------------------------------
@@ -79,6 +80,15 @@ class Collector:
         client.subscribe([(topic, 1) for topic in subscriptions(c.topic_prefix)])
         log.info("connected to %s:%d (%s session)", c.host, c.port, "resumed" if flags.session_present else "new")
         self.connected.set()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        """The broker's SUBACK: from here on every result published is queued for this session (a
+        result published before it, to a session that never subscribed, is not)."""
+        refused = [str(code) for code in reason_codes if code.is_failure]
+        if refused:
+            log.warning("the broker refused a subscription (%s); check its ACL for the collector", ", ".join(refused))
+        else:
+            log.info("subscribed (QoS 1, %d topic filters)", len(reason_codes))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()

@@ -81,8 +81,9 @@ class CollectorProcess(subprocess.Popen):
                          stdout=self._log, stderr=subprocess.STDOUT, text=True)
 
     def wait_connected(self, timeout: float = 10.0) -> None:
+        """Until the broker acknowledged the subscriptions: what is published after that is the session's."""
         deadline = time.monotonic() + timeout
-        while "connected to" not in self.log_path.read_text():
+        while "subscribed (QoS 1" not in self.log_path.read_text():
             assert self.poll() is None and time.monotonic() < deadline, self.log_path.read_text()
             time.sleep(0.05)
 

@@ -192,6 +192,21 @@ def wait_stored(database: dict, expected: int, timeout: float, during=None) -> f
         time.sleep(0.1)
 
 
+def produce(children: "list[Devices]", count: int) -> None:
+    """Every device process makes ``count`` results per device, all at once; returns when all have."""
+    for child in children:
+        child.say(f"produce {count}")
+    for child in children:
+        child.expect("produced")
+
+
+def drain(children: "list[Devices]") -> int:
+    """Every device process delivers its outboxes; returns how many results stayed undelivered."""
+    for child in children:
+        child.say("drain")
+    return sum(int(child.expect("drained").split()[1]) for child in children)
+
+
 def fleet(devices: int = 200, live: int = 20, backlog: int = 50, ingest: int = 50, processes: int = 4, postgres_url: str | None = None,
           folder: Path | None = None, timeout: float = 300.0, bridged: bool = False) -> dict:
     """Run the phases (module docstring); returns the measures and the checks."""
@@ -217,19 +232,13 @@ def fleet(devices: int = 200, live: int = 20, backlog: int = 50, ingest: int = 5
             child.expect("ready")
 
         started = time.monotonic()
-        for child in children:
-            child.say(f"produce {live}")
-        for child in children:
-            child.expect("produced")
+        produce(children, live)
         wait_stored(database, devices * live, timeout)
         live_s = time.monotonic() - started
 
         device_broker.stop()
         started = time.monotonic()
-        for child in children:
-            child.say(f"produce {backlog}")
-        for child in children:
-            child.expect("produced")
+        produce(children, backlog)
         produce_s = time.monotonic() - started
 
         total = devices * (live + backlog)
@@ -244,21 +253,14 @@ def fleet(devices: int = 200, live: int = 20, backlog: int = 50, ingest: int = 5
 
         device_broker.start()
         drain_s = wait_stored(database, total, timeout, during=restart_collector_halfway)
-        for child in children:
-            child.say("drain")
-        undelivered = sum(int(child.expect("drained").split()[1]) for child in children)
+        undelivered = drain(children)
 
         site_outage_s = None
         if bridged:
             collector.wait_connected()
             broker.stop()
-            for child in children:
-                child.say(f"produce {backlog}")
-            for child in children:
-                child.expect("produced")
-            for child in children:
-                child.say("drain")  # acknowledged by the device broker: now only in its bridge queue
-            undelivered += sum(int(child.expect("drained").split()[1]) for child in children)
+            produce(children, backlog)
+            undelivered += drain(children)  # acknowledged by the device broker: now only in its bridge queue
             device_broker.stop()  # saves the bridge queue
             device_broker.start()
             broker.start()
@@ -266,13 +268,8 @@ def fleet(devices: int = 200, live: int = 20, backlog: int = 50, ingest: int = 5
             site_outage_s = wait_stored(database, total, timeout)
 
         collector.stop()
-        for child in children:
-            child.say(f"produce {ingest}")
-        for child in children:
-            child.expect("produced")
-        for child in children:
-            child.say("drain")  # delivered to the broker, which queues them for the collector
-        undelivered += sum(int(child.expect("drained").split()[1]) for child in children)
+        produce(children, ingest)
+        undelivered += drain(children)  # delivered to the broker, which queues them for the collector
         collector = Collector(config)
         wait_stored(database, total + 1, timeout)
         first = stored(database)

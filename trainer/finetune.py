@@ -23,7 +23,6 @@ Why this shape:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -36,6 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from edge import DISCLAIMER
+from edge.bundle import sha256_file
 from edge.console import interactive, staged_folder
 from edge.errors import DataError, UserError
 from edge.preprocessing import DEFAULT_CONTRACT, CropContract
@@ -142,14 +142,6 @@ def _replay_composer(run: Run, train: Sequence[Sample]):
     share = float(run.config.get("compose_share", 0) or 0)
     smears = [s for s in train if s.cell_type not in LABELS]
     return SmearComposer.from_samples(smears, share=share) if share > 0 and smears else None
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def train(base_model: Path, images: np.ndarray, labels: np.ndarray, weights: np.ndarray, val: tuple[np.ndarray, np.ndarray],
@@ -287,7 +279,7 @@ def finetune(run_folder: Path, data: Sequence[str | Path], out: Path, config: Fi
         RunModel(kind=run.model.kind, input_size=size, threshold=threshold, contract=contract).write(staging)
         (staging / "config.json").write_text(json.dumps({
             **asdict(config), "model": run.model.kind, "image_size": size,
-            "finetuned_from": {"run": str(run.folder.resolve()), "model_sha256": sha256(run.folder / MODEL_FILE),
+            "finetuned_from": {"run": str(run.folder.resolve()), "model_sha256": sha256_file(run.folder / MODEL_FILE),
                                "threshold": run.model.threshold, "data_fingerprint": run.config.get("data_fingerprint")},
             "sources": {**run.config.get("sources", {}), **site_sources},
             "data_fingerprint": fingerprint(train_samples), "data_summary": describe(whole_train),

@@ -33,11 +33,15 @@ MIN_FOCUS = 50.0
 MIN_AREA_UM2 = 20.0
 #: Lobed nuclei with trimmed cytoplasm go down to ~0.58 solidity; a torn, ragged cell lower.
 MIN_SOLIDITY = 0.5
-#: Larger than this with a washed-out nucleus is a smudge (basket) cell: its chromatin has spread
-#: into a pale smear with no cytoplasm. Intact cells of a normal film stay under ~230 µm².
+#: Larger than this with a washed-out, bare nucleus is a smudge (basket) cell: its chromatin has
+#: spread into a pale smear with no cytoplasm. Most intact cells of a normal film stay under ~230 µm²
+#: (large monocytes reach ~290 µm² on BCCD, and are told apart by their cytoplasm).
 SMUDGE_AREA_UM2 = 250.0
 #: A smudge's nucleus is pale: its mean green is this close (0..1) to the background's.
 SMUDGE_PALENESS = 0.55
+#: ... and bare: its stained chromatin fills at least this share of the object. Large intact cells with
+#: pale nuclei (monocytes, reactive lymphocytes: BCCD measures 0.62-0.70) keep a rim of cytoplasm.
+SMUDGE_NUCLEUS_SHARE = 0.8
 #: A platelet clump: the stained object falls apart into this many pieces or more, each small.
 #: (A white cell's nucleus always has one body of >= ~15 µm²; a clump is of 2-3 µm platelets.)
 CLUMP_PIECES = 4
@@ -177,7 +181,7 @@ def judge(frame_rgb: np.ndarray, cell: Cell, um_per_px: float,
     if area_um2 > SMUDGE_AREA_UM2 and not cell.pre_cropped:
         background = percentile_u8(crop[..., 1], 95)
         inked = float(crop[..., 1][nucleus].mean()) if nucleus.any() else background
-        if inked > SMUDGE_PALENESS * background:
+        if inked > SMUDGE_PALENESS * background and np.count_nonzero(nucleus) >= SMUDGE_NUCLEUS_SHARE * np.count_nonzero(mask):
             return Verdict("smudge", focus)
     if focus < MIN_FOCUS:
         return Verdict("out of focus", focus)

@@ -241,16 +241,25 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
         y0 = min(stats[i, 1] for i in group)
         x1 = max(stats[i, 0] + stats[i, 2] for i in group)
         y1 = max(stats[i, 1] + stats[i, 3] for i in group)
-        if x0 <= margin or y0 <= margin or x1 >= small.shape[1] - margin or y1 >= small.shape[0] - margin:
-            continue  # cut by the frame border: half a cell is no evidence
+        cut = x0 <= margin or y0 <= margin or x1 >= small.shape[1] - margin or y1 >= small.shape[0] - margin
         box = labels[y0:y1, x0:x1]
         component = (box == group[0] if len(group) == 1 else np.isin(box, group)).astype(np.uint8)  # isin sorts: 10x slower
-        area = int(np.count_nonzero(component))
-        parts = _split_touching(component, diameter) if area > SMALL_PAIR_DISCS * disc else [component]
-        if area <= SPLIT_ABOVE_DISCS * disc and min(int(np.count_nonzero(p)) for p in parts) < SMALL_PART_DISCS * disc:
-            parts = [component]  # a lobed nucleus, not two small cells
+        if cut and np.count_nonzero(component) <= SMALL_PAIR_DISCS * disc:
+            continue  # cut by the frame border: half a cell is no evidence
+        parts = _nuclei(component, disc, diameter)
+        neighbours: list[np.ndarray] = []
+        if cut:
+            # A whole cell touching one cut by the border (often merged with it by the closing): what
+            # the split leaves off the edge is looked at again as a nucleus of its own, lobes together.
+            inside = [part for part in parts if not _touches_edge(part, (x0, y0), small.shape[:2], margin)]
+            if not inside:
+                continue
+            kept = np.bitwise_or.reduce(inside) if len(inside) > 1 else inside[0]
+            neighbours = [component & (1 - kept)]  # the cut cell: the kept cell's rim must not reach into it
+            parts = _nuclei(kept, disc, diameter)
         rim = 0.12 * diameter
-        owner = _territories(parts, int(np.ceil(rim)) + 2) if len(parts) > 1 else None
+        everything = parts + neighbours
+        owner = _territories(everything, int(np.ceil(rim)) + 2) if len(everything) > 1 else None
         for index, part in enumerate(parts):
             part_area = int(np.count_nonzero(part))
             if not settings.min_area_fraction * disc <= part_area <= settings.max_area_fraction * disc:
@@ -264,6 +273,23 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
             cell = _keep_stained(frame_rgb, cell, settings)
             cells.append(_tight(cell) if owner is not None else cell)
     return cells
+
+
+def _nuclei(component: np.ndarray, disc: float, diameter: float) -> list[np.ndarray]:
+    """A stained region as one or more nuclei: split where cells touch, but a small region is split
+    only into parts that are each a cell's nucleus (two small cells, not the lobes of one)."""
+    area = int(np.count_nonzero(component))
+    parts = _split_touching(component, diameter) if area > SMALL_PAIR_DISCS * disc else [component]
+    if area <= SPLIT_ABOVE_DISCS * disc and min(int(np.count_nonzero(p)) for p in parts) < SMALL_PART_DISCS * disc:
+        return [component]  # a lobed nucleus, not two small cells
+    return parts
+
+
+def _touches_edge(part: np.ndarray, offset: tuple[int, int], shape: tuple[int, int], margin: int) -> bool:
+    """Whether a part (detection scale, its top-left at ``offset``) reaches within ``margin`` of the frame's edge."""
+    ys, xs = np.nonzero(part)
+    return bool(offset[0] + xs.min() <= margin or offset[1] + ys.min() <= margin
+                or offset[0] + xs.max() + 1 >= shape[1] - margin or offset[1] + ys.max() + 1 >= shape[0] - margin)
 
 
 def _territories(parts: list[np.ndarray], pad: int) -> np.ndarray:

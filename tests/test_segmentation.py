@@ -35,27 +35,47 @@ def _iou(a, b):
 
 @needs_bccd
 def test_white_cells_found_on_bccd_frames():
-    found_true = found_false = missed = 0
+    """Recall counts interior annotated boxes matched (IoU > 0.5, one to one) by a cell the quality gate
+    lets through to the classifier: a cell found but set aside is not counted as found. Precision counts
+    found cells that lie on no annotated white cell (IoU <= 0.3 with every box)."""
+    from edge.gate import judge
+
+    interior = matched_inner = found_true = found_false = 0
     for xml_path in sorted((BCCD / "Annotations").glob("*.xml")):
         image = read_rgb(BCCD / "JPEGImages" / (xml_path.stem + ".jpg"))
         truth = _boxes(xml_path)
         height, width = image.shape[:2]
-        inner = [k for k, t in enumerate(truth) if t[0] > BORDER and t[1] > BORDER and t[2] < width - BORDER and t[3] < height - BORDER]
+        inner = {k for k, t in enumerate(truth) if t[0] > BORDER and t[1] > BORDER and t[2] < width - BORDER and t[3] < height - BORDER}
         matched = set()
         for cell in find_cells(image, BCCD_SETTINGS):
             x, y, w, h = cell.bbox
-            hits = [k for k, t in enumerate(truth) if k not in matched and _iou([x, y, x + w, y + h], t) > 0.3]
-            if hits:
+            overlaps = [_iou([x, y, x + w, y + h], t) for t in truth]
+            if not any(o > 0.3 for o in overlaps):
+                found_false += 1  # not on an annotated white cell at all
+                continue
+            found_true += 1
+            hits = [k for k, o in enumerate(overlaps) if k not in matched and o > 0.5]
+            if hits and judge(image, cell, BCCD_SETTINGS.um_per_px).classify:
                 matched.add(hits[0])
-                found_true += 1
-            else:
-                found_false += 1
-        missed += len([k for k in inner if k not in matched])
-    recall = found_true / (found_true + missed)
+        interior += len(inner)
+        matched_inner += len(inner & matched)
+    recall = matched_inner / interior
     precision = found_true / (found_true + found_false)
-    print(f"\nBCCD white cells: recall {recall:.3f}, precision {precision:.3f} "
-          f"({found_true} found, {found_false} false, {missed} missed; IoU > 0.3)")
+    print(f"\nBCCD interior white cells: recall {recall:.3f} ({matched_inner} of {interior} found and classified), "
+          f"precision {precision:.3f} ({found_false} found cells on no annotated white cell)")
     assert recall >= 0.985 and precision >= 0.99
+
+
+@needs_bccd
+def test_a_whole_cell_touching_one_cut_by_the_border_is_found():
+    """BCCD 00313: a neutrophil touches a cell cut by the bottom edge; the closing merges their nuclei.
+    Skipping the merged region as 'cut' lost the whole neutrophil; it is found, once, lobes together."""
+    image = read_rgb(BCCD / "JPEGImages" / "BloodImage_00313.jpg")
+    neutrophil = [180, 215, 404, 457]  # the annotated box
+    hits = [c for c in find_cells(image, BCCD_SETTINGS)
+            if _iou([c.bbox[0], c.bbox[1], c.bbox[0] + c.bbox[2], c.bbox[1] + c.bbox[3]], neutrophil) > 0.3]
+    assert len(hits) == 1
+    assert all(c.bbox[1] + c.bbox[3] < image.shape[0] - 5 for c in find_cells(image, BCCD_SETTINGS))  # the cut cell is not
 
 
 @needs_bccd

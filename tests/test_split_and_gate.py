@@ -104,3 +104,30 @@ def test_real_smudge_cell_in_bccd_is_not_classified():
     frame = read_rgb(BCCD / "JPEGImages" / "BloodImage_00171.jpg")
     verdicts = [judge(frame, c, BCCD_UM_PER_PX) for c in find_cells(frame, SETTINGS)]
     assert all(not v.classify for v in verdicts), [v.reason for v in verdicts]
+
+
+@needs_all
+def test_large_intact_cells_are_classified_and_bare_pale_nuclei_are_smudges():
+    """BCCD 00255, 00323, 00342: large monocytes (270-290 µm², pale nuclei) with a rim of cytoplasm
+    were called smudges. The same real nucleus stripped of its cytoplasm, spread larger and paler,
+    is one."""
+    from edge.segmentation import _stained
+
+    for stem in ("BloodImage_00255", "BloodImage_00323", "BloodImage_00342"):
+        frame = read_rgb(BCCD / "JPEGImages" / f"{stem}.jpg")
+        verdicts = [judge(frame, c, BCCD_UM_PER_PX) for c in find_cells(frame, SETTINGS)]
+        assert verdicts and all(v.classify for v in verdicts), (stem, [v.reason for v in verdicts])
+
+    frame = read_rgb(BCCD / "JPEGImages" / "BloodImage_00255.jpg")
+    (cell,) = find_cells(frame, SETTINGS)
+    x, y, w, h = cell.bbox
+    rgb = frame[y:y + h, x:x + w].copy()
+    nucleus = _stained(rgb, SETTINGS.blue_threshold, SETTINGS.dark_level).astype(bool) & cell.mask
+    nucleus = cv2.morphologyEx(nucleus.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((9, 9), np.uint8)).astype(bool)
+    field = np.median(background(3).reshape(-1, 3), axis=0).astype(np.uint8)
+    spread = cv2.resize(cv2.addWeighted(rgb, 0.8, np.full_like(rgb, field), 0.2, 0), None, fx=1.2, fy=1.2)
+    bare = cv2.resize(nucleus.astype(np.uint8), None, fx=1.2, fy=1.2, interpolation=cv2.INTER_NEAREST).astype(bool)
+    smudge_frame = background(3)
+    box = paste(smudge_frame, (spread, bare), (640, 480))
+    reasons = [judge(smudge_frame, c, BCCD_UM_PER_PX).reason for c in find_cells(smudge_frame, SETTINGS) if box_iou(c.bbox, box) > 0.3]
+    assert reasons == ["smudge"], reasons

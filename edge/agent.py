@@ -1,7 +1,8 @@
 """The agent: camera -> bounded queue -> pipeline -> durable outbox -> MQTT, unattended for months.
 
-Threads: capture (reads the source, reopens it with backoff when it fails), inference (one
-frame at a time through the pipeline), the publisher's sender and paho's network thread; the
+Threads: capture (reads the source, reopens it with backoff when it fails), inference (hands
+``pipeline.workers`` frames at a time to the analysing threads and commits their results in frame
+order), the publisher's sender and paho's network thread; the
 main thread supervises (watchdog, stats, signals). When the camera outpaces inference, the
 oldest waiting frame is dropped and counted: fresh frames matter more than old ones at a
 microscope.
@@ -16,6 +17,7 @@ import signal
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from edge.config import AgentConfig, load_config
 from edge.errors import UserError
 from edge.notify import notify, watchdog_interval
 from edge.outbox import Outbox
-from edge.pipeline import Pipeline, ReviewWriter
+from edge.pipeline import Analysis, Pipeline, ReviewWriter
 from edge.results import RUN_ID, SampleTally, numbered
 from edge.sources import Frame, resilient
 from edge.step import Analysed, FrameStep
@@ -229,18 +231,28 @@ class Agent:
                     pass
 
     def _inference(self) -> None:
-        while True:
-            try:
-                frame = self.frames.get(timeout=0.1)
-            except queue.Empty:
-                if self.source_done.is_set() or self.stop_event.is_set():
-                    return
-                continue
-            self._process(frame)
+        """Up to ``pipeline.workers`` frames are analysed at once (segmentation is most of a frame's cost
+        and runs in OpenCV, outside Python's lock), and committed one by one in the order they came."""
+        workers = self.config.pipeline.workers
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="analyse") as pool:
+            pending: deque[Future] = deque()
+            while True:
+                try:
+                    # Wait for a frame only when there is nothing to commit meanwhile.
+                    frame = self.frames.get(timeout=0.1) if not pending else self.frames.get_nowait()
+                    pending.append(pool.submit(self.step.analyse, frame) if workers > 1 else _done(self.step.analyse(frame)))
+                    if len(pending) < workers:
+                        continue
+                except queue.Empty:
+                    if not pending:
+                        if self.source_done.is_set() or self.stop_event.is_set():
+                            return
+                        continue
+                self._commit(pending.popleft().result())
 
-    def _process(self, frame: Frame) -> None:
+    def _commit(self, analysis: Analysis | tuple[Frame, str]) -> None:
         with self.lock:  # one lock for the model and the tally: a sample starts or stops between frames
-            self.step(frame, self.tally)
+            self.step.commit(analysis, self.tally)
         if self.publisher:
             self.publisher.notify()
 
@@ -478,6 +490,13 @@ class Agent:
     def finite_source(self) -> bool:
         """A folder replayed once (``loop = false``): its run ends by itself."""
         return self.config.source.type == "folder" and not self.config.source.loop
+
+
+def _done(value: object) -> Future:
+    """``value`` as a finished future (one worker: the frame is analysed in the inference thread)."""
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def run(config_path: Path) -> int:

@@ -8,6 +8,7 @@ which ``check_tensors`` has matched against the manifest.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,8 @@ class Classifier:
         self.threshold = self.bundle.threshold
         self._positive = self.bundle.positive_label
         self._negative = next(label for label in self.bundle.labels if label != self._positive)
+        #: A LiteRT interpreter runs one invocation at a time; frames analysed at once take turns here.
+        self._turn = threading.Lock()
 
     def _resize(self, batch: int) -> int:
         """Set the batch size; a model whose graph fixes batch 1 (a Flatten reshape) stays at 1."""
@@ -84,12 +87,13 @@ class Classifier:
             raise ValueError(f"crops have shape {crops.shape[1:]}, the model needs {(self.size, self.size, 3)}")
         out = []
         start = 0
-        while start < len(crops):
-            chunk = crops[start:start + self._resize(min(self.max_batch, len(crops) - start))]
-            start += len(chunk)
-            self.interpreter.set_tensor(self._input["index"], self._quantize(chunk))
-            self.interpreter.invoke()
-            out.append(self._dequantize(self.interpreter.get_tensor(self._output["index"])))
+        with self._turn:
+            while start < len(crops):
+                chunk = crops[start:start + self._resize(min(self.max_batch, len(crops) - start))]
+                start += len(chunk)
+                self.interpreter.set_tensor(self._input["index"], self._quantize(chunk))
+                self.interpreter.invoke()
+                out.append(self._dequantize(self.interpreter.get_tensor(self._output["index"])))
         return np.concatenate(out)
 
     def self_test(self) -> str | None:

@@ -75,6 +75,8 @@ class OutboxConfig(Strict):
 
 class PipelineConfig(Strict):
     queue_size: int = Field(4, ge=1, le=256, description="frames waiting for inference; when full the oldest is dropped")
+    workers: int = Field(2, ge=1, le=16, description="frames analysed at once, each on a core of its own "
+                         "(results keep frame order); 1: one at a time")
     sample_id: str | None = Field(None, description="sample to start with; normally set by cmd/start_sample")
     watchdog_stall_s: float = Field(60.0, gt=0, description="no frame processed for this long: stop feeding the watchdog")
     log_results: bool = Field(False, description="log one line per frame (demo); the service publishes instead")

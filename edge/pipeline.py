@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -16,7 +17,7 @@ import numpy as np
 
 from edge import in_words
 from edge.classifier import Classifier
-from edge.gate import MIN_FOCUS, frame_focus, judge
+from edge.gate import MIN_FOCUS, Verdict, frame_focus, judge
 from edge.preprocessing import crop_cell
 from edge.results import frame_result
 from edge.segmentation import Cell, SegmentationSettings, find_cells
@@ -36,44 +37,71 @@ class Pipeline:
         segmentation.diameter()  # the frame scale must be known: one line now, not at the first frame
         self.um_per_px = float(segmentation.um_per_px)  # type: ignore[arg-type]
 
-    def crops(self, image: np.ndarray, cells: list[Cell]) -> np.ndarray:
+    def crops(self, image: np.ndarray, cells: list[Cell], classifier: Classifier | None = None) -> np.ndarray:
         """Model inputs by the bundle's crop contract, from the frame at its configured scale."""
-        contract = self.classifier.contract
+        contract = (classifier or self.classifier).contract
         batch = np.empty((len(cells), contract.size, contract.size, 3), np.uint8)
         for i, cell in enumerate(cells):
             batch[i] = crop_cell(image, cell.mask, cell.bbox, self.um_per_px, contract)
         return batch
 
-    def process(self, frame: Frame, sample_id: str | None = None) -> tuple[dict, list[Cell], np.ndarray]:
-        """(result payload, cells classified, their model inputs) for a readable frame; the caller numbers
-        the result. Cells the quality gate stops are reported under ``unclassified`` with their reason and
-        never classified."""
+    def analyse(self, frame: Frame) -> "Analysis":
+        """Segment, gate, crop and classify a readable frame. Safe to call for several frames at once
+        (``pipeline.workers``): it reads the pipeline's settings and changes nothing; the classifier
+        serialises its own interpreter."""
         assert frame.image is not None
+        classifier = self.classifier  # one model for the whole frame, even if another is installed meanwhile
         started = time.perf_counter()
         found = find_cells(frame.image, self.segmentation)
         verdicts = [judge(frame.image, cell, self.um_per_px, self.segmentation) for cell in found]
         cells = [cell for cell, verdict in zip(found, verdicts) if verdict.classify]
-        focus = {id(cell): verdict.focus for cell, verdict in zip(found, verdicts)}
         segmented = time.perf_counter()
-        batch = self.crops(frame.image, cells)
+        batch = self.crops(frame.image, cells, classifier)
         cropped = time.perf_counter()
-        scores = self.classifier.scores(batch)
+        scores = classifier.scores(batch)
         classified = time.perf_counter()
-        labels = self.classifier.labels(scores)
-        result = frame_result(
-            device_id=self.device_id, sample_id=sample_id, source=frame.name,
+        return Analysis(frame, found, verdicts, cells, batch, scores, classifier.labels(scores),
+                        positive_label=classifier.bundle.positive_label, bundle=classifier.bundle.id,
+                        # "segment" includes the quality gate.
+                        timings_ms={"segment": 1000 * (segmented - started), "crop": 1000 * (cropped - segmented),
+                                    "classify": 1000 * (classified - cropped), "total": 1000 * (classified - started)})
+
+    def result(self, analysis: "Analysis", sample_id: str | None = None) -> dict:
+        """The frame's result payload for ``sample_id``; the caller numbers it. Cells the quality gate
+        stopped are reported under ``unclassified`` with their reason and never classified."""
+        focus = {id(cell): verdict.focus for cell, verdict in zip(analysis.found, analysis.verdicts)}
+        return frame_result(
+            device_id=self.device_id, sample_id=sample_id, source=analysis.frame.name,
             cells=[{"bbox": list(cell.bbox), "area": cell.area, "p_all": round(float(score), 4), "label": label,
-                    "focus": round(focus[id(cell)], 1)} for cell, score, label in zip(cells, scores, labels)],
+                    "focus": round(focus[id(cell)], 1)}
+                   for cell, score, label in zip(analysis.cells, analysis.scores, analysis.labels)],
             unclassified=[{"bbox": list(cell.bbox), "area": cell.area, "reason": verdict.reason, "focus": round(verdict.focus, 1)}
-                          for cell, verdict in zip(found, verdicts) if not verdict.classify],
-            focus=frame_focus(verdicts), min_focus=MIN_FOCUS,
-            # "segment" includes the quality gate.
-            timings_ms={"segment": 1000 * (segmented - started), "crop": 1000 * (cropped - segmented),
-                        "classify": 1000 * (classified - cropped), "total": 1000 * (classified - started)},
-            captured_at=frame.timestamp, positive_label=self.classifier.bundle.positive_label,
-            bundle=self.classifier.bundle.id,
+                          for cell, verdict in zip(analysis.found, analysis.verdicts) if not verdict.classify],
+            focus=frame_focus(analysis.verdicts), min_focus=MIN_FOCUS, timings_ms=analysis.timings_ms,
+            captured_at=analysis.frame.timestamp, positive_label=analysis.positive_label, bundle=analysis.bundle,
         )
-        return result, cells, batch
+
+    def process(self, frame: Frame, sample_id: str | None = None) -> tuple[dict, list[Cell], np.ndarray]:
+        """(result payload, cells classified, their model inputs) for a readable frame, in one call."""
+        analysis = self.analyse(frame)
+        return self.result(analysis, sample_id), analysis.cells, analysis.crops
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What a frame showed, before it is part of a sample: every found cell with the gate's verdict,
+    the classified ones with their model inputs, scores and labels, and the model that scored them."""
+
+    frame: Frame
+    found: list[Cell]
+    verdicts: list[Verdict]
+    cells: list[Cell]
+    crops: np.ndarray
+    scores: np.ndarray
+    labels: list[str]
+    positive_label: str
+    bundle: str
+    timings_ms: dict[str, float]
 
 
 def annotate(image: np.ndarray, result: dict, positive_label: str) -> np.ndarray:

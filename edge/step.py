@@ -1,5 +1,6 @@
 """One frame's step, the same in the agent, ``edge replay`` and ``edge demo``: the pipeline, the
-numbered result kept (outbox or stdout), the sample tally, then the observers.
+numbered result kept (outbox or stdout), the sample tally, then the observers. The agent analyses
+several frames at once (``pipeline.workers``) and commits them one by one, in frame order.
 
 What differs between the three is only where a result is kept (``Store``) and who watches
 (``FrameObserver``): the agent's health counters, review frames and logs; replay's printing; the
@@ -14,7 +15,7 @@ from typing import Callable, Iterable, Protocol
 import numpy as np
 
 from edge.errors import UserError
-from edge.pipeline import Pipeline
+from edge.pipeline import Analysis, Pipeline
 from edge.results import SampleTally, numbered
 from edge.segmentation import Cell
 from edge.sources import Frame
@@ -59,7 +60,10 @@ def count_from_one() -> Store:
 
 
 class FrameStep:
-    """pipeline -> kept, numbered result -> tally -> observers, for one frame at a time."""
+    """pipeline -> kept, numbered result -> tally -> observers, for one frame at a time.
+
+    Two halves, so that several frames can be analysed at once: ``analyse`` (the pipeline; any thread,
+    no lock) and ``commit`` (numbering, tally, observers; in frame order, under the caller's lock)."""
 
     def __init__(self, pipeline: Pipeline, store: Store, observers: Iterable[FrameObserver] = ()) -> None:
         self.pipeline = pipeline
@@ -68,20 +72,30 @@ class FrameStep:
 
     def __call__(self, frame: Frame, tally: SampleTally) -> Analysed | None:
         """Run one frame for ``tally``'s sample; the caller holds whatever lock guards the tally."""
+        return self.commit(self.analyse(frame), tally)
+
+    def analyse(self, frame: Frame) -> Analysis | tuple[Frame, str]:
+        """The frame through the pipeline, or (frame, why it could not be analysed)."""
         if frame.image is None:
-            return self._skip(frame, tally, frame.error or "unreadable")
+            return frame, frame.error or "unreadable"
         try:
-            result, cells, crops = self.pipeline.process(frame, tally.sample_id)
+            return self.pipeline.analyse(frame)
         except UserError as error:
-            return self._skip(frame, tally, str(error))
+            return frame, str(error)
+
+    def commit(self, analysis: Analysis | tuple[Frame, str], tally: SampleTally) -> Analysed | None:
+        """Number and keep the result for ``tally``'s sample, count it, tell the observers."""
+        if isinstance(analysis, tuple):
+            return self._skip(*analysis, tally)
+        result = self.pipeline.result(analysis, tally.sample_id)
         payload = self.store(result)
         tally.add(result)
-        done = Analysed(frame, result, payload, cells, crops)
+        done = Analysed(analysis.frame, result, payload, analysis.cells, analysis.crops)
         for observer in self.observers:
             observer.analysed(done)
         return done
 
-    def _skip(self, frame: Frame, tally: SampleTally, reason: str) -> None:
+    def _skip(self, frame: Frame, reason: str, tally: SampleTally) -> None:
         tally.unreadable_frames += 1
         for observer in self.observers:
             observer.skipped(frame, reason)

@@ -41,12 +41,45 @@ def test_without_a_broker_every_result_waits_in_the_outbox(tmp_path):
 
 def test_a_camera_faster_than_inference_drops_the_oldest_frames_counted(tmp_path):
     agent = _agent(tmp_path, fps=1000.0, loop=True)
-    agent.pipeline.process = _slow(agent.pipeline.process)  # inference slower than the camera
+    agent.pipeline.analyse = _slow(agent.pipeline.analyse)  # inference slower than the camera
     _stop_when(agent, lambda c: c["frames_dropped"] > 0 and c["frames_processed"] >= 3)
     assert agent.run() == 0
     c = agent.counters
     assert c["frames_dropped"] > 0
-    assert c["frames_captured"] - c["frames_dropped"] - c["frames_processed"] <= 2  # at most the queue and the frame in hand
+    # At most the queue and the frames in hand (one per worker) were captured and neither dropped nor kept.
+    assert c["frames_captured"] - c["frames_dropped"] - c["frames_processed"] <= 1 + agent.config.pipeline.workers
+
+
+def test_frames_analysed_at_once_keep_their_order(tmp_path):
+    """Three workers, and each frame takes a different time: later frames finish first, yet the
+    results are numbered and kept in the order the frames came, and several really ran at once."""
+    agent = Agent(parse_config({
+        "source": {"type": "folder", "path": str(FRAMES)}, "segmentation": {"um_per_px": SAMPLE_UM_PER_PX},
+        "mqtt": {"enabled": False}, "outbox": {"path": str(tmp_path / "outbox.sqlite3")},
+        "pipeline": {"workers": 3, "sample_id": "S9"}}))
+    analyse, running, most = agent.pipeline.analyse, [0], [0]
+    lock = threading.Lock()
+
+    def uneven(frame):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.15 if int(frame.name[-5]) % 2 else 0.01)  # odd-numbered files are slow
+        try:
+            return analyse(frame)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    agent.pipeline.analyse = uneven
+    assert agent.run() == 0
+    with sqlite3.connect(tmp_path / "outbox.sqlite3") as db:
+        rows = db.execute("SELECT topic, payload FROM outbox ORDER BY id").fetchall()
+    results = [json.loads(p) for t, p in rows if t.endswith("/results")]
+    names = sorted(p.name for p in FRAMES.iterdir() if p.suffix == ".jpg")
+    assert [r["source"] for r in results] == names
+    assert [r["sequence"] for r in results] == list(range(1, len(names) + 1))
+    assert most[0] >= 2
 
 
 def _stop_when(agent: Agent, condition, timeout: float = 60.0) -> threading.Thread:

@@ -76,7 +76,7 @@ def test_the_agent_stats_and_replies_match_their_schemas(tmp_path):
                                 "mqtt": {"enabled": False}, "outbox": {"path": str(tmp_path / "o.db")},
                                 "pipeline": {"sample_id": "S1"}}))
     for frame in list(open_frames(agent.config, lambda: False, print))[:2]:
-        agent._process(frame)
+        agent._commit(agent.step.analyse(frame))
     assert agent.counters["frames_processed"] == 2
     _valid("stats", json.loads(json.dumps(agent.stats())))
     for name, payload in (("summary", b""), ("stop_sample", b""), ("start_sample", b'{"sample_id": "S2"}'), ("ping", b"")):

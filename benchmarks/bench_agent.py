@@ -26,19 +26,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edge.agent import Agent  # noqa: E402
+from edge.calibration import read_scale_file  # noqa: E402
 from edge.classifier import Classifier  # noqa: E402
 from edge.config import parse_config  # noqa: E402
 from edge.outbox import Outbox  # noqa: E402
 from edge.pipeline import Pipeline  # noqa: E402
 from edge.preprocessing import read_rgb  # noqa: E402
 from edge.publisher import Publisher  # noqa: E402
+from edge.segmentation import SegmentationSettings  # noqa: E402
 from edge.sources import Frame  # noqa: E402
 from tests.broker import Broker  # noqa: E402
 
+#: The 1080p frames are tiled from BCCD frames at their native scale (``edge calibrate`` on BCCD).
+BCCD_UM_PER_PX = 0.083
+
 
 def drain(broker: Broker, work: Path, count: int) -> dict:
-    frame = read_rgb(sorted((ROOT / "samples" / "frames").glob("composed_*.jpg"))[0])
-    result, _, _ = Pipeline(Classifier(ROOT / "models" / "default")).process(Frame(frame, "composed_01.jpg"), "S1")
+    frames = ROOT / "samples" / "frames"
+    frame = read_rgb(sorted(frames.glob("composed_*.jpg"))[0])
+    pipeline = Pipeline(Classifier(ROOT / "models" / "default"), SegmentationSettings(um_per_px=read_scale_file(frames)))
+    result, _, _ = pipeline.process(Frame(frame, "composed_01.jpg"), "S1")
     payload = json.dumps(result).encode()
     outbox = Outbox(work / "backlog.sqlite3", max_messages=count + 10)
     started = time.perf_counter()
@@ -59,7 +66,7 @@ def drain(broker: Broker, work: Path, count: int) -> dict:
 
 def overhead(broker: Broker, frames: Path, count: int) -> dict:
     classifier = Classifier(ROOT / "models" / "default")
-    pipeline = Pipeline(classifier)
+    pipeline = Pipeline(classifier, SegmentationSettings(um_per_px=BCCD_UM_PER_PX))
     files = sorted(frames.iterdir())
     started = time.perf_counter()
     for path in files:
@@ -67,6 +74,7 @@ def overhead(broker: Broker, frames: Path, count: int) -> dict:
     bare_fps = count / (time.perf_counter() - started)
     work = Path(tempfile.mkdtemp())
     agent = Agent(parse_config({"source": {"type": "folder", "path": str(frames)},
+                                "segmentation": {"um_per_px": BCCD_UM_PER_PX},
                                 "mqtt": {"host": "127.0.0.1", "port": broker.port},
                                 "outbox": {"path": str(work / "o.sqlite3")}}))
     agent.started = time.monotonic()  # from the first frame, not from loading the model
@@ -80,6 +88,7 @@ def peak_rss(broker: Broker, frames: Path, seconds: float) -> dict:
     work = Path(tempfile.mkdtemp())
     config = work / "agent.toml"
     config.write_text(f'[source]\ntype = "folder"\npath = "{frames}"\nloop = true\nfps = 10\n'
+                      f'[segmentation]\num_per_px = {BCCD_UM_PER_PX}\n'
                       f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n[outbox]\npath = "{work / "o.sqlite3"}"\n')
     agent = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(config)], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -17,8 +17,8 @@ import signal
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from edge.outbox import Outbox
 from edge.pipeline import Analysis, Pipeline, ReviewWriter
 from edge.results import RUN_ID, SampleTally, numbered
 from edge.sources import Frame, resilient
-from edge.step import Analysed, FrameStep
+from edge.step import Analysed, FrameStep, in_order
 from edge.topics import BY_NAME, Topics
 
 log = logging.getLogger(__name__)
@@ -231,24 +231,20 @@ class Agent:
                     pass
 
     def _inference(self) -> None:
-        """Up to ``pipeline.workers`` frames are analysed at once (segmentation is most of a frame's cost
-        and runs in OpenCV, outside Python's lock), and committed one by one in the order they came."""
-        workers = self.config.pipeline.workers
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="analyse") as pool:
-            pending: deque[Future] = deque()
-            while True:
-                try:
-                    # Wait for a frame only when there is nothing to commit meanwhile.
-                    frame = self.frames.get(timeout=0.1) if not pending else self.frames.get_nowait()
-                    pending.append(pool.submit(self.step.analyse, frame) if workers > 1 else _done(self.step.analyse(frame)))
-                    if len(pending) < workers:
-                        continue
-                except queue.Empty:
-                    if not pending:
-                        if self.source_done.is_set() or self.stop_event.is_set():
-                            return
-                        continue
-                self._commit(pending.popleft().result())
+        """Up to ``pipeline.workers`` frames analysed at once, committed one by one in the order they came."""
+        for analysis in in_order(self.step.analyse, self._queued(), self.config.pipeline.workers):
+            self._commit(analysis)
+
+    def _queued(self) -> Iterator[Frame | None]:
+        """Frames from the capture queue until the source ends or the agent stops (then the queue is
+        emptied first); None every 0.1 s without a frame."""
+        while True:
+            try:
+                yield self.frames.get(timeout=0.1)
+            except queue.Empty:
+                if self.source_done.is_set() or self.stop_event.is_set():
+                    return
+                yield None
 
     def _commit(self, analysis: Analysis | tuple[Frame, str]) -> None:
         with self.lock:  # one lock for the model and the tally: a sample starts or stops between frames
@@ -490,13 +486,6 @@ class Agent:
     def finite_source(self) -> bool:
         """A folder replayed once (``loop = false``): its run ends by itself."""
         return self.config.source.type == "folder" and not self.config.source.loop
-
-
-def _done(value: object) -> Future:
-    """``value`` as a finished future (one worker: the frame is analysed in the inference thread)."""
-    future: Future = Future()
-    future.set_result(value)
-    return future
 
 
 def run(config_path: Path) -> int:

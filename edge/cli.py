@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--sample-id", default=None, help="sample id to put in results (default: the source folder name)")
     replay.add_argument("--um-per-px", type=float, default=None, metavar="F",
                         help=f"the frames' scale in µm per pixel (default: the folder's {SCALE_FILE}; measure it with `edge calibrate`)")
-    replay.add_argument("--num-threads", type=int, default=2, help="interpreter threads (default 2)")
+    replay.add_argument("--num-threads", type=_at_least_one, default=2, help="interpreter threads (default 2)")
+    replay.add_argument("--workers", type=_at_least_one, default=2, help="frames analysed at once, results in frame order (default 2)")
 
     calibrate = commands.add_parser(
         "calibrate", help="measure the microscope's scale (µm per pixel) on the red cells of a few frames",
@@ -143,6 +144,17 @@ def _calibration_frames(source: Path, limit: int) -> tuple[list[str], list, floa
     return names, frames, None, ""
 
 
+def _at_least_one(text: str) -> int:
+    """A count option (threads, workers): a whole number of at least 1, or argparse's one-line error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too few; give 1 or more")
+    return value
+
+
 def _replay(args: argparse.Namespace) -> int:
     from edge.calibration import frames_scale
     from edge.classifier import Classifier
@@ -150,7 +162,7 @@ def _replay(args: argparse.Namespace) -> int:
     from edge.results import SampleTally
     from edge.segmentation import SegmentationSettings
     from edge.sources.folder import FolderSourceSettings, open_source
-    from edge.step import FrameStep, count_from_one
+    from edge.step import FrameStep, count_from_one, in_order
 
     settings = SegmentationSettings(um_per_px=frames_scale(args.source, args.um_per_px))
     classifier = Classifier(args.bundle, num_threads=args.num_threads)
@@ -161,8 +173,8 @@ def _replay(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"{'frame':<36} {'cells':>5} {'blasts':>6}  p(ALL) per cell")
     step = FrameStep(pipeline, count_from_one(), [printer])  # no outbox: each replay numbers its results from 1
-    for frame in open_source(FolderSourceSettings(path=args.source)):
-        step(frame, tally)
+    for analysis in in_order(step.analyse, open_source(FolderSourceSettings(path=args.source)), args.workers):
+        step.commit(analysis, tally)
     if not tally.frames:  # a sample of nothing is not a result: say so, and fail
         raise UserError(f"{args.source}: none of its {tally.unreadable_frames} image file(s) could be read; "
                         "point --source at smear frames (JPEG, PNG, BMP or TIFF)")

@@ -59,3 +59,34 @@ def test_a_result_the_store_refuses_still_reaches_the_observers_as_refused():
     step = FrameStep(pipeline, lambda result: None, [Watch()])
     step(next(iter(open_source(FolderSourceSettings(path=FRAMES)))), SampleTally(None))
     assert len(seen) == 1 and seen[0].payload is None and seen[0].result["sample_id"] is None
+
+
+def test_frames_analysed_at_once_come_out_in_order_with_the_same_results():
+    """``in_order`` with 3 workers: a slow first frame, an unreadable one and a live source's "nothing
+    new yet" (None) among them; the outcomes come in the frames' order, equal to one at a time."""
+    import threading
+    import time
+
+    from edge.step import in_order
+
+    pipeline = Pipeline(Classifier(ROOT / "models" / "default"), SegmentationSettings(um_per_px=read_scale_file(FRAMES)))
+    step = FrameStep(pipeline, count_from_one())
+    frames: list = list(open_source(FolderSourceSettings(path=FRAMES)))
+    frames[2:2] = [Frame(image=None, name="broken.jpg", error="not an image"), None]
+    threads: set[str] = set()
+
+    def analyse(frame: Frame):
+        threads.add(threading.current_thread().name)
+        if frame is frames[0]:
+            time.sleep(0.3)  # the others finish first
+        return step.analyse(frame)
+
+    def names(outcomes) -> list[str]:
+        return [o[0].name if isinstance(o, tuple) else o.frame.name for o in outcomes]
+
+    together = list(in_order(analyse, frames, workers=3))
+    alone = list(in_order(step.analyse, frames, workers=1))
+    assert names(together) == names(alone) == [f.name for f in frames if f is not None]
+    assert [o.scores.tolist() for o in together if not isinstance(o, tuple)] == \
+           [o.scores.tolist() for o in alone if not isinstance(o, tuple)]
+    assert len({t for t in threads if t.startswith("analyse")}) >= 2

@@ -12,6 +12,8 @@ trained on):
 * ``youden``: what `trainer fit` does (max sensitivity + specificity - 1, sources and cell types balanced);
 * ``sensitivity_0.90`` / ``0.95``: the highest threshold keeping that ALL sensitivity on validation;
 * ``youden_sensitivity_x1.5`` / ``x2``: a missed blast weighs 1.5 / 2 false alarms;
+* ``youden_type_cap_0.05`` / ``0.03``: Youden, raised until no normal cell type of another lab (PBC's
+  lymphocytes, monocytes, ...) is called ALL more often than 5% / 3% on validation;
 * ``tta8``: Youden on the mean logit of the 8 flips and quarter turns of each crop (8x the model's cost).
 
 Prints one JSON object: per rule the per-fold and mean C-NMC test metrics and BCCD false-blast rates.
@@ -79,6 +81,12 @@ def main() -> None:
             thresholds[f"sensitivity_{share:.2f}"] = float(np.quantile(v[0][labels[val] == 1], 1 - share))
         for weight in (1.5, 2.0):
             thresholds[f"youden_sensitivity_x{weight:g}"] = float(cuts[int(np.argmax(weight * tpr - fpr))])
+        types = {}
+        for k, i in enumerate(val):
+            if samples[i].label == 0 and samples[i].cell_type not in LABELS:
+                types.setdefault(samples[i].cell_type, []).append(k)
+        for cap in (0.05, 0.03):  # no kind of normal white cell called ALL more often than ``cap`` on validation
+            thresholds[f"youden_type_cap_{cap:g}"] = max(thresholds["youden"], *(float(np.quantile(v[0][ks], 1 - cap)) for ks in types.values()))
         scored = {name: (v[0], t[0], b[0], threshold) for name, threshold in thresholds.items()}
         mean = [1 / (1 + np.exp(-logit(x).mean(axis=0))) for x in (v, t, b)]
         scored["tta8"] = (*mean, M.choose_threshold(labels[val], mean[0], weights)[0])

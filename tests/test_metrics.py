@@ -45,3 +45,20 @@ def test_informative_scores_pass_and_the_limits_are_where_they_say():
 def test_fold_summary():
     s = summarize_folds([{"accuracy": 0.8}, {"accuracy": 0.6}])
     assert s["accuracy"] == {"mean": pytest.approx(0.7), "std": pytest.approx(0.1), "min": 0.6, "max": 0.8}
+
+
+def test_the_threshold_is_raised_until_no_normal_cell_type_is_called_all_too_often():
+    from trainer.metrics import cap_per_type
+
+    rng = np.random.default_rng(0)
+    lymphocytes = rng.uniform(0, 1, 200).astype(np.float32)  # a model that calls many of them blasts
+    monocytes = rng.uniform(0, 0.3, 200).astype(np.float32)
+    threshold, rule = cap_per_type(0.5, "Youden", {"pbc/lymphocyte": lymphocytes, "pbc/monocyte": monocytes}, 0.05)
+    assert threshold > 0.9 and np.mean(lymphocytes >= threshold) <= 0.05 and "pbc/lymphocyte set it" in rule
+    assert np.mean(lymphocytes >= threshold) >= 0.04  # raised just enough, not to the top
+
+    unchanged, rule = cap_per_type(0.5, "Youden", {"pbc/monocyte": monocytes}, 0.05)
+    assert unchanged == 0.5 and "no normal cell type above 5%" in rule
+    few = cap_per_type(0.5, "Youden", {"pbc/basophil": np.full(19, 0.99, np.float32)}, 0.05)[0]
+    assert few == 0.5  # 19 cells are too few to set the threshold
+    assert cap_per_type(0.5, "Youden", {"pbc/lymphocyte": lymphocytes}, None) == (0.5, "Youden")

@@ -43,6 +43,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps-per-epoch", type=int, default=None, help="limit steps per epoch (smoke tests); default one pass over the data")
     parser.add_argument("--time-budget", type=float, default=None, metavar="MIN",
                         help="stop after the epoch that crosses this many minutes (compare models at equal training time)")
+    parser.add_argument("--max-type-false-blast", type=float, default=0.05, metavar="SHARE",
+                        help="raise the decision threshold until no normal cell type of another source (PBC's lymphocytes, "
+                             "monocytes, ...) is called ALL on more than this share of its validation cells "
+                             "(default 0.05; 1 turns it off)")
     parser.add_argument("--allow-collapse", action="store_true",
                         help="write the run even if the model gives one answer for everything (otherwise an error)")
 
@@ -59,16 +63,19 @@ def _config(args: argparse.Namespace):
         raise UserError("--val-fraction must be between 0 and 0.5")
     if not 0 <= args.compose_share <= 1:
         raise UserError("--compose-share must be between 0 and 1")
+    if not 0 < args.max_type_false_blast <= 1:
+        raise UserError("--max-type-false-blast must be above 0 and at most 1 (1 turns the cap off)")
     return FitConfig(model=args.model, epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
                      seed=args.seed, val_fraction=args.val_fraction, test_fraction=getattr(args, "test_fraction", 0.0),
                      patience=args.patience, steps_per_epoch=args.steps_per_epoch, allow_collapse=args.allow_collapse,
                      time_budget_min=args.time_budget, bccd=args.bccd, leave_out_type=args.leave_out_type,
-                     compose_share=args.compose_share)
+                     compose_share=args.compose_share,
+                     max_type_false_blast=None if args.max_type_false_blast >= 1 else args.max_type_false_blast)
 
 
 #: ``fit`` options that RUN fixes or that mean nothing for a fine-tune, refused when given with --finetune.
 _NOT_WITH_FINETUNE = {"image_size": None, "model": "edge", "bccd": None, "leave_out_type": None, "test_fraction": 0.0,
-                      "compose_share": 0.5, "val_fraction": 0.2, "patience": 10}
+                      "compose_share": 0.5, "val_fraction": 0.2, "patience": 10, "max_type_false_blast": 0.05}
 
 
 def _finetune(args: argparse.Namespace) -> dict:

@@ -55,6 +55,9 @@ class FitConfig:
     #: Share of C-NMC cells put back on a smear background and cut by the device's smear path
     #: (``trainer.compose``); 0 turns it off.
     compose_share: float = 0.5
+    #: Raise the threshold until no normal cell type (of a source other than C-NMC) is called ALL on more
+    #: than this share of its validation cells (``trainer.metrics.cap_per_type``); None: Youden alone.
+    max_type_false_blast: float | None = 0.05
 
     def resolved_size(self) -> int:
         return self.image_size or default_input_size(self.model)
@@ -191,6 +194,12 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     val_scores = pipeline.predict(saved, images[val])
     val_samples = [samples[i] for i in val]
     threshold, threshold_rule = M.choose_threshold(labels[val], val_scores, balanced_weights(val_samples))
+    other_normals: dict[str, list[int]] = {}  # normal cells of every type but C-NMC's own (its donors are the target)
+    for k, sample in enumerate(val_samples):
+        if sample.label == 0 and sample.cell_type not in LABELS:
+            other_normals.setdefault(f"{sample.source}/{sample.cell_type}", []).append(k)
+    threshold, threshold_rule = M.cap_per_type(threshold, threshold_rule, {name: val_scores[ks] for name, ks in other_normals.items()},
+                                               config.max_type_false_blast)
     collapse = None
     try:
         M.check_not_collapsed(val_scores, threshold)

@@ -40,6 +40,28 @@ def choose_threshold(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray
     return float(np.clip(thresholds[best], 1e-6, 1 - 1e-6)), rule
 
 
+#: Fewest validation cells of one normal cell type for its false-blast rate to cap the threshold.
+MIN_CELLS_FOR_TYPE_CAP = 20
+
+
+def cap_per_type(threshold: float, rule: str, normal_scores_by_type: dict[str, np.ndarray],
+                 cap: float | None) -> tuple[float, str]:
+    """(threshold, rule) raised until no normal cell type is called ALL on more than ``cap`` of its
+    validation cells. Why: Youden balances the classes as a whole, and a model that calls 18% of
+    another lab's normal lymphocytes blasts can still maximise it; such folds called 20-23% of BCCD's
+    healthy white cells ALL (``benchmarks/bench_decision.py``). A type with fewer than
+    ``MIN_CELLS_FOR_TYPE_CAP`` cells is too few to set it. ``cap`` None: unchanged."""
+    if cap is None:
+        return threshold, rule
+    limits = {name: float(np.quantile(scores, 1 - cap)) for name, scores in normal_scores_by_type.items()
+              if len(scores) >= MIN_CELLS_FOR_TYPE_CAP}
+    binding = max(limits, key=limits.get, default=None)
+    if binding is None or limits[binding] <= threshold:
+        return threshold, f"{rule}; no normal cell type above {cap:.0%} called ALL at it"
+    raised = float(np.nextafter(np.float32(limits[binding]), np.float32(1)))  # scores at the quantile stay normal
+    return min(raised, 1 - 1e-6), f"{rule}, raised until no normal cell type is called ALL above {cap:.0%} ({binding} set it)"
+
+
 def check_not_collapsed(scores: np.ndarray, threshold: float) -> None:
     """Raise ``CollapsedModel`` when predictions carry no information."""
     spread = float(np.percentile(scores, 95) - np.percentile(scores, 5))

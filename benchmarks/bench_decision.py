@@ -81,12 +81,12 @@ def main() -> None:
             thresholds[f"sensitivity_{share:.2f}"] = float(np.quantile(v[0][labels[val] == 1], 1 - share))
         for weight in (1.5, 2.0):
             thresholds[f"youden_sensitivity_x{weight:g}"] = float(cuts[int(np.argmax(weight * tpr - fpr))])
-        types = {}
+        types: dict[str, list[int]] = {}
         for k, i in enumerate(val):
             if samples[i].label == 0 and samples[i].cell_type not in LABELS:
-                types.setdefault(samples[i].cell_type, []).append(k)
-        for cap in (0.05, 0.03):  # no kind of normal white cell called ALL more often than ``cap`` on validation
-            thresholds[f"youden_type_cap_{cap:g}"] = max(thresholds["youden"], *(float(np.quantile(v[0][ks], 1 - cap)) for ks in types.values()))
+                types.setdefault(f"{samples[i].source}/{samples[i].cell_type}", []).append(k)
+        for cap in (0.05, 0.03):  # what `trainer fit` does (0.05, its default)
+            thresholds[f"youden_type_cap_{cap:g}"] = M.cap_per_type(thresholds["youden"], "", {n: v[0][ks] for n, ks in types.items()}, cap)[0]
         scored = {name: (v[0], t[0], b[0], threshold) for name, threshold in thresholds.items()}
         mean = [1 / (1 + np.exp(-logit(x).mean(axis=0))) for x in (v, t, b)]
         scored["tta8"] = (*mean, M.choose_threshold(labels[val], mean[0], weights)[0])

@@ -50,7 +50,7 @@ def main() -> None:
     from trainer import crosslab
     from trainer import metrics as M
     from trainer.dataset import LABELS
-    from trainer.fit import FitConfig, _load, balanced_weights
+    from trainer.fit import FitConfig, _load, balanced_weights, other_normal_types
 
     recorded = json.loads((args.cv / "fold_0" / "config.json").read_text())
     config = FitConfig(**{k: recorded[k] for k in FitConfig.__dataclass_fields__ if k in recorded})
@@ -81,10 +81,7 @@ def main() -> None:
             thresholds[f"sensitivity_{share:.2f}"] = float(np.quantile(v[0][labels[val] == 1], 1 - share))
         for weight in (1.5, 2.0):
             thresholds[f"youden_sensitivity_x{weight:g}"] = float(cuts[int(np.argmax(weight * tpr - fpr))])
-        types: dict[str, list[int]] = {}
-        for k, i in enumerate(val):
-            if samples[i].label == 0 and samples[i].cell_type not in LABELS:
-                types.setdefault(f"{samples[i].source}/{samples[i].cell_type}", []).append(k)
+        types = other_normal_types([samples[i] for i in val])
         for cap in (0.05, 0.03):  # what `trainer fit` does (0.05, its default)
             thresholds[f"youden_type_cap_{cap:g}"] = M.cap_per_type(thresholds["youden"], "", {n: v[0][ks] for n, ks in types.items()}, cap)[0]
         scored = {name: (v[0], t[0], b[0], threshold) for name, threshold in thresholds.items()}

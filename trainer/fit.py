@@ -95,6 +95,16 @@ def by_group(samples: Sequence[Sample], scores: np.ndarray, threshold: float) ->
     return out
 
 
+def other_normal_types(samples: Sequence[Sample]) -> dict[str, list[int]]:
+    """Positions of the normal cells of every type but C-NMC's own, by "source/cell type": the types the
+    threshold's per-type cap watches (C-NMC's normal donors are what the model must learn to tell apart)."""
+    types: dict[str, list[int]] = {}
+    for k, sample in enumerate(samples):
+        if sample.label == 0 and sample.cell_type not in LABELS:
+            types.setdefault(f"{sample.source}/{sample.cell_type}", []).append(k)
+    return types
+
+
 def fingerprint(samples: Sequence[Sample]) -> str:
     """A cheap identity of the training data: file names, labels and sizes."""
     digest = hashlib.sha256()
@@ -194,11 +204,8 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     val_scores = pipeline.predict(saved, images[val])
     val_samples = [samples[i] for i in val]
     threshold, threshold_rule = M.choose_threshold(labels[val], val_scores, balanced_weights(val_samples))
-    other_normals: dict[str, list[int]] = {}  # normal cells of every type but C-NMC's own (its donors are the target)
-    for k, sample in enumerate(val_samples):
-        if sample.label == 0 and sample.cell_type not in LABELS:
-            other_normals.setdefault(f"{sample.source}/{sample.cell_type}", []).append(k)
-    threshold, threshold_rule = M.cap_per_type(threshold, threshold_rule, {name: val_scores[ks] for name, ks in other_normals.items()},
+    threshold, threshold_rule = M.cap_per_type(threshold, threshold_rule,
+                                               {name: val_scores[ks] for name, ks in other_normal_types(val_samples).items()},
                                                config.max_type_false_blast)
     collapse = None
     try:

@@ -98,7 +98,7 @@ def add_self_test(root: Path, crops: np.ndarray, scores: np.ndarray, threshold: 
 def selftest_from_data(root: Path, data: list[str], limit: int = 200) -> dict:
     """``quantize selftest``: score up to ``limit`` cells of ``data`` with the bundle and record a self-test."""
     from edge.classifier import Classifier
-    from edge.dataset import load_arrays, scan_sources
+    from trainer.dataset import load_arrays, scan_sources
 
     classifier = Classifier(root, num_threads=2)
     samples = scan_sources(data, require_both=False)[0]

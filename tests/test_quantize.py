@@ -140,3 +140,17 @@ def test_model_card_says_how_long_the_cross_validation_folds_trained():
     cv["training"]["bundle"] = (10, 600.0)
     assert "conservative" not in _cv_section(cv)
     assert "trained" not in _cv_section({"folds": 5, "summary": summary})  # an older cv.json: nothing claimed
+
+
+def test_selftest_records_crops_a_device_scores_again(tiny_run, tiny_bundle, tmp_path, capsys):
+    """`quantize selftest` (a bundle made before self-tests, or re-recorded): it read cells through a module
+    that had moved, and failed with an import error instead of recording anything."""
+    import shutil
+
+    from edge.classifier import Classifier
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    assert main(["selftest", str(bundle), "--data", str(tiny_run[0])]) == 0
+    assert "self-test of" in capsys.readouterr().out
+    assert Classifier(bundle).self_test() is None  # recorded, checksummed, and it scores as recorded

@@ -146,10 +146,11 @@ def evaluate_bundle(path: Path, data: list[str], num_threads: int) -> dict:
 
 
 def _publish(args: argparse.Namespace) -> int:
+    from edge.config_files import read_password
     from quantize import publish
 
     signed = publish.sign_bundle(_bundle(args), publish.load_key(args.key)) if args.command == "publish" else None
-    password = args.password_file.read_text().strip() if args.password_file else None
+    password = read_password(args.password_file, "--password-file")
     sender = publish.Sender(args.host, args.port, args.topic_prefix, username=args.username, password=password, tls_ca=args.ca)
     try:
         devices = args.to or sender.devices()

@@ -117,6 +117,12 @@ def test_export_of_an_incomplete_run_is_one_line(tmp_path, capsys):
     assert "is not a complete training run" in err and len(err.splitlines()) == 1
 
 
+def test_an_unreadable_broker_password_file_is_one_line(tmp_path, capsys):
+    assert main(["revert", "--to", "pi-1", "--password-file", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--password-file" in err and "cannot be read" in err and len(err.splitlines()) == 1
+
+
 def test_model_card_states_the_threshold_and_its_rule_once(tiny_bundle):
     from quantize.export import model_card
     from trainer.metrics import choose_threshold

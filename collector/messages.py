@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 
 import fastjsonschema
 from jsonschema import Draft202012Validator, FormatChecker
+
+from edge.topics import BY_NAME, schema
 
 STATUS_VALUES = {"online", "offline"}
 
@@ -39,8 +40,7 @@ class DeadLetter:
 @lru_cache(maxsize=None)
 def validator(name: str) -> Draft202012Validator:
     """The validator of ``edge/schemas/<name>.schema.json`` (read once; ``edge``'s package only, no OpenCV)."""
-    text = resources.files("edge").joinpath("schemas", f"{name}.schema.json").read_text()
-    return Draft202012Validator(json.loads(text), format_checker=FormatChecker())
+    return Draft202012Validator(schema(name), format_checker=FormatChecker())
 
 
 UUID = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -51,8 +51,7 @@ def fast_check(name: str):
     """The same schema compiled to Python by fastjsonschema: about 40 µs a result where jsonschema takes
     1-2 ms, which alone would cap the collector below 1,000 results/s. It only says yes or no; the
     reason for a no comes from jsonschema (``validator``), which dead letters are rare enough to afford."""
-    text = resources.files("edge").joinpath("schemas", f"{name}.schema.json").read_text()
-    return fastjsonschema.compile(json.loads(text), formats={"uuid": UUID})
+    return fastjsonschema.compile(schema(name), formats={"uuid": UUID})
 
 
 def subscriptions(prefix: str) -> list[str]:
@@ -89,12 +88,8 @@ def classify(topic: str, payload: bytes, prefix: str) -> Message | DeadLetter:
         body = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         return DeadLetter(topic, f"not JSON ({error})", payload)
-    if kind == "results" and len(parts) == 2:
-        problem = _schema_problem("frame-result", body)
-    elif kind == "samples" and len(parts) >= 3:
-        problem = _schema_problem("sample-summary", body)
-    elif kind == "reviews" and len(parts) == 2:
-        problem = _schema_problem("review-label", body)
+    if kind in ("results", "reviews") and len(parts) == 2 or kind == "samples" and len(parts) >= 3:
+        problem = _schema_problem(BY_NAME[kind].schema, body)
     elif kind == "stats" and len(parts) == 2:
         problem = None if isinstance(body, dict) else "stats must be a JSON object"
     else:

@@ -115,6 +115,7 @@ STORED_ORDER = {"sqlite": "rowid", "postgresql": "stored_order"}
 RESULT_COLUMNS = "message_id, device_id, run_id, sequence, sample_id, time, cells, blasts, unclassified, received_at, json"
 RESULT_INSERT = f"INSERT INTO frame_results ({RESULT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING"
 
+
 def _result_row(item: Message, now: float) -> tuple:
     body, counts = item.body, item.body["counts"]  # type: ignore[index]
     return (body["message_id"], item.device_id, body["run_id"], body["sequence"], body["sample_id"], body["time"],
@@ -251,17 +252,16 @@ class Store:
         return added
 
     def _write_one(self, item: Message | DeadLetter, now: float) -> int:
-        db = self
         if isinstance(item, DeadLetter):
-            db.execute("INSERT INTO dead_letters (topic, reason, payload, received_at) VALUES (?, ?, ?, ?)",
-                       (item.topic, item.reason, item.raw, now))
+            self.execute("INSERT INTO dead_letters (topic, reason, payload, received_at) VALUES (?, ?, ?, ?)",
+                         (item.topic, item.reason, item.raw, now))
             return 1
         body = item.body
         if item.kind == "samples":
             sample = body["sample_id"] if body["sample_id"] is not None else item.topic.rsplit("/", 1)[-1]
             # Retained summaries may come back out of order (a redelivery after a newer one): keep the
             # latest tally, judged by its start and its frame count, never the last to arrive.
-            return db.execute(
+            return self.execute(
                 "INSERT INTO sample_summaries (device_id, sample_id, message_id, run_id, started, frames, final, received_at, json)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, sample_id) DO UPDATE SET"
                 " message_id = excluded.message_id, run_id = excluded.run_id, started = excluded.started,"
@@ -272,7 +272,7 @@ class Store:
                  int(body["final"]), now, item.raw.decode())).rowcount
         if item.kind == "reviews":
             cell = body["cell"]
-            return db.execute(
+            return self.execute(
                 "INSERT INTO review_labels (message_id, device_id, run_id, crop_id, sample_id, frame_sequence, label, selected,"
                 " model_label, p_all, reviewer, reviewed_at, received_at, json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (message_id) DO NOTHING",
@@ -280,11 +280,11 @@ class Store:
                  body["label"], cell["selected"], cell["model"]["label"], cell["model"]["p_all"], body["reviewer"],
                  body["reviewed_at"], now, item.raw.decode())).rowcount
         if item.kind == "status":
-            db.execute("INSERT INTO device_status (device_id, status, received_at) VALUES (?, ?, ?) ON CONFLICT (device_id)"
-                       " DO UPDATE SET status = excluded.status, received_at = excluded.received_at", (item.device_id, body, now))
+            self.execute("INSERT INTO device_status (device_id, status, received_at) VALUES (?, ?, ?) ON CONFLICT (device_id)"
+                         " DO UPDATE SET status = excluded.status, received_at = excluded.received_at", (item.device_id, body, now))
             return 1
-        db.execute("INSERT INTO device_stats (device_id, run_id, received_at, json) VALUES (?, ?, ?, ?)",
-                   (item.device_id, body.get("run_id"), now, item.raw.decode()))
+        self.execute("INSERT INTO device_stats (device_id, run_id, received_at, json) VALUES (?, ?, ?, ?)",
+                     (item.device_id, body.get("run_id"), now, item.raw.decode()))
         return 1
 
     # -- reading ------------------------------------------------------------------------------

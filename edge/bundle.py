@@ -75,6 +75,8 @@ def new_manifest(*, input_tensor: Tensor, output_tensor: Tensor, contract: CropC
         preprocessing=contract.to_manifest(), threshold=float(threshold), threshold_rule=threshold_rule,
         models=dict(models), edgetpu=dict(edgetpu), provenance=dict(provenance),
     )
+
+
 #: Crops (N x S x S x 3 uint8, array ``crops`` of a compressed ``.npz``) that a device scores before it switches to a
 #: bundle it was sent: the scores must match ``manifest["selftest"]["scores"]`` within its tolerance.
 SELFTEST_FILE = "selftest_crops.npz"

@@ -165,7 +165,8 @@ def judge(frame_rgb: np.ndarray, cell: Cell, um_per_px: float,
     if not cell.pre_cropped and border_um > MAX_BORDER_CONTACT_UM:
         return Verdict("cut by border", focus)
     pixel_um2 = um_per_px * um_per_px
-    area_um2 = np.count_nonzero(mask) * pixel_um2
+    mask_pixels = np.count_nonzero(mask)
+    area_um2 = mask_pixels * pixel_um2
     if area_um2 < MIN_AREA_UM2:
         return Verdict("debris", focus)
     pieces, labels = cv2.connectedComponents(nucleus.view(np.uint8), connectivity=8)  # areas only: no stats pass
@@ -176,12 +177,12 @@ def judge(frame_rgb: np.ndarray, cell: Cell, um_per_px: float,
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     hull = cv2.convexHull(np.vstack(contours))
     hull_area = max(float(cv2.contourArea(hull)), 1.0)
-    if np.count_nonzero(mask) / hull_area < MIN_SOLIDITY:
+    if mask_pixels / hull_area < MIN_SOLIDITY:
         return Verdict("broken", focus)
     if area_um2 > SMUDGE_AREA_UM2 and not cell.pre_cropped:
         background = percentile_u8(crop[..., 1], 95)
         inked = float(crop[..., 1][nucleus].mean()) if nucleus.any() else background
-        if inked > SMUDGE_PALENESS * background and np.count_nonzero(nucleus) >= SMUDGE_NUCLEUS_SHARE * np.count_nonzero(mask):
+        if inked > SMUDGE_PALENESS * background and np.count_nonzero(nucleus) >= SMUDGE_NUCLEUS_SHARE * mask_pixels:
             return Verdict("smudge", focus)
     if focus < MIN_FOCUS:
         return Verdict("out of focus", focus)

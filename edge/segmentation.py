@@ -241,7 +241,7 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
         y0 = min(stats[i, 1] for i in group)
         x1 = max(stats[i, 0] + stats[i, 2] for i in group)
         y1 = max(stats[i, 1] + stats[i, 3] for i in group)
-        cut = x0 <= margin or y0 <= margin or x1 >= small.shape[1] - margin or y1 >= small.shape[0] - margin
+        cut = _at_edge((x0, y0, x1, y1), small.shape[:2], margin)
         box = labels[y0:y1, x0:x1]
         component = (box == group[0] if len(group) == 1 else np.isin(box, group)).astype(np.uint8)  # isin sorts: 10x slower
         if cut and np.count_nonzero(component) <= SMALL_PAIR_DISCS * disc:
@@ -251,15 +251,16 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
         if cut:
             # A whole cell touching one cut by the border (often merged with it by the closing): what
             # the split leaves off the edge is looked at again as a nucleus of its own, lobes together.
-            inside = [part for part in parts if not _touches_edge(part, (x0, y0), small.shape[:2], margin)]
+            inside = [part for part in parts if not _at_edge(_extent(part, (x0, y0)), small.shape[:2], margin)]
             if not inside:
                 continue
             kept = np.bitwise_or.reduce(inside) if len(inside) > 1 else inside[0]
             neighbours = [component & (1 - kept)]  # the cut cell: the kept cell's rim must not reach into it
             parts = _nuclei(kept, disc, diameter)
         rim = 0.12 * diameter
+        pad = int(np.ceil(rim)) + 2
         everything = parts + neighbours
-        owner = _territories(everything, int(np.ceil(rim)) + 2) if len(everything) > 1 else None
+        owner = _territories(everything, pad) if len(everything) > 1 else None
         for index, part in enumerate(parts):
             part_area = int(np.count_nonzero(part))
             if not settings.min_area_fraction * disc <= part_area <= settings.max_area_fraction * disc:
@@ -268,7 +269,6 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
                 continue
             cell = _cell_from_nucleus(part, (x0, y0), scale, rim, (height, width))
             if owner is not None:  # a cell of a split cluster: its rim must not reach into its neighbours
-                pad = int(np.ceil(rim)) + 2
                 cell = _within(cell, owner == index, (x0 - pad, y0 - pad), scale)
             cell = _keep_stained(frame_rgb, cell, settings)
             cells.append(_tight(cell) if owner is not None else cell)
@@ -285,11 +285,17 @@ def _nuclei(component: np.ndarray, disc: float, diameter: float) -> list[np.ndar
     return parts
 
 
-def _touches_edge(part: np.ndarray, offset: tuple[int, int], shape: tuple[int, int], margin: int) -> bool:
-    """Whether a part (detection scale, its top-left at ``offset``) reaches within ``margin`` of the frame's edge."""
+def _at_edge(box: tuple[int, int, int, int], shape: tuple[int, int], margin: int) -> bool:
+    """Whether ``box`` (x0, y0, x1, y1; x1 and y1 exclusive) reaches within ``margin`` of the edge of a
+    frame of ``shape``: a nucleus there is cut by the border."""
+    x0, y0, x1, y1 = box
+    return x0 <= margin or y0 <= margin or x1 >= shape[1] - margin or y1 >= shape[0] - margin
+
+
+def _extent(part: np.ndarray, offset: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The box (x0, y0, x1, y1) of a part's pixels, its top-left at ``offset``."""
     ys, xs = np.nonzero(part)
-    return bool(offset[0] + xs.min() <= margin or offset[1] + ys.min() <= margin
-                or offset[0] + xs.max() + 1 >= shape[1] - margin or offset[1] + ys.max() + 1 >= shape[0] - margin)
+    return offset[0] + int(xs.min()), offset[1] + int(ys.min()), offset[0] + int(xs.max()) + 1, offset[1] + int(ys.max()) + 1
 
 
 def _territories(parts: list[np.ndarray], pad: int) -> np.ndarray:

@@ -147,15 +147,15 @@ class Updater:
             raise UserError(f"updates.folder {self.folder} cannot be used ({error}); make it writable for the agent") from None
 
     # -- which bundle runs ------------------------------------------------------------------
-    @staticmethod
-    def _target(link: Path) -> Path | None:
-        return Path(os.readlink(link)) if link.is_symlink() else None
-
     def active_root(self) -> Path:
         return bundle_in_use(self.config, self.factory)[0]
 
     def previous_root(self) -> Path | None:
         return bundle_in_use(self.config, self.factory)[1]
+
+    def _in_use(self, root: Path) -> bool:
+        """Whether ``root`` is the active or the previous bundle (which an update never deletes)."""
+        return root.resolve() in {p.resolve() for p in bundle_in_use(self.config, self.factory) if p}
 
     def start(self) -> Classifier:
         """Open the active bundle; if it fails, roll back to the previous one, then to the factory one."""
@@ -182,11 +182,7 @@ class Updater:
             temporary.unlink(missing_ok=True)
             os.symlink(target, temporary)
             os.replace(temporary, link)
-        descriptor = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        _fsync(self.folder)
 
     def _switch(self, root: Path, previous: Path | None) -> None:
         self._point(self.previous_link, previous)
@@ -318,7 +314,7 @@ class Updater:
         for path in transfer.folder.iterdir():
             _fsync(path)
         home = self.store / bundle_id
-        if home.resolve() in {self.active_root().resolve(), *(p.resolve() for p in [self.previous_root()] if p)}:
+        if self._in_use(home):
             shutil.rmtree(transfer.folder)
         else:
             shutil.rmtree(home, ignore_errors=True)
@@ -329,7 +325,7 @@ class Updater:
         except UserError as error:
             problem = str(error)
         if problem:
-            if home.resolve() not in {p.resolve() for p in (self.active_root(), self.previous_root()) if p}:
+            if not self._in_use(home):
                 shutil.rmtree(home, ignore_errors=True)
             raise UpdateRefused(f"update {bundle_id} refused, device unchanged: {problem}")
         old = self.active_root()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import cv2
+
 from edge.calibration import read_scale_file
 from edge.classifier import Classifier
 from edge.pipeline import Pipeline
@@ -74,9 +76,12 @@ def test_frames_analysed_at_once_come_out_in_order_with_the_same_results():
     frames: list = list(open_source(FolderSourceSettings(path=FRAMES)))
     frames[2:2] = [Frame(image=None, name="broken.jpg", error="not an image"), None]
     threads: set[str] = set()
+    opencv_threads: set[int] = set()
+    before = cv2.getNumThreads()
 
     def analyse(frame: Frame):
         threads.add(threading.current_thread().name)
+        opencv_threads.add(cv2.getNumThreads())
         if frame is frames[0]:
             time.sleep(0.3)  # the others finish first
         return step.analyse(frame)
@@ -90,3 +95,6 @@ def test_frames_analysed_at_once_come_out_in_order_with_the_same_results():
     assert [o.scores.tolist() for o in together if not isinstance(o, tuple)] == \
            [o.scores.tolist() for o in alone if not isinstance(o, tuple)]
     assert len({t for t in threads if t.startswith("analyse")}) >= 2
+    # Frames in parallel, each frame's OpenCV work on one thread (no contention for the same cores);
+    # OpenCV's own setting is back afterwards.
+    assert opencv_threads == {1} and cv2.getNumThreads() == before

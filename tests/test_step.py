@@ -4,6 +4,7 @@ observers, in order, with an unreadable frame among readable ones."""
 from __future__ import annotations
 
 import json
+import sys
 
 import cv2
 
@@ -77,11 +78,13 @@ def test_frames_analysed_at_once_come_out_in_order_with_the_same_results():
     frames[2:2] = [Frame(image=None, name="broken.jpg", error="not an image"), None]
     threads: set[str] = set()
     opencv_threads: set[int] = set()
-    before = cv2.getNumThreads()
+    switch_intervals: set[float] = set()
+    before = cv2.getNumThreads(), sys.getswitchinterval()
 
     def analyse(frame: Frame):
         threads.add(threading.current_thread().name)
         opencv_threads.add(cv2.getNumThreads())
+        switch_intervals.add(sys.getswitchinterval())
         if frame is frames[0]:
             time.sleep(0.3)  # the others finish first
         return step.analyse(frame)
@@ -95,6 +98,7 @@ def test_frames_analysed_at_once_come_out_in_order_with_the_same_results():
     assert [o.scores.tolist() for o in together if not isinstance(o, tuple)] == \
            [o.scores.tolist() for o in alone if not isinstance(o, tuple)]
     assert len({t for t in threads if t.startswith("analyse")}) >= 2
-    # Frames in parallel, each frame's OpenCV work on one thread (no contention for the same cores);
-    # OpenCV's own setting is back afterwards.
-    assert opencv_threads == {1} and cv2.getNumThreads() == before
+    # Frames in parallel, each frame's OpenCV work on one thread (no contention for the same cores) and
+    # Python's lock handed over every 1 ms; both settings are back afterwards.
+    assert opencv_threads == {1} and switch_intervals == {0.001}
+    assert (cv2.getNumThreads(), sys.getswitchinterval()) == before

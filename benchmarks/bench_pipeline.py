@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edge.classifier import Classifier  # noqa: E402
+from edge.config import interpreter_threads  # noqa: E402
 from edge.pipeline import Pipeline  # noqa: E402
 from edge.preprocessing import read_rgb  # noqa: E402
 from edge.segmentation import SegmentationSettings, find_cells  # noqa: E402
@@ -100,15 +101,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=ROOT / "models" / "default")
     parser.add_argument("--bccd", type=Path, default=ROOT.parent / "shared" / "data" / "bccd")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="interpreter threads per frame (default: the agent's, the cores each worker has)")
     parser.add_argument("--um-per-px", type=float, default=0.083, help="the frames' scale (BCCD: 0.083, measured by edge calibrate)")
     args = parser.parse_args()
 
     sources = [read_rgb(p) for p in sorted((args.bccd / "JPEGImages").glob("*.jpg"))[:60]]
-    classifier = Classifier(args.bundle, num_threads=args.threads)
+    one_frame_threads = interpreter_threads(args.threads, workers=1)  # frames one at a time below
+    classifier = Classifier(args.bundle, num_threads=one_frame_threads)
     settings = SegmentationSettings(um_per_px=args.um_per_px)
     pipeline = Pipeline(classifier, settings)
-    report: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads},
+    report: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads or "default"},
                     "segmentation_ms": {}, "pipeline": {}}
     for name, (width, height) in SIZES.items():
         frames = [tiled(sources[i:] + sources[:i], width, height) for i in range(0, 12, 3)]
@@ -124,7 +127,7 @@ def main() -> None:
 
     crops = np.random.default_rng(0).integers(0, 256, (10, classifier.size, classifier.size, 3), dtype=np.uint8)
     batched = timed(lambda: classifier.scores(crops), 20)
-    one = Classifier(args.bundle, num_threads=args.threads, max_batch=1)
+    one = Classifier(args.bundle, num_threads=one_frame_threads, max_batch=1)
     single = timed(lambda: one.scores(crops), 20)
     report["classification_10_cells_ms"] = {"batched": round(batched, 2), "one_by_one": round(single, 2),
                                             "speedup": round(single / batched, 2)}
@@ -134,7 +137,8 @@ def main() -> None:
             cv2.imwrite(f"{folder}/f{i:03d}.png", cv2.cvtColor(tiled(sources[i:] + sources[:i], 1920, 1080), cv2.COLOR_RGB2BGR))
         started = time.perf_counter()
         replay = subprocess.Popen([sys.executable, "-m", "edge.cli", "replay", "--bundle", str(args.bundle), "--source", folder,
-                                   "--json", "--num-threads", str(args.threads), "--um-per-px", str(args.um_per_px)], cwd=ROOT,
+                                   "--json", "--um-per-px", str(args.um_per_px)]
+                                  + (["--num-threads", str(args.threads)] if args.threads else []), cwd=ROOT,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         peak_kb = 0
         while replay.poll() is None:  # VmHWM of the replay itself (a fork's inherited pages would inflate rusage)

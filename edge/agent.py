@@ -188,7 +188,7 @@ class Agent:
 
     def _classifier(self, bundle: Path) -> Classifier:
         c = self.config.classifier
-        return Classifier(bundle, num_threads=c.num_threads, edgetpu=c.edgetpu, cpu_fallback=c.cpu_fallback, max_batch=c.max_batch)
+        return Classifier(bundle, num_threads=self.config.interpreter_threads, edgetpu=c.edgetpu, cpu_fallback=c.cpu_fallback, max_batch=c.max_batch)
 
 
     # -- threads ----------------------------------------------------------------------------

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--sample-id", default=None, help="sample id to put in results (default: the source folder name)")
     replay.add_argument("--um-per-px", type=float, default=None, metavar="F",
                         help=f"the frames' scale in µm per pixel (default: the folder's {SCALE_FILE}; measure it with `edge calibrate`)")
-    replay.add_argument("--num-threads", type=_at_least_one, default=2, help="interpreter threads (default 2)")
+    replay.add_argument("--num-threads", type=_at_least_one, default=None,
+                        help="interpreter threads per frame (default: the cores each of --workers has)")
     replay.add_argument("--workers", type=_at_least_one, default=2, help="frames analysed at once, results in frame order (default 2)")
 
     calibrate = commands.add_parser(
@@ -158,6 +159,7 @@ def _at_least_one(text: str) -> int:
 def _replay(args: argparse.Namespace) -> int:
     from edge.calibration import frames_scale
     from edge.classifier import Classifier
+    from edge.config import interpreter_threads
     from edge.pipeline import Pipeline
     from edge.results import SampleTally
     from edge.segmentation import SegmentationSettings
@@ -165,7 +167,7 @@ def _replay(args: argparse.Namespace) -> int:
     from edge.step import FrameStep, count_from_one, in_order
 
     settings = SegmentationSettings(um_per_px=frames_scale(args.source, args.um_per_px))
-    classifier = Classifier(args.bundle, num_threads=args.num_threads)
+    classifier = Classifier(args.bundle, num_threads=interpreter_threads(args.num_threads, args.workers))
     pipeline = Pipeline(classifier, settings)
     sample_id = args.sample_id or (args.source.name if args.source.is_dir() else args.source.stem)
     tally = SampleTally(sample_id)

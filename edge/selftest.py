@@ -57,7 +57,7 @@ def _check_bundle(config: AgentConfig) -> list[str]:
         if bundle.resolve() != config.classifier.bundle.resolve():
             note = f", the updater's active bundle; classifier.bundle {config.classifier.bundle} is the factory one"
     try:
-        classifier = Classifier(bundle, num_threads=config.classifier.num_threads,
+        classifier = Classifier(bundle, num_threads=config.interpreter_threads,
                                 edgetpu=config.classifier.edgetpu, cpu_fallback=config.classifier.cpu_fallback)
     except UserError as error:
         if note:

@@ -30,6 +30,16 @@ def test_defaults_live_in_code():
     assert config.classifier.bundle == ROOT / "models" / "default"
 
 
+def test_interpreter_threads_default_to_each_workers_share_of_the_cores(monkeypatch):
+    """Frames are analysed ``pipeline.workers`` at a time: unset, the model takes the cores each has."""
+    for cores, workers, threads in [(4, 2, 2), (2, 2, 1), (4, 1, 4), (4, 3, 1), (1, 2, 1)]:
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        config = parse_config({"source": {"type": "folder", "path": "/f"}, "pipeline": {"workers": workers}})
+        assert config.interpreter_threads == threads
+    set_by_hand = parse_config({"source": {"type": "folder", "path": "/f"}, "classifier": {"num_threads": 3}})
+    assert set_by_hand.interpreter_threads == 3
+
+
 @pytest.mark.parametrize("data, message", [
     ({}, "source: required"),
     ({"source": {"type": "webcam"}}, "unknown source type 'webcam'"),

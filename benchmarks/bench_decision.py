@@ -73,7 +73,7 @@ def main() -> None:
             return np.stack([model.predict(v.astype(np.float32), batch_size=128, verbose=0).reshape(-1) for v in _dihedral(crops)])
 
         v, t, b = views(images[val]), views(images[test]), views(bccd)
-        weights = balanced_weights([samples[i] for i in val])
+        weights = balanced_weights([samples[i] for i in val], config.patient_power)  # as the run chose its threshold
         cnmc = [k for k, i in enumerate(test) if samples[i].cell_type in LABELS]
         fpr, tpr, cuts = roc_curve(labels[val], v[0], sample_weight=weights)
         thresholds = {"youden": M.choose_threshold(labels[val], v[0], weights)[0]}

@@ -58,3 +58,31 @@ def test_assert_disjoint_catches_overlap():
 def test_too_few_patients_is_a_clear_error():
     with pytest.raises(DataError, match="at least 2 patients"):
         patient_split(make_samples([10], [3, 4]))
+
+
+def test_loss_shares_keep_each_side_and_source_and_temper_large_donors():
+    """``balanced_weights``: ALL and normal carry half each, sources and cell types share alike, and
+    ``patient_power`` moves weight from a donor of many cells to donors of few without changing that."""
+    import numpy as np
+
+    from trainer.fit import balanced_weights
+
+    samples = make_samples([5, 5], [40, 2, 2]) + [
+        Sample(Path(f"LY_{i}.jpg"), 0, f"pbc:{i}", "pbc", "lymphocyte") for i in range(6)] + [
+        Sample(Path(f"MO_{i}.jpg"), 0, f"pbc:{i + 6}", "pbc", "monocyte") for i in range(2)]
+    hem = {p: [i for i, s in enumerate(samples) if s.patient == p] for p in ("H0", "H1", "H2")}
+    shares = {}
+    for power in (1.0, 0.5, 0.0):
+        w = balanced_weights(samples, power)
+        w = w / w.sum()
+        side = {label: w[[i for i, s in enumerate(samples) if s.label == label]].sum() for label in (0, 1)}
+        assert side[0] == pytest.approx(0.5) and side[1] == pytest.approx(0.5)
+        by_source = {src: w[[i for i, s in enumerate(samples) if s.label == 0 and s.source == src]].sum() for src in ("cnmc", "pbc")}
+        assert by_source["cnmc"] == pytest.approx(0.25) and by_source["pbc"] == pytest.approx(0.25)
+        assert w[[i for i, s in enumerate(samples) if s.cell_type == "monocyte"]].sum() == pytest.approx(0.125)
+        shares[power] = {p: float(w[ks].sum()) / 0.25 for p, ks in hem.items()}
+        # Within a patient every cell weighs the same.
+        assert np.allclose(w[hem["H0"]], w[hem["H0"][0]])
+    assert shares[1.0]["H0"] == pytest.approx(40 / 44)  # by cell
+    assert shares[0.0]["H0"] == pytest.approx(1 / 3)  # by patient
+    assert shares[1.0]["H0"] > shares[0.5]["H0"] > shares[0.0]["H0"]

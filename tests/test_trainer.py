@@ -93,6 +93,7 @@ def test_a_collapsed_model_fails_the_run_loudly(tmp_path, tiny_data, capsys):
     (["fit", "--data", "/nonexistent", "--out", "x"], "data folder /nonexistent does not exist"),
     (["fit", "--data", ".", "--out", "x", "--epochs", "0"], "--epochs must be at least 1"),
     (["cv", "--data", ".", "--out", "x", "--max-type-false-blast", "0"], "--max-type-false-blast must be above 0"),
+    (["fit", "--data", ".", "--out", "x", "--patient-power", "2"], "--patient-power must be between 0"),
     (["evaluate", "/nonexistent", "--data", "."], "is not a complete training run"),
 ])
 def test_bad_input_gives_one_line(args, message, capsys, tmp_path, monkeypatch):

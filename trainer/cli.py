@@ -47,6 +47,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                         help="raise the decision threshold until no normal cell type of another source (PBC's lymphocytes, "
                              "monocytes, ...) is called ALL on more than this share of its validation cells "
                              "(default 0.05; 1 turns it off)")
+    parser.add_argument("--patient-power", type=float, default=1.0, metavar="P",
+                        help="share a cell type's loss between its patients as (cells ** P): 1 weighs every cell alike "
+                             "(default); 0.5 keeps a donor of many cells from defining the class; 0, one share per patient")
     parser.add_argument("--allow-collapse", action="store_true",
                         help="write the run even if the model gives one answer for everything (otherwise an error)")
 
@@ -65,17 +68,20 @@ def _config(args: argparse.Namespace):
         raise UserError("--compose-share must be between 0 and 1")
     if not 0 < args.max_type_false_blast <= 1:
         raise UserError("--max-type-false-blast must be above 0 and at most 1 (1 turns the cap off)")
+    if not 0 <= args.patient_power <= 1:
+        raise UserError("--patient-power must be between 0 (one share per patient) and 1 (one per cell)")
     return FitConfig(model=args.model, epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
                      seed=args.seed, val_fraction=args.val_fraction, test_fraction=getattr(args, "test_fraction", 0.0),
                      patience=args.patience, steps_per_epoch=args.steps_per_epoch, allow_collapse=args.allow_collapse,
                      time_budget_min=args.time_budget, bccd=args.bccd, leave_out_type=args.leave_out_type,
-                     compose_share=args.compose_share,
+                     compose_share=args.compose_share, patient_power=args.patient_power,
                      max_type_false_blast=None if args.max_type_false_blast >= 1 else args.max_type_false_blast)
 
 
 #: ``fit`` options that RUN fixes or that mean nothing for a fine-tune, refused when given with --finetune.
 _NOT_WITH_FINETUNE = {"image_size": None, "model": "edge", "bccd": None, "leave_out_type": None, "test_fraction": 0.0,
-                      "compose_share": 0.5, "val_fraction": 0.2, "patience": 10, "max_type_false_blast": 0.05}
+                      "compose_share": 0.5, "val_fraction": 0.2, "patience": 10, "max_type_false_blast": 0.05,
+                      "patient_power": 1.0}
 
 
 def _finetune(args: argparse.Namespace) -> dict:

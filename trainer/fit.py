@@ -58,6 +58,8 @@ class FitConfig:
     #: Raise the threshold until no normal cell type (of a source other than C-NMC) is called ALL on more
     #: than this share of its validation cells (``trainer.metrics.cap_per_type``); None: Youden alone.
     max_type_false_blast: float | None = 0.05
+    #: How a cell type's loss is shared between its patients (``balanced_weights``): 1, by cell.
+    patient_power: float = 1.0
 
     def resolved_size(self) -> int:
         return self.image_size or default_input_size(self.model)
@@ -71,15 +73,25 @@ class FitConfig:
 #: Share of the training loss for each side: ALL blasts half, normal cells half, the normal half
 #: split evenly between sources and within a source between cell types. Without it PBC's 5,233 easy
 #: negatives drown C-NMC's own normal donors, and "which lab" becomes the answer.
-def balanced_weights(samples: Sequence[Sample]) -> np.ndarray:
+#: Within a cell type, patient ``p`` with ``n_p`` cells gets a share ``n_p ** patient_power`` of it: 1 (the
+#: default) weighs every cell alike; 0.5 lets a donor of 400 cells count as 20 of one cell each, so
+#: C-NMC's two large normal donors (H10, H14: 785 of its 834 normal cells) do not define "normal".
+def balanced_weights(samples: Sequence[Sample], patient_power: float = 1.0) -> np.ndarray:
     groups: dict[tuple[int, str, str], int] = {}
+    patients: dict[tuple[int, str, str, str], int] = {}
     for s in samples:
         groups[(s.label, s.source, s.cell_type)] = groups.get((s.label, s.source, s.cell_type), 0) + 1
+        patients[(s.label, s.source, s.cell_type, s.patient)] = patients.get((s.label, s.source, s.cell_type, s.patient), 0) + 1
     sources = {label: sorted({k[1] for k in groups if k[0] == label}) for label in (0, 1)}
+    patient_mass: dict[tuple[int, str, str], float] = {}
+    for (label, source, cell_type, _), n in patients.items():
+        patient_mass[(label, source, cell_type)] = patient_mass.get((label, source, cell_type), 0.0) + n ** patient_power
     weights = np.empty(len(samples), np.float32)
     for i, s in enumerate(samples):
+        group = (s.label, s.source, s.cell_type)
         types = len({k[2] for k in groups if k[0] == s.label and k[1] == s.source})
-        weights[i] = 0.5 / len(sources[s.label]) / types / groups[(s.label, s.source, s.cell_type)]
+        n = patients[group + (s.patient,)]
+        weights[i] = 0.5 / len(sources[s.label]) / types * (n ** patient_power / patient_mass[group]) / n
     return weights * len(samples) / weights.sum()
 
 
@@ -187,9 +199,9 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     started = time.monotonic()
     history = model.fit(
         pipeline.dataset(images[train], labels[train], batch_size=config.batch_size, training=True, seed=config.seed,
-                         weights=balanced_weights([samples[i] for i in train])),
+                         weights=balanced_weights([samples[i] for i in train], config.patient_power)),
         validation_data=pipeline.dataset(images[val], labels[val], batch_size=64, training=False, seed=config.seed,
-                                         weights=balanced_weights([samples[i] for i in val])),
+                                         weights=balanced_weights([samples[i] for i in val], config.patient_power)),
         epochs=config.epochs, steps_per_epoch=steps,
         # A bar per epoch on a terminal; one plain line per epoch in a file or the journal. The
         # dataset shuffles itself (shuffle=True would only earn a warning that Keras ignores it).
@@ -203,7 +215,7 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     saved = keras.models.load_model(out / "model.keras")
     val_scores = pipeline.predict(saved, images[val])
     val_samples = [samples[i] for i in val]
-    threshold, threshold_rule = M.choose_threshold(labels[val], val_scores, balanced_weights(val_samples))
+    threshold, threshold_rule = M.choose_threshold(labels[val], val_scores, balanced_weights(val_samples, config.patient_power))
     threshold, threshold_rule = M.cap_per_type(threshold, threshold_rule,
                                                {name: val_scores[ks] for name, ks in other_normal_types(val_samples).items()},
                                                config.max_type_false_blast)

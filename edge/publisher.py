@@ -135,6 +135,7 @@ class Publisher:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     # -- paho callbacks (network thread) --------------------------------------------------
@@ -152,11 +153,19 @@ class Publisher:
         log.info("connected to %s:%d", self.config.host, self.config.port)
         self.last_error = self._socket_errors.last = None
         self._connect_failures = 0
-        client.publish(self.topics.status, b"online", qos=1, retain=True)
+        # "online" only once the broker has the command subscription (``_on_subscribe``): a command sent
+        # the moment a device shows online (`quantize publish` right after a start) must not be lost.
         client.subscribe(self.topics.commands, qos=1)
         with self._wake:
             self.connected.set()
             self._wake.notify_all()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if any(code.is_failure for code in reason_codes):
+            log.warning("broker %s:%d refused the subscription to %s (%s): commands will not reach this device; "
+                        "check the broker's ACL for this user", self.config.host, self.config.port, self.topics.commands,
+                        ", ".join(str(code) for code in reason_codes))
+        client.publish(self.topics.status, b"online", qos=1, retain=True)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()

@@ -34,7 +34,7 @@ class TopicSpec:
 
 #: Everything a device publishes or listens to, in the README's order.
 SURFACE: tuple[TopicSpec, ...] = (
-    TopicSpec("status", 1, True, "status", "`online`, or `offline` (on a clean stop, or the broker's last will)"),
+    TopicSpec("status", 1, True, "status", "`online` (once the broker has its command subscription: a command sent on it is heard), or `offline` (on a clean stop, or the broker's last will)"),
     TopicSpec("results", 1, False, "frame-result", "one per analysed frame"),
     TopicSpec("samples/<sample_id>", 1, True, "sample-summary", "running per-sample tally, `final: true` when closed"),
     TopicSpec("stats", 0, False, "stats", "health: fps, stage latencies, queue depth, outbox backlog, dropped counts"),

@@ -352,6 +352,56 @@ def test_a_dead_sending_thread_stops_the_agent_for_a_restart(broker, tmp_path):
         timer.cancel()
 
 
+def test_a_command_sent_the_moment_a_device_shows_online_is_not_lost(broker, tmp_path):
+    """`quantize publish` sends as soon as it sees a device "online", so the device says so only once the
+    broker has acknowledged its command subscription (before, "online" went first, and a command sent at
+    once could reach the broker before the subscription and be dropped: seen under load)."""
+    box = Outbox(tmp_path / "outbox.db")
+    commands: list[str] = []
+    publisher = Publisher(MQTTConfig(host="127.0.0.1", port=broker.port), box, "quick",
+                          on_command=lambda topic, payload: commands.append(topic))
+    events: list[str] = []
+    client = publisher.client
+    subscribe, publish, acknowledged = client.subscribe, client.publish, client.on_subscribe
+
+    def logged_subscribe(*args, **kwargs):
+        events.append("subscribe")
+        return subscribe(*args, **kwargs)
+
+    def logged_publish(topic, payload=None, *args, **kwargs):
+        if topic == publisher.topics.status:
+            events.append(f"status {payload.decode()}")
+        return publish(topic, payload, *args, **kwargs)
+
+    def logged_suback(*args) -> None:
+        events.append("suback")
+        acknowledged(*args)
+
+    client.subscribe, client.publish, client.on_subscribe = logged_subscribe, logged_publish, logged_suback
+    watching = threading.Event()
+
+    def on_message(client, userdata, message) -> None:
+        if message.payload == b"online":
+            client.publish(publisher.topics.command("ping"), b"{}", qos=1)
+
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="watcher")
+    watcher.on_connect = lambda c, u, f, rc, p: c.subscribe(publisher.topics.status, qos=1)
+    watcher.on_subscribe = lambda c, u, mid, rc, p: watching.set()
+    watcher.on_message = on_message
+    watcher.connect("127.0.0.1", broker.port)
+    watcher.loop_start()
+    try:
+        assert watching.wait(10)
+        publisher.start()
+        assert wait_for(lambda: commands == [publisher.topics.command("ping")], 5), commands
+        assert events[:3] == ["subscribe", "suback", "status online"], events
+    finally:
+        publisher.stop()
+        watcher.disconnect()
+        watcher.loop_stop()
+        box.close()
+
+
 def test_last_will_marks_the_device_offline(broker, frames, tmp_path):
     sub = Subscriber(broker.port, topic="leukoscope/+/status")
     agent = start_agent(write_config(tmp_path / "a.toml", port=broker.port, frames=frames, outbox=tmp_path / "o.db",

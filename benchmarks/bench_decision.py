@@ -50,7 +50,7 @@ def main() -> None:
     from trainer import crosslab
     from trainer import metrics as M
     from trainer.dataset import LABELS
-    from trainer.fit import FitConfig, _load, balanced_weights, other_normal_types
+    from trainer.fit import FitConfig, _load, balanced_weights, decision_threshold
 
     recorded = json.loads((args.cv / "fold_0" / "config.json").read_text())
     config = FitConfig(**{k: recorded[k] for k in FitConfig.__dataclass_fields__ if k in recorded})
@@ -73,7 +73,8 @@ def main() -> None:
             return np.stack([model.predict(v.astype(np.float32), batch_size=128, verbose=0).reshape(-1) for v in _dihedral(crops)])
 
         v, t, b = views(images[val]), views(images[test]), views(bccd)
-        weights = balanced_weights([samples[i] for i in val], config.patient_power)  # as the run chose its threshold
+        val_samples = [samples[i] for i in val]
+        weights = balanced_weights(val_samples, config.patient_power)  # as the run chose its threshold
         cnmc = [k for k, i in enumerate(test) if samples[i].cell_type in LABELS]
         fpr, tpr, cuts = roc_curve(labels[val], v[0], sample_weight=weights)
         thresholds = {"youden": M.choose_threshold(labels[val], v[0], weights)[0]}
@@ -81,9 +82,8 @@ def main() -> None:
             thresholds[f"sensitivity_{share:.2f}"] = float(np.quantile(v[0][labels[val] == 1], 1 - share))
         for weight in (1.5, 2.0):
             thresholds[f"youden_sensitivity_x{weight:g}"] = float(cuts[int(np.argmax(weight * tpr - fpr))])
-        types = other_normal_types([samples[i] for i in val])
         for cap in (0.05, 0.03):  # what `trainer fit` does (0.05, its default)
-            thresholds[f"youden_type_cap_{cap:g}"] = M.cap_per_type(thresholds["youden"], "", {n: v[0][ks] for n, ks in types.items()}, cap)[0]
+            thresholds[f"youden_type_cap_{cap:g}"] = decision_threshold(labels[val], v[0], val_samples, weights, cap)[0]
         scored = {name: (v[0], t[0], b[0], threshold) for name, threshold in thresholds.items()}
         mean = [1 / (1 + np.exp(-logit(x).mean(axis=0))) for x in (v, t, b)]
         scored["tta8"] = (*mean, M.choose_threshold(labels[val], mean[0], weights)[0])

@@ -94,9 +94,10 @@ def main() -> None:
     model = keras.models.load_model(args.run / "model.keras")
     pooled = keras.Model(model.inputs, model.get_layer("pool").output)
 
-    def probe(chosen: list[int], positive: list[bool]) -> dict:
+    def probe(positive: list[int], negative: list[int]) -> dict:
+        chosen = positive + negative
         crops = images[chosen]
-        labels = np.array(positive, int)
+        labels = np.array([1] * len(positive) + [0] * len(negative))
         groups = [samples[i].patient for i in chosen]
         learnt = pooled.predict(crops.astype(np.float32), batch_size=128, verbose=0)
         shown = input_features(crops)
@@ -114,13 +115,10 @@ def main() -> None:
     pbc_lymphocytes = [i for i, s in enumerate(samples) if s.cell_type == "lymphocyte"]
     report = {
         "run": str(args.run), "compose_share": args.compose_share,
-        "source_probe_cnmc_normal_vs_pbc_lymphocyte": probe(cnmc_normal + pbc_lymphocytes,
-                                                             [True] * len(cnmc_normal) + [False] * len(pbc_lymphocytes)),
-        "task_probe_cnmc_blast_vs_cnmc_normal": probe(cnmc_blast + cnmc_normal, [True] * len(cnmc_blast) + [False] * len(cnmc_normal)),
-        "seconds": None,
+        "source_probe_cnmc_normal_vs_pbc_lymphocyte": probe(cnmc_normal, pbc_lymphocytes),
+        "task_probe_cnmc_blast_vs_cnmc_normal": probe(cnmc_blast, cnmc_normal),
     }
-    report["seconds"] = round(time.monotonic() - started, 1)
-    print(json.dumps(report, indent=2))
+    print(json.dumps({**report, "seconds": round(time.monotonic() - started, 1)}, indent=2))
 
 
 if __name__ == "__main__":

@@ -112,8 +112,9 @@ Outcome = TypeVar("Outcome")
 def in_order(analyse: Callable[[Frame], Outcome], frames: Iterable[Frame | None], workers: int) -> Iterator[Outcome]:
     """``analyse`` over ``frames``, up to ``workers`` frames at once, the outcomes yielded in the frames'
     order. Segmentation, most of a frame's cost, runs in OpenCV outside Python's lock, so frames on two
-    cores go 1.15-1.3x faster than one at a time (``benchmarks/bench_pipeline.py``). ``frames`` may yield None for "nothing new
-    yet" (a live queue): finished outcomes are handed on meanwhile instead of waiting for the next frame."""
+    cores go 1.15-1.3x faster than one at a time (``benchmarks/bench_pipeline.py``). ``frames`` may yield
+    None for "nothing new yet" (a live queue): finished outcomes are handed on meanwhile instead of
+    waiting for the next frame."""
     if workers <= 1:
         yield from (analyse(frame) for frame in frames if frame is not None)
         return

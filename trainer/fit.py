@@ -13,6 +13,7 @@ import logging
 import math
 import platform
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -78,21 +79,17 @@ class FitConfig:
 #: C-NMC's two large normal donors (H10, H14: 785 of its 834 normal cells) do not define "normal". Measured
 #: by grouped 5-fold CV, 0.5 lowered new-patient AUC in every fold (0.730 vs 0.802): not the default.
 def balanced_weights(samples: Sequence[Sample], patient_power: float = 1.0) -> np.ndarray:
-    groups: dict[tuple[int, str, str], int] = {}
-    patients: dict[tuple[int, str, str, str], int] = {}
-    for s in samples:
-        groups[(s.label, s.source, s.cell_type)] = groups.get((s.label, s.source, s.cell_type), 0) + 1
-        patients[(s.label, s.source, s.cell_type, s.patient)] = patients.get((s.label, s.source, s.cell_type, s.patient), 0) + 1
-    sources = {label: sorted({k[1] for k in groups if k[0] == label}) for label in (0, 1)}
-    patient_mass: dict[tuple[int, str, str], float] = {}
+    patients = Counter((s.label, s.source, s.cell_type, s.patient) for s in samples)
+    mass: dict[tuple[int, str, str], float] = {}  # per cell type: the sum of its patients' n ** patient_power
     for (label, source, cell_type, _), n in patients.items():
-        patient_mass[(label, source, cell_type)] = patient_mass.get((label, source, cell_type), 0.0) + n ** patient_power
+        mass[(label, source, cell_type)] = mass.get((label, source, cell_type), 0.0) + n ** patient_power
+    sources = Counter(label for label, _ in {(label, source) for label, source, _ in mass})
+    types = Counter((label, source) for label, source, _ in mass)
     weights = np.empty(len(samples), np.float32)
     for i, s in enumerate(samples):
         group = (s.label, s.source, s.cell_type)
-        types = len({k[2] for k in groups if k[0] == s.label and k[1] == s.source})
         n = patients[group + (s.patient,)]
-        weights[i] = 0.5 / len(sources[s.label]) / types * (n ** patient_power / patient_mass[group]) / n
+        weights[i] = 0.5 / sources[s.label] / types[(s.label, s.source)] * (n ** patient_power / mass[group]) / n
     return weights * len(samples) / weights.sum()
 
 
@@ -116,6 +113,15 @@ def other_normal_types(samples: Sequence[Sample]) -> dict[str, list[int]]:
         if sample.label == 0 and sample.cell_type not in LABELS:
             types.setdefault(f"{sample.source}/{sample.cell_type}", []).append(k)
     return types
+
+
+def decision_threshold(labels: np.ndarray, scores: np.ndarray, samples: Sequence[Sample], weights: np.ndarray,
+                       max_type_false_blast: float | None) -> tuple[float, str]:
+    """(threshold, rule) chosen on validation cells: max Youden J under ``weights``, then raised by the
+    per-type cap (``metrics.cap_per_type``) over the normal types of other sources."""
+    threshold, rule = M.choose_threshold(labels, scores, weights)
+    return M.cap_per_type(threshold, rule, {name: scores[ks] for name, ks in other_normal_types(samples).items()},
+                          max_type_false_blast)
 
 
 def fingerprint(samples: Sequence[Sample]) -> str:
@@ -197,12 +203,14 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     ]
     if config.time_budget_min:
         callbacks.append(TimeBudget(config.time_budget_min * 60))
+    val_samples = [samples[i] for i in val]
+    val_weights = balanced_weights(val_samples, config.patient_power)  # validation loss and the threshold alike
     started = time.monotonic()
     history = model.fit(
         pipeline.dataset(images[train], labels[train], batch_size=config.batch_size, training=True, seed=config.seed,
                          weights=balanced_weights([samples[i] for i in train], config.patient_power)),
         validation_data=pipeline.dataset(images[val], labels[val], batch_size=64, training=False, seed=config.seed,
-                                         weights=balanced_weights([samples[i] for i in val], config.patient_power)),
+                                         weights=val_weights),
         epochs=config.epochs, steps_per_epoch=steps,
         # A bar per epoch on a terminal; one plain line per epoch in a file or the journal. The
         # dataset shuffles itself (shuffle=True would only earn a warning that Keras ignores it).
@@ -215,11 +223,7 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     # Measure what was saved, as it will be used: reloaded, inference mode.
     saved = keras.models.load_model(out / "model.keras")
     val_scores = pipeline.predict(saved, images[val])
-    val_samples = [samples[i] for i in val]
-    threshold, threshold_rule = M.choose_threshold(labels[val], val_scores, balanced_weights(val_samples, config.patient_power))
-    threshold, threshold_rule = M.cap_per_type(threshold, threshold_rule,
-                                               {name: val_scores[ks] for name, ks in other_normal_types(val_samples).items()},
-                                               config.max_type_false_blast)
+    threshold, threshold_rule = decision_threshold(labels[val], val_scores, val_samples, val_weights, config.max_type_false_blast)
     collapse = None
     try:
         M.check_not_collapsed(val_scores, threshold)

@@ -57,11 +57,6 @@ EDGE_STRIDES = (1, 2, 1, 2, 1, 2, 1)
 #: 0.965; two full blocks first: 0.959 agreement, validation AUC 0.821 vs 0.776; an all-full-conv
 #: net: 0.880. The first two stay full convolutions (+35M MACs at 128 px).
 EDGE_FULL_CONV_BLOCKS = 2
-#: Blocks built as full 3x3 convolutions instead of depthwise-separable ones. Measured: with
-#: separable blocks from the start, the int8 model drifted 15-20% (relative) from float after the
-#: first two blocks (few channels, per-channel depthwise scales) and disagreed on 3-6% of
-#: decisions; full convolutions there quantize far better for ~35M extra MACs at 128 px.
-EDGE_FULL_CONV_BLOCKS = 2
 
 
 def edge_model(input_size: int, width: float = 1.0, dropout: float = 0.3) -> keras.Model:

@@ -113,6 +113,27 @@ def test_a_non_empty_out_is_refused_before_any_work(command, tmp_path, tiny_data
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["metrics.json"]
 
 
+def test_cv_runs_chosen_folds_of_the_same_split(tmp_path, tiny_data, capsys):
+    from trainer.dataset import scan_sources
+    from trainer.split import grouped_folds
+
+    out = tmp_path / "cv"
+    assert main(["cv", "--data", str(tiny_data), "--out", str(out), "--folds", "2", "--only-fold", "1", "--epochs", "1",
+                 "--steps-per-epoch", "1", "--batch-size", "8", "--image-size", "32", "--val-fraction", "0.34",
+                 "--allow-collapse", "--compose-share", "0"]) == 0
+    assert "roc_auc" in capsys.readouterr().out
+    summary = json.loads((out / "cv.json").read_text())
+    assert summary["folds"] == 2 and summary["folds_run"] == [1] and len(summary["per_fold"]) == 1
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["fold_1"]
+    assert "Folds run: 1 of 2" in (out / "cv_report.md").read_text()
+    # Fold 1 is the full run's fold 1: the same patients left out.
+    samples, _ = scan_sources([str(tiny_data)])
+    expected = {samples[i].patient for i in grouped_folds(samples, folds=2, val_fraction=0.34, seed=0)[1].test}
+    assert set(json.loads((out / "fold_1" / "split.json").read_text())["test"]["patients"]) == expected
+    assert main(["cv", "--data", str(tiny_data), "--out", str(tmp_path / "x"), "--folds", "2", "--only-fold", "2"]) == 2
+    assert "--only-fold must be between 0 and 1" in capsys.readouterr().err
+
+
 def test_an_interrupted_run_leaves_nothing_that_looks_like_a_run(tmp_path, tiny_data, capsys, monkeypatch):
     from trainer import plots
 

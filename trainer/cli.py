@@ -50,6 +50,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patient-power", type=float, default=1.0, metavar="P",
                         help="share a cell type's loss between its patients as (cells ** P): 1 weighs every cell alike "
                              "(default); 0, one share per patient. 0.5 lowered new-patient AUC in every CV fold (README)")
+    parser.add_argument("--source-adversary", type=float, default=0.0, metavar="W",
+                        help="domain-adversarial training: a head guesses the source of cells of one kind held by several "
+                             "sources (C-NMC's normal B-cells, PBC's lymphocytes) and the model is trained, with strength W, "
+                             "to make it fail, so its features stop naming the lab (edge model; default 0: off)")
     parser.add_argument("--allow-collapse", action="store_true",
                         help="write the run even if the model gives one answer for everything (otherwise an error)")
 
@@ -70,18 +74,23 @@ def _config(args: argparse.Namespace):
         raise UserError("--max-type-false-blast must be above 0 and at most 1 (1 turns the cap off)")
     if not 0 <= args.patient_power <= 1:
         raise UserError("--patient-power must be between 0 (one share per patient) and 1 (one per cell)")
+    if not 0 <= args.source_adversary <= 10:
+        raise UserError("--source-adversary must be between 0 (off) and 10; 0.1-1 is the useful range")
+    if args.source_adversary and args.model != "edge":
+        raise UserError("--source-adversary works with the edge model only (it reads its pooled features); leave it out for --model seed")
     return FitConfig(model=args.model, epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
                      seed=args.seed, val_fraction=args.val_fraction, test_fraction=getattr(args, "test_fraction", 0.0),
                      patience=args.patience, steps_per_epoch=args.steps_per_epoch, allow_collapse=args.allow_collapse,
                      time_budget_min=args.time_budget, bccd=args.bccd, leave_out_type=args.leave_out_type,
                      compose_share=args.compose_share, patient_power=args.patient_power,
+                     source_adversary=args.source_adversary,
                      max_type_false_blast=None if args.max_type_false_blast >= 1 else args.max_type_false_blast)
 
 
 #: ``fit`` options that RUN fixes or that mean nothing for a fine-tune, refused when given with --finetune.
 _NOT_WITH_FINETUNE = {"image_size": None, "model": "edge", "bccd": None, "leave_out_type": None, "test_fraction": 0.0,
                       "compose_share": 0.5, "val_fraction": 0.2, "patience": 10, "max_type_false_blast": 0.05,
-                      "patient_power": 1.0}
+                      "patient_power": 1.0, "source_adversary": 0.0}
 
 
 def _finetune(args: argparse.Namespace) -> dict:
@@ -138,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                              epilog="Example: trainer cv --data ../shared/data/cnmc-dev --folds 5 --out runs/edge-cv")
     _add_training_options(cv)
     cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    cv.add_argument("--only-fold", type=int, action="append", default=None, metavar="K",
+                    help="run fold K only (0-based; repeat for several) of the same split a full run draws: spread a "
+                         "cross-validation over machines, or compare a recipe on chosen folds; cv.json says which ran")
 
     evaluate = commands.add_parser("evaluate", help="metrics of a run's model on a data folder",
                                    description="Score a run's saved model, at its stored threshold, on any data folder of the "
@@ -178,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{result['bccd']['false_blast_rate']:.1%} called ALL")
             print(f"run written to {args.out} (report: {args.out / 'report.md'})")
         elif args.command == "cv":
-            summary = F.cross_validate(args.data, args.out, _config(args), args.folds, overwrite=args.overwrite)
+            if args.folds < 2:
+                raise UserError("--folds must be at least 2")
+            if args.only_fold and not all(0 <= k < args.folds for k in args.only_fold):
+                raise UserError(f"--only-fold must be between 0 and {args.folds - 1} (folds count from 0)")
+            summary = F.cross_validate(args.data, args.out, _config(args), args.folds, overwrite=args.overwrite,
+                                       only=sorted(set(args.only_fold)) if args.only_fold else None)
             for key, v in summary["summary"].items():
                 print(f"{key:>16}: {v['mean']:.3f} +- {v['std']:.3f} (min {v['min']:.3f}, max {v['max']:.3f})")
             print(f"cross-validation written to {args.out / 'cv.json'}")

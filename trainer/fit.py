@@ -61,6 +61,9 @@ class FitConfig:
     max_type_false_blast: float | None = 0.05
     #: How a cell type's loss is shared between its patients (``balanced_weights``): 1, by cell.
     patient_power: float = 1.0
+    #: Domain-adversarial training (``source_targets``): the strength of the reversed gradient from a head
+    #: that guesses the source of cells of one kind found in several sources; 0: off.
+    source_adversary: float = 0.0
 
     def resolved_size(self) -> int:
         return self.image_size or default_input_size(self.model)
@@ -91,6 +94,32 @@ def balanced_weights(samples: Sequence[Sample], patient_power: float = 1.0) -> n
         n = patients[group + (s.patient,)]
         weights[i] = 0.5 / sources[s.label] / types[(s.label, s.source)] * (n ** patient_power / mass[group]) / n
     return weights * len(samples) / weights.sum()
+
+
+#: C-NMC's class folders named as other sources' cell-type folders: a normal C-NMC cell is a B lymphocyte,
+#: a C-NMC blast a blast, so the source adversary compares like with like.
+SAME_KIND = {"hem": "lymphocyte", "all": "blast"}
+
+
+def source_targets(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(source index, weight, source names) for the source adversary. Only cells of a kind that
+    several sources hold take part (C-NMC's normal B-cells and PBC's lymphocytes): told apart, they
+    name the lab, while a neutrophil told from a B-cell is morphology the model must keep. Each
+    (kind, source) group weighs alike, so the head cannot win by guessing the larger source."""
+    kinds = [SAME_KIND.get(s.cell_type, s.cell_type) for s in samples]
+    holders: dict[str, set[str]] = {}
+    for sample, kind in zip(samples, kinds):
+        holders.setdefault(kind, set()).add(sample.source)
+    shared = {kind for kind, sources in holders.items() if len(sources) >= 2}
+    if not shared:
+        raise UserError("--source-adversary needs one kind of cell from two sources (e.g. C-NMC's normal B-cells and "
+                        "PBC's lymphocytes); add such a source or leave the option out")
+    names = sorted({s.source for s, kind in zip(samples, kinds) if kind in shared})
+    groups = Counter((kind, s.source) for s, kind in zip(samples, kinds) if kind in shared)
+    index = np.array([names.index(s.source) if s.source in names else 0 for s in samples], np.int32)
+    weights = np.array([1.0 / groups[(kind, s.source)] / len(holders[kind]) / len(shared) if kind in shared else 0.0
+                        for s, kind in zip(samples, kinds)], np.float32)
+    return index, weights * np.count_nonzero(weights) / weights.sum(), names
 
 
 def by_group(samples: Sequence[Sample], scores: np.ndarray, threshold: float) -> dict:
@@ -177,7 +206,7 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     import keras
 
     from trainer import crosslab, pipeline
-    from trainer.models import build
+    from trainer.models import build, with_source_head
 
     TimeBudget = _time_budget_callback()
     out.mkdir(parents=True, exist_ok=True)
@@ -190,34 +219,51 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
 
     SplitRecord(split.as_record(samples)).write(out)
     steps = config.steps_per_epoch or math.ceil(len(train) / config.batch_size)
+    val_samples = [samples[i] for i in val]
+    val_weights = balanced_weights(val_samples, config.patient_power)  # validation loss and the threshold alike
+    train_weights = balanced_weights([samples[i] for i in train], config.patient_power)
+    train_targets, val_targets = labels[train], labels[val]
+    metrics = [keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")]
     with _strategy().scope():
-        model, optimizer = build(config.model, size)
-        model.compile(optimizer=optimizer, loss="binary_crossentropy",
-                      metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")])
+        classifier, optimizer = build(config.model, size)
+        model = classifier
+        if config.source_adversary > 0:
+            source, source_weights, source_names = source_targets(samples)
+            log.info("source adversary (strength %g) on %d cells of %s", config.source_adversary,
+                     np.count_nonzero(source_weights[train]), " / ".join(source_names))
+            model = with_source_head(classifier, len(source_names), config.source_adversary)
+            train_targets = {"p_all": labels[train], "source": source[train]}
+            val_targets = {"p_all": labels[val], "source": source[val]}
+            train_weights = {"p_all": train_weights, "source": source_weights[train]}
+            val_loss_weights = {"p_all": val_weights, "source": source_weights[val]}
+            model.compile(optimizer=optimizer, loss={"p_all": "binary_crossentropy", "source": "sparse_categorical_crossentropy"},
+                          metrics={"p_all": metrics})
+        else:
+            val_loss_weights = val_weights
+            model.compile(optimizer=optimizer, loss="binary_crossentropy", metrics=metrics)
+    monitor = "val_p_all_auc" if model is not classifier else "val_auc"
     best_path = out / "best.keras"
     callbacks = [
-        keras.callbacks.ModelCheckpoint(best_path, monitor="val_auc", mode="max", save_best_only=True),
-        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience, restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.5, patience=max(2, config.patience // 3)),
+        keras.callbacks.ModelCheckpoint(best_path, monitor=monitor, mode="max", save_best_only=True),
+        keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=config.patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="max", factor=0.5, patience=max(2, config.patience // 3)),
         keras.callbacks.CSVLogger(out / "history.csv"),
     ]
     if config.time_budget_min:
         callbacks.append(TimeBudget(config.time_budget_min * 60))
-    val_samples = [samples[i] for i in val]
-    val_weights = balanced_weights(val_samples, config.patient_power)  # validation loss and the threshold alike
     started = time.monotonic()
     history = model.fit(
-        pipeline.dataset(images[train], labels[train], batch_size=config.batch_size, training=True, seed=config.seed,
-                         weights=balanced_weights([samples[i] for i in train], config.patient_power)),
-        validation_data=pipeline.dataset(images[val], labels[val], batch_size=64, training=False, seed=config.seed,
-                                         weights=val_weights),
+        pipeline.dataset(images[train], train_targets, batch_size=config.batch_size, training=True, seed=config.seed,
+                         weights=train_weights),
+        validation_data=pipeline.dataset(images[val], val_targets, batch_size=64, training=False, seed=config.seed,
+                                         weights=val_loss_weights),
         epochs=config.epochs, steps_per_epoch=steps,
         # A bar per epoch on a terminal; one plain line per epoch in a file or the journal. The
         # dataset shuffles itself (shuffle=True would only earn a warning that Keras ignores it).
         callbacks=callbacks, verbose=1 if interactive() else 2, shuffle=False,
     )
     train_seconds = time.monotonic() - started
-    model.save(out / "model.keras")
+    classifier.save(out / "model.keras")  # the decision alone: a source head is training's business
     best_path.unlink(missing_ok=True)
 
     # Measure what was saved, as it will be used: reloaded, inference mode.
@@ -283,7 +329,8 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
         "data_fingerprint": fingerprint(samples), "data_summary": describe(samples),
         "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }, indent=2) + "\n")
-    plots.training_curves({k: list(map(float, v)) for k, v in history.history.items()}, out / "training_curves.png")
+    plots.training_curves({k.replace("p_all_", ""): list(map(float, v)) for k, v in history.history.items()},
+                          out / "training_curves.png")
     headline = "test" if "test" in result else "validation"
     plots.confusion(result[headline], out / "confusion_matrix.png", f"{headline} patients")
     plots.roc(curves, out / "roc.png")
@@ -402,25 +449,31 @@ def fit(data: Sequence[str | Path], out: Path, config: FitConfig, overwrite: boo
     return result
 
 
-def cross_validate(data: Sequence[str | Path], out: Path, config: FitConfig, folds: int, overwrite: bool = False) -> dict:
+def cross_validate(data: Sequence[str | Path], out: Path, config: FitConfig, folds: int, overwrite: bool = False,
+                   only: Sequence[int] | None = None) -> dict:
     """Grouped k-fold: each fold trains on some donors and is scored on donors it never saw.
-    ``out`` appears only once every fold and the summary are written."""
+    ``only``: the folds (0-based) to run, of the same split. ``out`` appears only once every fold
+    run and the summary are written."""
     with staged_folder(out, overwrite) as staging:
         images, samples, sources, _, composer = _load(data, config)
         fold_metrics, bccd_rates = [], []
         for number, split in enumerate(grouped_folds(samples, folds=folds, val_fraction=config.val_fraction, seed=config.seed)):
+            if only is not None and number not in only:
+                continue
             log.info("fold %d/%d: %d train, %d validation, %d test images", number + 1, folds,
                      len(split.train), len(split.validation), len(split.test))
             result = train_on_split(images, samples, split, staging / f"fold_{number}", config, sources, composer)
             fold_metrics.append(result.get("test_cnmc", result["test"]))
             if "bccd" in result:
                 bccd_rates.append(result["bccd"]["false_blast_rate"])
-        summary = {"folds": folds, "model": config.model, "per_fold": fold_metrics, "summary": M.summarize_folds(fold_metrics),
+        summary = {"folds": folds, "folds_run": list(only) if only is not None else list(range(folds)), "model": config.model,
+                   "per_fold": fold_metrics, "summary": M.summarize_folds(fold_metrics),
                    "bccd_false_blast_rate_per_fold": bccd_rates}
         (staging / "cv.json").write_text(json.dumps(summary, indent=2) + "\n")
         rows = [f"| {key} | {v['mean']:.3f} | {v['std']:.3f} | {v['min']:.3f} | {v['max']:.3f} |" for key, v in summary["summary"].items()]
         (staging / "cv_report.md").write_text("\n".join([
             f"# Grouped {folds}-fold cross-validation, `{config.model}` model", "", f"> {DISCLAIMER}", "",
+            *([f"Folds run: {', '.join(map(str, only))} of {folds} (the others were not trained).", ""] if only is not None else []),
             "Each fold is scored on patients its model never saw (whole donors left out); the metrics are those of "
             "the C-NMC cells (ALL blasts vs normal B-cells) among them.", "",
             "| metric | mean | std | min | max |", "| --- | --- | --- | --- | --- |", *rows, "",

@@ -7,7 +7,7 @@ model, so an int8 export with uint8 input consumes the device's bytes unchanged.
 from __future__ import annotations
 
 import keras
-from keras import layers
+from keras import layers, ops
 
 from trainer import SEED_INPUT_SIZE
 
@@ -77,6 +77,33 @@ def edge_model(input_size: int, width: float = 1.0, dropout: float = 0.3) -> ker
     x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(1, activation="sigmoid", name="p_all")(x)
     return keras.Model(inputs, outputs, name="edge_cnn")
+
+
+@keras.saving.register_keras_serializable(package="leukoscope")
+class GradientReversal(layers.Layer):
+    """Identity going forward; the gradient times ``-strength`` going back (Ganin & Lempitsky, 2015).
+    Put before a head that guesses a cell's source, it trains the trunk to make that guess fail, so
+    the features stop naming the lab that made the image."""
+
+    def __init__(self, strength: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.strength = strength
+
+    def call(self, x):
+        frozen = ops.stop_gradient(x)
+        return frozen + self.strength * (frozen - x)  # value x; d/dx = -strength
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "strength": self.strength}
+
+
+def with_source_head(model: keras.Model, sources: int, strength: float) -> keras.Model:
+    """``model`` with a second output, ``source`` (softmax over ``sources``), fed from its pooled
+    features through a gradient reversal: domain-adversarial training. Only ``p_all`` is saved and exported."""
+    x = GradientReversal(strength, name="reverse_gradient")(model.get_layer("pool").output)
+    x = layers.Dense(64, activation="relu", name="source_hidden")(x)
+    source = layers.Dense(sources, activation="softmax", name="source")(x)
+    return keras.Model(model.inputs, {"p_all": model.outputs[0], "source": source}, name=f"{model.name}_adversarial")
 
 
 def build(kind: str, input_size: int) -> tuple[keras.Model, keras.optimizers.Optimizer]:

@@ -49,11 +49,18 @@ def _augment(image: tf.Tensor, label: tf.Tensor, weight: tf.Tensor) -> tuple[tf.
     return image * 255.0, label, weight
 
 
-def dataset(images: np.ndarray, labels: np.ndarray, *, batch_size: int, training: bool, seed: int,
-            weights: np.ndarray | None = None) -> tf.data.Dataset:
-    """Batches of (image, label, weight); ``weights`` balance sources and cell types (default 1)."""
-    weights = np.ones(len(images), np.float32) if weights is None else weights.astype(np.float32)
-    data = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32), weights))
+Targets = np.ndarray | dict[str, np.ndarray]
+
+
+def dataset(images: np.ndarray, labels: Targets, *, batch_size: int, training: bool, seed: int,
+            weights: Targets | None = None) -> tf.data.Dataset:
+    """Batches of (image, label, weight); ``weights`` balance sources and cell types (default 1).
+    A model with several outputs takes labels and weights as dicts keyed by output name."""
+    weights = np.ones(len(images), np.float32) if weights is None else weights
+    as_float = lambda v: v if v.dtype.kind == "i" else v.astype(np.float32)  # noqa: E731 (class indices stay integers)
+    labels = {k: as_float(v) for k, v in labels.items()} if isinstance(labels, dict) else labels.astype(np.float32)
+    weights = {k: v.astype(np.float32) for k, v in weights.items()} if isinstance(weights, dict) else weights.astype(np.float32)
+    data = tf.data.Dataset.from_tensor_slices((images, labels, weights))
     if training:
         data = data.shuffle(len(images), seed=seed, reshuffle_each_iteration=True).repeat()
         data = data.map(_augment, num_parallel_calls=AUTOTUNE)

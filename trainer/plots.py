@@ -13,7 +13,7 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 
 def training_curves(history: dict[str, list[float]], path: Path) -> None:
-    metrics = [k for k in ("loss", "auc", "accuracy") if k in history]
+    metrics = [k for k in ("loss", "auc", "accuracy", "source_loss") if k in history]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for axis, name in zip(axes[0], metrics):
         epochs = np.arange(1, len(history[name]) + 1)

@@ -119,7 +119,9 @@ def source_targets(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray, l
     index = np.array([names.index(s.source) if s.source in names else 0 for s in samples], np.int32)
     weights = np.array([1.0 / groups[(kind, s.source)] / len(holders[kind]) / len(shared) if kind in shared else 0.0
                         for s, kind in zip(samples, kinds)], np.float32)
-    return index, weights * np.count_nonzero(weights) / weights.sum(), names
+    # Mean 1 over all cells, as the decision loss's weights: W then scales a push as large as the decision's
+    # own (with mean 1 over the few cells that take part, Keras's per-batch mean diluted it ~6x).
+    return index, weights * len(weights) / weights.sum(), names
 
 
 def by_group(samples: Sequence[Sample], scores: np.ndarray, threshold: float) -> dict:

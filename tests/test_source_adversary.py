@@ -52,6 +52,18 @@ def test_gradient_reversal_is_identity_forward_and_negated_backward():
     np.testing.assert_allclose(tape.gradient(loss, values).numpy(), [[-0.4, -0.8, -1.2]], rtol=1e-6)
 
 
+def test_the_reversal_ramps_up_to_its_strength():
+    from trainer.models import AdversaryRamp, GradientReversal
+
+    layer = GradientReversal(2.0)
+    ramp = AdversaryRamp(layer, epochs=10)
+    seen = []
+    for epoch in range(10):
+        ramp.on_epoch_begin(epoch)
+        seen.append(float(layer.current.numpy()))
+    assert seen[0] == 0.0 and all(a < b for a, b in zip(seen, seen[1:])) and 1.9 < seen[-1] < 2.0
+
+
 def test_fit_with_a_source_adversary_writes_the_decision_model_alone(tmp_path, tiny_data, capsys):
     import keras
 

@@ -208,7 +208,7 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     import keras
 
     from trainer import crosslab, pipeline
-    from trainer.models import build, with_source_head
+    from trainer.models import AdversaryRamp, build, with_source_head
 
     TimeBudget = _time_budget_callback()
     out.mkdir(parents=True, exist_ok=True)
@@ -253,6 +253,8 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     ]
     if config.time_budget_min:
         callbacks.append(TimeBudget(config.time_budget_min * 60))
+    if model is not classifier:
+        callbacks.append(AdversaryRamp(model.get_layer("reverse_gradient"), config.epochs))
     started = time.monotonic()
     history = model.fit(
         pipeline.dataset(images[train], train_targets, batch_size=config.batch_size, training=True, seed=config.seed,

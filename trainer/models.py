@@ -6,6 +6,8 @@ model, so an int8 export with uint8 input consumes the device's bytes unchanged.
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import layers, ops
 
@@ -88,13 +90,30 @@ class GradientReversal(layers.Layer):
     def __init__(self, strength: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.strength = strength
+        # A variable, not a constant traced into the graph: ``AdversaryRamp`` raises it epoch by epoch.
+        self.current = self.add_weight(shape=(), initializer=keras.initializers.Constant(strength), trainable=False,
+                                       name="current_strength")
 
     def call(self, x):
         frozen = ops.stop_gradient(x)
-        return frozen + self.strength * (frozen - x)  # value x; d/dx = -strength
+        return frozen + ops.cast(self.current, x.dtype) * (frozen - x)  # value x; d/dx = -strength
 
     def get_config(self) -> dict:
         return {**super().get_config(), "strength": self.strength}
+
+
+class AdversaryRamp(keras.callbacks.Callback):
+    """Raise the reversal from 0 to its full strength over training, as Ganin & Lempitsky do
+    (2 / (1 + exp(-10 p)) - 1, p the share of epochs done): early features are noise, and a full
+    push against a head that has learnt nothing yet only shakes the decision."""
+
+    def __init__(self, layer: GradientReversal, epochs: int):
+        super().__init__()
+        self.layer, self.epochs = layer, max(1, epochs)
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        progress = epoch / self.epochs
+        self.layer.current.assign(self.layer.strength * (2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0))
 
 
 def with_source_head(model: keras.Model, sources: int, strength: float) -> keras.Model:

@@ -234,8 +234,8 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
             log.info("source adversary (strength %g) on %d cells of %s", config.source_adversary,
                      np.count_nonzero(source_weights[train]), " / ".join(source_names))
             model = with_source_head(classifier, len(source_names), config.source_adversary)
-            train_targets = {"p_all": labels[train], "source": source[train]}
-            val_targets = {"p_all": labels[val], "source": source[val]}
+            train_targets = {"p_all": labels[train].astype(np.float32), "source": source[train]}
+            val_targets = {"p_all": labels[val].astype(np.float32), "source": source[val]}
             train_weights = {"p_all": train_weights, "source": source_weights[train]}
             val_loss_weights = {"p_all": val_weights, "source": source_weights[val]}
             model.compile(optimizer=optimizer, loss={"p_all": "binary_crossentropy", "source": "sparse_categorical_crossentropy"},

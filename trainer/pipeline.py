@@ -55,10 +55,10 @@ Targets = np.ndarray | dict[str, np.ndarray]
 def dataset(images: np.ndarray, labels: Targets, *, batch_size: int, training: bool, seed: int,
             weights: Targets | None = None) -> tf.data.Dataset:
     """Batches of (image, label, weight); ``weights`` balance sources and cell types (default 1).
-    A model with several outputs takes labels and weights as dicts keyed by output name."""
+    A model with several outputs takes labels and weights as dicts keyed by output name, each label
+    array in the dtype its loss wants (float 0/1, or integer class indices)."""
     weights = np.ones(len(images), np.float32) if weights is None else weights
-    as_float = lambda v: v if v.dtype.kind == "i" else v.astype(np.float32)  # noqa: E731 (class indices stay integers)
-    labels = {k: as_float(v) for k, v in labels.items()} if isinstance(labels, dict) else labels.astype(np.float32)
+    labels = labels if isinstance(labels, dict) else labels.astype(np.float32)
     weights = {k: v.astype(np.float32) for k, v in weights.items()} if isinstance(weights, dict) else weights.astype(np.float32)
     data = tf.data.Dataset.from_tensor_slices((images, labels, weights))
     if training:

@@ -86,13 +86,14 @@ def main() -> None:
 
     from trainer.dataset import LABELS
     from trainer.fit import FitConfig, _load
+    from trainer.models import POOLED
     from trainer.run_folder import RunModel
 
     started = time.monotonic()
     config = FitConfig(image_size=RunModel.read(args.run).input_size, compose_share=args.compose_share)
     images, samples, *_ = _load(args.data, config)
     model = keras.models.load_model(args.run / "model.keras")
-    pooled = keras.Model(model.inputs, model.get_layer("pool").output)
+    pooled = keras.Model(model.inputs, model.get_layer(POOLED).output)
 
     def probe(positive: list[int], negative: list[int]) -> dict:
         chosen = positive + negative

@@ -191,8 +191,6 @@ def main(argv: list[str] | None = None) -> int:
                       f"{result['bccd']['false_blast_rate']:.1%} called ALL")
             print(f"run written to {args.out} (report: {args.out / 'report.md'})")
         elif args.command == "cv":
-            if args.folds < 2:
-                raise UserError("--folds must be at least 2")
             if args.only_fold and not all(0 <= k < args.folds for k in args.only_fold):
                 raise UserError(f"--only-fold must be between 0 and {args.folds - 1} (folds count from 0)")
             summary = F.cross_validate(args.data, args.out, _config(args), args.folds, overwrite=args.overwrite,

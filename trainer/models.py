@@ -51,6 +51,9 @@ def _separable(x, filters: int, stride: int, name: str):
     return _conv_bn(x, filters, 1, 1, f"{name}_pw")
 
 
+#: The edge model's pooled-features layer (the one before its decision): the source adversary and the
+#: source probe (``benchmarks/bench_source_probe.py``) read it by this name.
+POOLED = "pool"
 EDGE_WIDTHS = (32, 64, 64, 128, 128, 256, 256)
 EDGE_STRIDES = (1, 2, 1, 2, 1, 2, 1)
 #: Blocks built as full 3x3 convolutions instead of depthwise-separable ones. Measured on
@@ -75,7 +78,7 @@ def edge_model(input_size: int, width: float = 1.0, dropout: float = 0.3) -> ker
             x = _conv_bn(x, max(8, int(filters * width)), 3, stride, f"block{number}")
         else:
             x = _separable(x, max(8, int(filters * width)), stride, f"block{number}")
-    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.GlobalAveragePooling2D(name=POOLED)(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(1, activation="sigmoid", name="p_all")(x)
     return keras.Model(inputs, outputs, name="edge_cnn")
@@ -119,7 +122,7 @@ class AdversaryRamp(keras.callbacks.Callback):
 def with_source_head(model: keras.Model, sources: int, strength: float) -> keras.Model:
     """``model`` with a second output, ``source`` (softmax over ``sources``), fed from its pooled
     features through a gradient reversal: domain-adversarial training. Only ``p_all`` is saved and exported."""
-    x = GradientReversal(strength, name="reverse_gradient")(model.get_layer("pool").output)
+    x = GradientReversal(strength, name="reverse_gradient")(model.get_layer(POOLED).output)
     x = layers.Dense(64, activation="relu", name="source_hidden")(x)
     source = layers.Dense(sources, activation="softmax", name="source")(x)
     return keras.Model(model.inputs, {"p_all": model.outputs[0], "source": source}, name=f"{model.name}_adversarial")

@@ -7,7 +7,10 @@ stage micrometer. Everything downstream (segmentation sizes, the model's µm cro
 this one number.
 
 Lone round red cells set each frame's size (a pale centre, central pallor, is filled before
-measuring). Touching red cells merge into chains, whose largest inscribed circle is still about one
+measuring), and among them the discocytes: cells that show their central pallor are flat biconcave
+discs lying in the film's monolayer, the cells the textbook size describes. Cells without it are
+spread thin at the film's tail (larger) or sit in its thick part, and gave the widest per-image
+errors on PBC. Touching red cells merge into chains, whose largest inscribed circle is still about one
 cell: they top up a frame with few lone cells, and measure a film crowded everywhere; where enough
 frames have lone cells, frames of chains alone are left out.
 """
@@ -45,6 +48,8 @@ class FrameScale:
     diameters_px: tuple[float, ...]
     #: Whether lone round red cells set the size (False: only chains of touching cells were found).
     lone: bool = True
+    #: Whether lone discocytes (central pallor visible) alone set it: the most trusted frames.
+    discocytes: bool = False
 
     @property
     def count(self) -> int:
@@ -73,6 +78,9 @@ WHITE_CELL_BLUE_EXCESS = 30
 MIN_RED_CELL_DIAMETER_PX = 20.0
 #: A region whose convex hull fills this much of its enclosing circle is one red cell.
 SINGLE_CELL_ROUNDNESS = 0.78
+#: A lone red cell is a discocyte when its centre is brighter than its rim by this share of the rim's
+#: contrast with the background (its central pallor). On PBC a quarter of lone cells show none.
+DISCOCYTE_PALLOR = 0.15
 
 
 def _red_cell_mask(rgb: np.ndarray) -> np.ndarray:
@@ -113,6 +121,18 @@ def _single_cell_diameter(contour: np.ndarray) -> float | None:
     return 2.0 * float(np.sqrt(hull_area / np.pi))
 
 
+def _pallor(inside: np.ndarray, green: np.ndarray, background: float) -> float:
+    """How much brighter a cell's centre is than its rim, as a share of the rim's contrast with the
+    background (0: evenly stained; ~0.5: a marked central pallor). ``inside`` is the cell's distance
+    transform, ``green`` the same box of the frame's green."""
+    radius = float(inside.max())
+    centre, rim = inside > 0.6 * radius, (inside > 0) & (inside < 0.4 * radius)
+    if not centre.any() or not rim.any():
+        return 0.0
+    rim_level = float(green[rim].mean())
+    return (float(green[centre].mean()) - rim_level) / max(background - rim_level, 1.0)
+
+
 def measure_frame(frame_rgb: np.ndarray, *, max_side: int = 800) -> FrameScale:
     """Diameters (frame pixels) of the red cells in one RGB frame.
 
@@ -128,12 +148,15 @@ def measure_frame(frame_rgb: np.ndarray, *, max_side: int = 800) -> FrameScale:
     if float(small.std()) < 2.0:
         return FrameScale(())  # a blank or black frame holds no cells
     mask = _red_cell_mask(small)
+    green = cv2.GaussianBlur(small[..., 1], (5, 5), 0)
+    background = float(np.percentile(green[::2, ::2], 90))
     # Pad with background so cells touching the frame edge are measured from their inside only.
     distance = cv2.distanceTransform(cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0),
                                      cv2.DIST_L2, 5)[1:-1, 1:-1]
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     h, w = mask.shape
     singles, chains = [], []  # (diameter in frame pixels, region area)
+    discs: list[float] = []  # the singles that show a central pallor
     for index in range(1, count):
         x, y, bw, bh, area = (int(v) for v in stats[index])
         if area < 40:
@@ -144,6 +167,9 @@ def measure_frame(frame_rgb: np.ndarray, *, max_side: int = 800) -> FrameScale:
             single = _single_cell_diameter(max(contours, key=cv2.contourArea))
             if single is not None:
                 singles.append((single / scale, area))
+                inside = np.where(region, distance[y:y + bh, x:x + bw], 0)
+                if _pallor(inside, green[y:y + bh, x:x + bw], background) >= DISCOCYTE_PALLOR:
+                    discs.append(single / scale)
                 continue
         inside = np.where(region, distance[y:y + bh, x:x + bw], 0)
         py, px = np.unravel_index(int(np.argmax(inside)), inside.shape)
@@ -160,6 +186,12 @@ def measure_frame(frame_rgb: np.ndarray, *, max_side: int = 800) -> FrameScale:
     # regions near the typical size count.
     singles = [(d, a) for d, a in singles if d >= MIN_RED_CELL_DIAMETER_PX]
     chains = [(d, a) for d, a in chains if d >= MIN_RED_CELL_DIAMETER_PX]
+    discs = [d for d in discs if d >= MIN_RED_CELL_DIAMETER_PX]
+    if len(discs) >= MIN_RED_CELLS_PER_FRAME:
+        typical = float(np.median(discs))
+        near = tuple(d for d in discs if 0.75 * typical <= d <= 1.3 * typical)
+        if len(near) >= MIN_RED_CELLS_PER_FRAME:
+            return FrameScale(near, lone=True, discocytes=True)
     if singles:
         typical = float(np.median([d for d, _ in singles]))
         measured = singles if len(singles) >= MIN_RED_CELLS_PER_FRAME else singles + chains
@@ -187,14 +219,17 @@ class Calibration:
 
     @property
     def kept(self) -> list[FrameScale]:
-        """Frames that give an estimate. Frames measured on lone red cells only, when there are at least
-        ``MIN_LONE_FRAMES`` of them: a frame of nothing but touching red cells gives a biased
-        estimate, and on PBC such frames (eosinophil granules, broken rims of pale cells, crowds
-        of overlapping cells) were the outliers (per-image CV 8.2% with them, 6.7% without).
-        A film crowded everywhere still gets a scale from its chains."""
+        """Frames that give an estimate, the most trusted kind there are at least ``MIN_LONE_FRAMES`` of:
+        frames measured on lone discocytes, else on lone red cells, else every measured frame. A frame
+        of nothing but touching red cells gives a biased estimate, and on PBC such frames (eosinophil
+        granules, broken rims of pale cells, crowds of overlapping cells) were the outliers (per-image
+        CV 8.2% with them, 6.7% without; 5.3% on discocyte frames alone). A film crowded everywhere
+        still gets a scale from its chains."""
         measured = [f for f in self.frames if f.um_per_px is not None]
-        lone = [f for f in measured if f.lone]
-        return lone if len(lone) >= MIN_LONE_FRAMES else measured
+        for trusted in ([f for f in measured if f.discocytes], [f for f in measured if f.lone]):
+            if len(trusted) >= MIN_LONE_FRAMES:
+                return trusted
+        return measured
 
     @property
     def um_per_px(self) -> float | None:
@@ -231,7 +266,7 @@ class Calibration:
                 "cv": None if self.cv is None else round(self.cv, 4),
                 "robust_cv": None if self.robust_cv is None else round(self.robust_cv, 4),
                 "red_cells": self.red_cells, "frames": len(self.frames), "frames_measured": len(self.usable),
-                "per_image": [{"name": name, "red_cells": f.count, "lone_red_cells": f.lone, "used": id(f) in kept,
+                "per_image": [{"name": name, "red_cells": f.count, "lone_red_cells": f.lone, "discocytes": f.discocytes, "used": id(f) in kept,
                                "um_per_px": None if f.um_per_px is None else round(f.um_per_px, 5)}
                               for name, f in zip(names, self.frames)]}
 

@@ -4,6 +4,7 @@ import json
 import warnings
 import shutil
 
+import numpy as np
 import pytest
 
 from trainer.cli import main
@@ -94,6 +95,7 @@ def test_a_collapsed_model_fails_the_run_loudly(tmp_path, tiny_data, capsys):
     (["fit", "--data", ".", "--out", "x", "--epochs", "0"], "--epochs must be at least 1"),
     (["cv", "--data", ".", "--out", "x", "--max-type-false-blast", "0"], "--max-type-false-blast must be above 0"),
     (["fit", "--data", ".", "--out", "x", "--patient-power", "2"], "--patient-power must be between 0"),
+    (["fit", "--data", ".", "--out", "x", "--weight-average", "1"], "--weight-average must be 0 (off) or a momentum below 1"),
     (["evaluate", "/nonexistent", "--data", "."], "is not a complete training run"),
 ])
 def test_bad_input_gives_one_line(args, message, capsys, tmp_path, monkeypatch):
@@ -157,3 +159,22 @@ def test_corrupt_model_file_is_named(tmp_path, tiny_data, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(run), "--data", str(tiny_data)]) == 2
     assert "model.keras cannot be loaded" in capsys.readouterr().err
+
+
+def test_weight_average_keeps_the_averaged_weights(tmp_path, tiny_data):
+    """With a momentum near 1 the average stays where the first step put it (Keras starts it there), while the
+    last step's weights move on: the run must keep (and validate) the average, not the last step."""
+    import keras
+
+    from trainer.models import build
+
+    keras.utils.set_random_seed(0)
+    initial = build("edge", 64)[0].trainable_weights
+    moved = {}
+    for name, extra in (("plain", ()), ("averaged", ("--weight-average", "0.999999"))):
+        (tmp_path / name).mkdir()
+        run = _tiny(tmp_path / name, tiny_data, "--epochs", "1", "--steps-per-epoch", "4", *extra)
+        saved = keras.models.load_model(run / "model.keras").trainable_weights
+        moved[name] = max(float(np.abs(a.numpy() - b.numpy()).max()) for a, b in zip(initial, saved))
+    assert moved["plain"] > 1.5 * moved["averaged"] > 0, moved
+    assert json.loads((tmp_path / "averaged" / "run" / "config.json").read_text())["weight_average"] == 0.999999

@@ -55,6 +55,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                              "sources (C-NMC's normal B-cells, PBC's lymphocytes) and the model is trained, with strength W, "
                              "to make it fail, so its features stop naming the lab (edge model; default 0: off). Measured "
                              "at 1 and 3 on one CV fold: lower new-patient AUC, the leak barely narrowed (README)")
+    parser.add_argument("--weight-average", type=float, default=0.0, metavar="M",
+                        help="validate and keep an exponential moving average of the weights with momentum M (Polyak "
+                             "averaging; e.g. 0.995, about the last 200 steps) instead of the last step's (default 0: off)")
     parser.add_argument("--allow-collapse", action="store_true",
                         help="write the run even if the model gives one answer for everything (otherwise an error)")
 
@@ -77,6 +80,8 @@ def _config(args: argparse.Namespace):
         raise UserError("--patient-power must be between 0 (one share per patient) and 1 (one per cell)")
     if not 0 <= args.source_adversary <= 10:
         raise UserError("--source-adversary must be between 0 (off) and 10")
+    if not 0 <= args.weight_average < 1:
+        raise UserError("--weight-average must be 0 (off) or a momentum below 1, e.g. 0.995")
     if args.source_adversary and args.model != "edge":
         raise UserError("--source-adversary works with the edge model only (it reads its pooled features); leave it out for --model seed")
     return FitConfig(model=args.model, epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
@@ -84,14 +89,15 @@ def _config(args: argparse.Namespace):
                      patience=args.patience, steps_per_epoch=args.steps_per_epoch, allow_collapse=args.allow_collapse,
                      time_budget_min=args.time_budget, bccd=args.bccd, leave_out_type=args.leave_out_type,
                      compose_share=args.compose_share, patient_power=args.patient_power,
-                     source_adversary=args.source_adversary,
+                     source_adversary=args.source_adversary, weight_average=args.weight_average,
                      max_type_false_blast=None if args.max_type_false_blast >= 1 else args.max_type_false_blast)
 
 
 #: ``fit`` options that RUN fixes or that mean nothing for a fine-tune, refused when given with --finetune.
 _NOT_WITH_FINETUNE = {"image_size": None, "model": "edge", "bccd": None, "leave_out_type": None, "test_fraction": 0.0,
                       "compose_share": 0.5, "val_fraction": 0.2, "patience": 10, "max_type_false_blast": 0.05,
-                      "patient_power": 1.0, "source_adversary": 0.0}
+                      "patient_power": 1.0, "source_adversary": 0.0,
+                      "weight_average": 0.0}
 
 
 def _finetune(args: argparse.Namespace) -> dict:

@@ -64,6 +64,9 @@ class FitConfig:
     #: Domain-adversarial training (``source_targets``): the strength of the reversed gradient from a head
     #: that guesses the source of cells of one kind found in several sources; 0: off.
     source_adversary: float = 0.0
+    #: Momentum of an exponential moving average of the weights (Polyak averaging), validated and kept in
+    #: place of the last step's weights; 0: off.
+    weight_average: float = 0.0
 
     def resolved_size(self) -> int:
         return self.image_size or default_input_size(self.model)
@@ -227,7 +230,7 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     train_targets, val_targets = labels[train], labels[val]
     metrics = [keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")]
     with _strategy().scope():
-        classifier, optimizer = build(config.model, size)
+        classifier, optimizer = build(config.model, size, config.weight_average)
         model = classifier
         if config.source_adversary > 0:
             source, source_weights, source_names = source_targets(samples)
@@ -245,7 +248,9 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
             model.compile(optimizer=optimizer, loss="binary_crossentropy", metrics=metrics)
     monitor = "val_p_all_auc" if model is not classifier else "val_auc"
     best_path = out / "best.keras"
-    callbacks = [
+    # The averaged weights are put in the model at each epoch's end, before the callbacks that judge or keep it.
+    callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.weight_average else []
+    callbacks += [
         keras.callbacks.ModelCheckpoint(best_path, monitor=monitor, mode="max", save_best_only=True),
         keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=config.patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="max", factor=0.5, patience=max(2, config.patience // 3)),

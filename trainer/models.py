@@ -128,10 +128,13 @@ def with_source_head(model: keras.Model, sources: int, strength: float) -> keras
     return keras.Model(model.inputs, {"p_all": model.outputs[0], "source": source}, name=f"{model.name}_adversarial")
 
 
-def build(kind: str, input_size: int) -> tuple[keras.Model, keras.optimizers.Optimizer]:
-    """The model and the optimizer it is trained with."""
+def build(kind: str, input_size: int, weight_average: float = 0.0) -> tuple[keras.Model, keras.optimizers.Optimizer]:
+    """The model and the optimizer it is trained with. ``weight_average`` > 0: the optimizer also keeps an
+    exponential moving average of the weights with that momentum (Polyak averaging), which
+    ``keras.callbacks.SwapEMAWeights`` puts in the model for validation and for what is kept."""
+    average = {"use_ema": True, "ema_momentum": weight_average} if weight_average else {}
     if kind == "seed":
-        return seed_model(input_size), keras.optimizers.RMSprop(learning_rate=1e-4)
+        return seed_model(input_size), keras.optimizers.RMSprop(learning_rate=1e-4, **average)
     if kind == "edge":
-        return edge_model(input_size), keras.optimizers.Adam(learning_rate=2e-3)
+        return edge_model(input_size), keras.optimizers.Adam(learning_rate=2e-3, **average)
     raise ValueError(f"unknown model kind {kind!r}")

@@ -88,7 +88,7 @@ def calibrated(config: AgentConfig) -> AgentConfig:
         raise UserError(f"calibrate_on_start: too few red cells in the first {len(frames)} frame(s) to measure the scale "
                         f"({measured.red_cells} found); set segmentation.um_per_px (measure it with `edge calibrate`)")
     log.info("calibrated on start: %.4f µm per pixel from %d red cells in %d frames (spread %s)", measured.um_per_px,
-             measured.red_cells, len(measured.usable), "n/a" if measured.cv is None else f"{measured.cv:.1%}")
+             measured.red_cells_used, len(measured.usable), "n/a" if measured.cv is None else f"{measured.cv:.1%}")
     return config.model_copy(update={"segmentation": seg.model_copy(update={"um_per_px": round(measured.um_per_px, 5)})})
 
 

@@ -256,7 +256,13 @@ class Calibration:
 
     @property
     def red_cells(self) -> int:
+        """Red cells measured in every frame."""
         return sum(f.count for f in self.frames)
+
+    @property
+    def red_cells_used(self) -> int:
+        """Red cells of the frames that set the scale (``kept``)."""
+        return sum(f.count for f in self.kept)
 
     def to_dict(self, names: list[str] | None = None) -> dict:
         """The report ``edge calibrate --json`` prints: the scale, its spread, and every frame's estimate."""
@@ -265,7 +271,7 @@ class Calibration:
         return {"um_per_px": None if self.um_per_px is None else round(self.um_per_px, 5),
                 "cv": None if self.cv is None else round(self.cv, 4),
                 "robust_cv": None if self.robust_cv is None else round(self.robust_cv, 4),
-                "red_cells": self.red_cells, "frames": len(self.frames), "frames_measured": len(self.usable),
+                "red_cells": self.red_cells, "red_cells_used": self.red_cells_used, "frames": len(self.frames), "frames_measured": len(self.usable),
                 "per_image": [{"name": name, "red_cells": f.count, "lone_red_cells": f.lone, "discocytes": f.discocytes, "used": id(f) in kept,
                                "um_per_px": None if f.um_per_px is None else round(f.um_per_px, 5)}
                               for name, f in zip(names, self.frames)]}
@@ -310,7 +316,7 @@ def write_scale_file(folder: Path, calibration: Calibration) -> Path:
         raise UserError(f"no scale to write for {folder}: too few red cells were measured")
     path = folder / SCALE_FILE
     path.write_text(json.dumps({"um_per_px": round(calibration.um_per_px, 5), "measured_by": "edge calibrate",
-                                "red_cells": calibration.red_cells, "frames_measured": len(calibration.usable),
+                                "red_cells": calibration.red_cells_used, "frames_measured": len(calibration.usable),
                                 "cv": calibration.cv}, indent=2) + "\n")
     return path
 

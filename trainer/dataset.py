@@ -191,7 +191,7 @@ def _source_scale(root: Path, samples: list[Sample], given: float | None, is_cnm
         raise DataError(f"source {root} has no scale: its images show too few red cells to measure; give it as "
                         f"{root}=UM_PER_PX or write {SCALE_FILE} in it")
     return check_scale(round(measured.um_per_px, 4), f"scale measured on {root}"), \
-        f"red cells ({measured.red_cells} in {len(measured.usable)} images, spread {measured.cv or 0:.1%})"
+        f"red cells ({measured.red_cells_used} in {len(measured.usable)} images, spread {measured.cv or 0:.1%})"
 
 
 def parse_source(text: str) -> tuple[Path, float | None]:

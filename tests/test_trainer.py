@@ -178,3 +178,27 @@ def test_weight_average_keeps_the_averaged_weights(tmp_path, tiny_data):
         moved[name] = max(float(np.abs(a.numpy() - b.numpy()).max()) for a, b in zip(initial, saved))
     assert moved["plain"] > 1.5 * moved["averaged"] > 0, moved
     assert json.loads((tmp_path / "averaged" / "run" / "config.json").read_text())["weight_average"] == 0.999999
+
+
+def test_batch_norm_statistics_are_measured_afresh_before_validation():
+    """The running mean over the given batches, every batch alike; the layers' own momentum is kept."""
+    import keras
+    import tensorflow as tf
+
+    from trainer.models import BatchNormRecalibration
+
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(3, name="hidden")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.BatchNormalization(momentum=0.9, name="bn")(hidden)))
+    rng = np.random.default_rng(0)
+    data = [rng.normal(2.0, 3.0, (8, 4)).astype(np.float32) for _ in range(5)]
+    batches = tf.data.Dataset.from_tensor_slices((np.concatenate(data), np.zeros(40, np.float32))).batch(8)
+    norm = model.get_layer("bn")
+    norm.moving_mean.assign(np.full(3, 99.0, np.float32))
+    callback = BatchNormRecalibration(batches, count=4)
+    callback.set_model(model)
+    callback.on_test_begin()
+    seen = np.concatenate([keras.Model(inputs, model.get_layer("hidden").output)(x).numpy() for x in data[:4]])
+    assert np.allclose(norm.moving_mean.numpy(), seen.mean(axis=0), atol=1e-4)
+    assert np.allclose(norm.moving_variance.numpy(), np.mean([seen[k:k + 8].var(axis=0) for k in range(0, 32, 8)], axis=0), rtol=1e-3)
+    assert norm.momentum == 0.9

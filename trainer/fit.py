@@ -211,7 +211,7 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
     import keras
 
     from trainer import crosslab, pipeline
-    from trainer.models import AdversaryRamp, build, with_source_head
+    from trainer.models import AdversaryRamp, BatchNormRecalibration, build, with_source_head
 
     TimeBudget = _time_budget_callback()
     out.mkdir(parents=True, exist_ok=True)
@@ -248,8 +248,11 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
             model.compile(optimizer=optimizer, loss="binary_crossentropy", metrics=metrics)
     monitor = "val_p_all_auc" if model is not classifier else "val_auc"
     best_path = out / "best.keras"
-    # The averaged weights are put in the model at each epoch's end, before the callbacks that judge or keep it.
-    callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.weight_average else []
+    # The averaged weights are put in the model (with batch-norm statistics of their own) for validation and at
+    # each epoch's end, before the callbacks that judge or keep it.
+    callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), BatchNormRecalibration(pipeline.dataset(
+        images[train], labels[train], batch_size=config.batch_size, training=True, seed=config.seed + 1))] \
+        if config.weight_average else []
     callbacks += [
         keras.callbacks.ModelCheckpoint(best_path, monitor=monitor, mode="max", save_best_only=True),
         keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=config.patience, restore_best_weights=True),

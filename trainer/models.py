@@ -119,6 +119,31 @@ class AdversaryRamp(keras.callbacks.Callback):
         self.layer.current.assign(self.layer.strength * (2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0))
 
 
+class BatchNormRecalibration(keras.callbacks.Callback):
+    """Batch-norm statistics measured afresh for the averaged weights before each validation (as SWA does).
+    Why: the moving means and variances follow the last few steps' weights (momentum 0.9), while the
+    average lags them by hundreds of steps; validated with the mismatch, the averaged edge model called
+    every validation cell normal for its first 6 epochs. ``batches``: training batches, augmented as in
+    training; their statistics are averaged alike. List it after ``keras.callbacks.SwapEMAWeights``,
+    which puts the averaged weights in the model when validation begins."""
+
+    def __init__(self, batches, count: int = 32):
+        super().__init__()
+        self.batches, self.count = batches, count
+
+    def on_test_begin(self, logs=None) -> None:
+        norms = [layer for layer in self.model._flatten_layers() if isinstance(layer, layers.BatchNormalization)]
+        momenta = [layer.momentum for layer in norms]
+        try:
+            for seen, batch in enumerate(self.batches.take(self.count)):
+                for layer in norms:
+                    layer.momentum = seen / (seen + 1)  # a running mean: every batch weighs alike
+                self.model(batch[0], training=True)
+        finally:
+            for layer, momentum in zip(norms, momenta):
+                layer.momentum = momentum
+
+
 def with_source_head(model: keras.Model, sources: int, strength: float) -> keras.Model:
     """``model`` with a second output, ``source`` (softmax over ``sources``), fed from its pooled
     features through a gradient reversal: domain-adversarial training. Only ``p_all`` is saved and exported."""

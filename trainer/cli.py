@@ -57,7 +57,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                              "at 1 and 3 on one CV fold: lower new-patient AUC, the leak barely narrowed (README)")
     parser.add_argument("--weight-average", type=float, default=0.0, metavar="M",
                         help="validate and keep an exponential moving average of the weights with momentum M (Polyak "
-                             "averaging; e.g. 0.995, about the last 200 steps) instead of the last step's (default 0: off)")
+                             "averaging; e.g. 0.995, about the last 200 steps) instead of the last step's (default 0: off). "
+                             "Measured on 3 CV folds: the same new-patient AUC (README)")
     parser.add_argument("--allow-collapse", action="store_true",
                         help="write the run even if the model gives one answer for everything (otherwise an error)")
 

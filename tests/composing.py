@@ -121,7 +121,10 @@ def place_cluster(rng: np.random.Generator, cells: list, index: int) -> tuple[np
                 cx, cy = ox + gap * np.cos(angle), oy + gap * np.sin(angle)
             else:
                 cx, cy = width / 2, height / 2
-            inside = radius + 5 < cx < width - radius - 5 and radius + 5 < cy < height - radius - 5
+            h, w = cell[1].shape  # the whole crop must fit, as ``paste`` puts it (an oblong cell's exceeds its radius)
+            x, y = int(int(cx) - w / 2), int(int(cy) - h / 2)
+            inside = radius + 5 < cx < width - radius - 5 and radius + 5 < cy < height - radius - 5 \
+                and x >= 0 and y >= 0 and x + w <= width and y + h <= height
             if inside and all(np.hypot(cx - px, cy - py) >= 0.8 * (radius + pr) for px, py, pr in placed):
                 placed.append((cx, cy, radius))
                 boxes.append(paste(frame, cell, (int(cx), int(cy))))

@@ -97,8 +97,7 @@ def _config(args: argparse.Namespace):
 #: ``fit`` options that RUN fixes or that mean nothing for a fine-tune, refused when given with --finetune.
 _NOT_WITH_FINETUNE = {"image_size": None, "model": "edge", "bccd": None, "leave_out_type": None, "test_fraction": 0.0,
                       "compose_share": 0.5, "val_fraction": 0.2, "patience": 10, "max_type_false_blast": 0.05,
-                      "patient_power": 1.0, "source_adversary": 0.0,
-                      "weight_average": 0.0}
+                      "patient_power": 1.0, "source_adversary": 0.0, "weight_average": 0.0}
 
 
 def _finetune(args: argparse.Namespace) -> dict:

@@ -83,14 +83,18 @@ SINGLE_CELL_ROUNDNESS = 0.78
 DISCOCYTE_PALLOR = 0.15
 
 
-def _red_cell_mask(rgb: np.ndarray) -> np.ndarray:
+def _smoothed_green(rgb: np.ndarray) -> np.ndarray:
+    return cv2.GaussianBlur(rgb[..., 1], (5, 5), 0)
+
+
+def _red_cell_mask(rgb: np.ndarray, green: np.ndarray | None = None) -> np.ndarray:
     """Red cells are darker than the background in green (haemoglobin absorbs it) and redder than
     blue. White cells (nucleus and cytoplasm) are left out first: a large dark nucleus would
     otherwise take Otsu's split for itself, and pale cytoplasm would join red cells around it.
     Otsu on the green of what is left splits red cells from the bright background; enclosed holes
-    (central pallor) are filled."""
+    (central pallor) are filled. ``green``: ``_smoothed_green(rgb)``, when the caller has it already."""
     red, blue = rgb[..., 0].astype(np.int16), rgb[..., 2].astype(np.int16)
-    green = cv2.GaussianBlur(rgb[..., 1], (5, 5), 0)
+    green = _smoothed_green(rgb) if green is None else green
     excess = blue - red
     brightest = green >= np.percentile(green[::4, ::4], 80)  # the background: red cells absorb green
     field = float(np.median(excess[brightest]))
@@ -147,8 +151,8 @@ def measure_frame(frame_rgb: np.ndarray, *, max_side: int = 800) -> FrameScale:
         if scale < 1 else frame_rgb
     if float(small.std()) < 2.0:
         return FrameScale(())  # a blank or black frame holds no cells
-    mask = _red_cell_mask(small)
-    green = cv2.GaussianBlur(small[..., 1], (5, 5), 0)
+    green = _smoothed_green(small)
+    mask = _red_cell_mask(small, green)
     background = float(np.percentile(green[::2, ::2], 90))
     # Pad with background so cells touching the frame edge are measured from their inside only.
     distance = cv2.distanceTransform(cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0),
@@ -162,16 +166,15 @@ def measure_frame(frame_rgb: np.ndarray, *, max_side: int = 800) -> FrameScale:
         if area < 40:
             continue
         region = labels[y:y + bh, x:x + bw] == index
+        inside = np.where(region, distance[y:y + bh, x:x + bw], 0)
         if x > 0 and y > 0 and x + bw < w and y + bh < h:
             contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
             single = _single_cell_diameter(max(contours, key=cv2.contourArea))
             if single is not None:
                 singles.append((single / scale, area))
-                inside = np.where(region, distance[y:y + bh, x:x + bw], 0)
                 if _pallor(inside, green[y:y + bh, x:x + bw], background) >= DISCOCYTE_PALLOR:
                     discs.append(single / scale)
                 continue
-        inside = np.where(region, distance[y:y + bh, x:x + bw], 0)
         py, px = np.unravel_index(int(np.argmax(inside)), inside.shape)
         radius = float(inside[py, px])
         px, py = px + x, py + y
@@ -189,7 +192,7 @@ def measure_frame(frame_rgb: np.ndarray, *, max_side: int = 800) -> FrameScale:
     discs = [d for d in discs if d >= MIN_RED_CELL_DIAMETER_PX]
     if len(discs) >= MIN_RED_CELLS_PER_FRAME:
         typical = float(np.median(discs))
-        near = tuple(d for d in discs if 0.75 * typical <= d <= 1.3 * typical)
+        near = _near(discs, typical)
         if len(near) >= MIN_RED_CELLS_PER_FRAME:
             return FrameScale(near, lone=True, discocytes=True)
     if singles:
@@ -203,7 +206,13 @@ def measure_frame(frame_rgb: np.ndarray, *, max_side: int = 800) -> FrameScale:
         measured = chains
     else:
         return FrameScale(())
-    return FrameScale(tuple(float(d) for d, _ in measured if 0.75 * typical <= d <= 1.3 * typical), lone=bool(singles))
+    return FrameScale(_near([d for d, _ in measured], typical), lone=bool(singles))
+
+
+def _near(diameters: list[float], typical: float) -> tuple[float, ...]:
+    """The diameters within -25% / +30% of the frame's typical red cell: the rest are fragments,
+    platelets, pairs or white-cell parts."""
+    return tuple(float(d) for d in diameters if 0.75 * typical <= d <= 1.3 * typical)
 
 
 @dataclass(frozen=True)

@@ -248,10 +248,11 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
             model.compile(optimizer=optimizer, loss="binary_crossentropy", metrics=metrics)
     monitor = "val_p_all_auc" if model is not classifier else "val_auc"
     best_path = out / "best.keras"
-    # The averaged weights are put in the model (with batch-norm statistics of their own) for validation and at
-    # each epoch's end, before the callbacks that judge or keep it.
-    callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), BatchNormRecalibration(pipeline.dataset(
-        images[train], labels[train], batch_size=config.batch_size, training=True, seed=config.seed + 1))] \
+    train_data = pipeline.dataset(images[train], train_targets, batch_size=config.batch_size, training=True,
+                                  seed=config.seed, weights=train_weights)
+    # The averaged weights are put in the model (with batch-norm statistics of their own, from training's own
+    # batches) for validation and at each epoch's end, before the callbacks that judge or keep it.
+    callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), BatchNormRecalibration(train_data)] \
         if config.weight_average else []
     callbacks += [
         keras.callbacks.ModelCheckpoint(best_path, monitor=monitor, mode="max", save_best_only=True),
@@ -265,8 +266,7 @@ def train_on_split(images: np.ndarray, samples: Sequence[Sample], split: Split, 
         callbacks.append(AdversaryRamp(model.get_layer("reverse_gradient"), config.epochs))
     started = time.monotonic()
     history = model.fit(
-        pipeline.dataset(images[train], train_targets, batch_size=config.batch_size, training=True, seed=config.seed,
-                         weights=train_weights),
+        train_data,
         validation_data=pipeline.dataset(images[val], val_targets, batch_size=64, training=False, seed=config.seed,
                                          weights=val_loss_weights),
         epochs=config.epochs, steps_per_epoch=steps,

@@ -132,7 +132,7 @@ class BatchNormRecalibration(keras.callbacks.Callback):
         self.batches, self.count = batches, count
 
     def on_test_begin(self, logs=None) -> None:
-        norms = [layer for layer in self.model._flatten_layers() if isinstance(layer, layers.BatchNormalization)]
+        norms = [layer for layer in self.model.layers if isinstance(layer, layers.BatchNormalization)]
         momenta = [layer.momentum for layer in norms]
         try:
             for seen, batch in enumerate(self.batches.take(self.count)):

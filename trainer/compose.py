@@ -24,15 +24,16 @@ from edge.preprocessing import read_rgb
 from edge.segmentation import SegmentationSettings, find_cells
 
 
-def smear_background(image: np.ndarray, um_per_px: float) -> np.ndarray | None:
-    """The smear with its white cells painted out (red cells and background kept)."""
+def smear_background(image: np.ndarray, um_per_px: float, margin_um: float = 1.5) -> np.ndarray | None:
+    """The smear with its white cells painted out (red cells and background kept), each with a rim of
+    ``margin_um`` around its mask (the default: the pale rim of cytoplasm)."""
     cells = find_cells(image, SegmentationSettings(um_per_px=um_per_px))
     if not cells:
         return None
     holes = np.zeros(image.shape[:2], np.uint8)
     for cell in cells:
         holes |= cell.full_mask(image.shape[:2]).astype(np.uint8)
-    margin = max(3, int(1.5 / um_per_px)) | 1  # 1.5 µm: the pale rim of cytoplasm
+    margin = max(3, int(margin_um / um_per_px)) | 1
     holes = cv2.dilate(holes, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (margin, margin)))
     return cv2.inpaint(image, holes, 5, cv2.INPAINT_TELEA)
 

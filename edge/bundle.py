@@ -17,6 +17,7 @@ from typing import Any, Mapping, TypedDict
 
 from edge.errors import BundleError
 from edge.preprocessing import COLOR_ORDER, CropContract
+from edge.splitter import CONTRACT as SPLITTER_CONTRACT
 
 MANIFEST = "manifest.json"
 FORMAT = "leukoscope-model-bundle"
@@ -58,6 +59,7 @@ class Manifest(TypedDict, total=False):
     provenance: dict[str, Any]
     metrics: dict[str, Any]
     selftest: dict[str, Any]
+    splitter: dict[str, Any]  # optional: {"file", "contract", "um_per_px", ...}, added by ``quantize splitter``
 
 
 REQUIRED_KEYS = ("labels", "positive_label", "input", "output", "preprocessing", "threshold", "models", "files")
@@ -124,6 +126,12 @@ class Bundle:
     def positive_label(self) -> str:
         return str(self.manifest["positive_label"])
 
+    @property
+    def splitter(self) -> tuple[Path, float] | None:
+        """The cell splitter's model file and the µm per pixel it sees frames at; None when the bundle has none."""
+        record = self.manifest.get("splitter")
+        return (self.root / record["file"], float(record["um_per_px"])) if record else None
+
     def model_path(self, variant: str = "cpu") -> Path:
         models = self.manifest["models"]
         if variant not in models:
@@ -144,8 +152,9 @@ def write_manifest(root: Path, manifest: Mapping[str, Any]) -> Path:
     manifest["format"] = FORMAT
     manifest["format_version"] = FORMAT_VERSION
     names = set(manifest["models"].values())
-    if isinstance(manifest.get("selftest"), dict):
-        names.add(manifest["selftest"]["file"])
+    for optional in ("selftest", "splitter"):
+        if isinstance(manifest.get(optional), dict):
+            names.add(manifest[optional]["file"])
     manifest["files"] = {name: sha256_file(root / name) for name in sorted(names)}
     path = root / MANIFEST
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -226,9 +235,25 @@ def check_manifest(manifest: Any, manifest_path: Path | str) -> None:
                                      and isinstance(selftest.get("scores"), list)
                                      and isinstance(selftest.get("tolerance"), (int, float))):
         raise BundleError(f"{manifest_path}: selftest must name a checksummed file, its scores and a tolerance; re-export the bundle")
+    _check_splitter(manifest.get("splitter"), manifest["files"], manifest_path)
     for name in manifest["files"]:
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
             raise BundleError(f"{manifest_path}: file name {name!r} points outside the bundle; re-export it")
+
+
+def _check_splitter(record: Any, files: dict, manifest_path: Path | str) -> None:
+    """A splitter entry must name a checksummed file, a contract this leukoscope implements and its scale."""
+    if record is None:
+        return
+    if not isinstance(record, dict) or record.get("file") not in files:
+        raise BundleError(f"{manifest_path}: splitter must name a checksummed file; re-add it with `quantize splitter`")
+    if record.get("contract") != SPLITTER_CONTRACT:
+        raise BundleError(f"{manifest_path}: splitter contract {record.get('contract')!r} is not one this leukoscope "
+                          f"implements ({SPLITTER_CONTRACT}); upgrade leukoscope or re-add it with `quantize splitter`")
+    scale = record.get("um_per_px")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < 10:
+        raise BundleError(f"{manifest_path}: splitter um_per_px {scale!r} is not a scale in µm per pixel; "
+                          "re-add it with `quantize splitter`")
 
 
 def check_tensors(bundle: Bundle, inputs: list[dict], outputs: list[dict]) -> None:

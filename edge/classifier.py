@@ -16,6 +16,7 @@ import numpy as np
 from edge.bundle import Bundle, check_tensors, load_bundle
 from edge.errors import UserError
 from edge.interpreter import open_interpreter
+from edge.splitter import CellSplitter
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class Classifier:
         self._negative = next(label for label in self.bundle.labels if label != self._positive)
         #: A LiteRT interpreter runs one invocation at a time; frames analysed at once take turns here.
         self._turn = threading.Lock()
+        #: The bundle's cell splitter, for segmentation: it travels, updates and rolls back with this model.
+        #: None when the bundle has none: touching cells are then split by the classical rule alone.
+        self.splitter = CellSplitter.of(self.bundle, num_threads=num_threads, runtime=runtime)
 
     def _resize(self, batch: int) -> int:
         """Set the batch size; a model whose graph fixes batch 1 (a Flatten reshape) stays at 1."""

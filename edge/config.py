@@ -63,6 +63,8 @@ class SegmentationConfig(Strict):
     dark_level: int = Field(SegmentationSettings.dark_level, ge=0, le=255)
     min_area_fraction: float = Field(SegmentationSettings.min_area_fraction, gt=0)
     max_area_fraction: float = Field(SegmentationSettings.max_area_fraction, gt=0)
+    learned_split: bool = Field(SegmentationSettings.learned_split,
+                                description="tell touching cells apart with the bundle's learned splitter, when it has one")
 
     def settings(self) -> SegmentationSettings:
         return SegmentationSettings(**self.model_dump(exclude={"calibrate_on_start", "watch_scale_every"}))

@@ -52,7 +52,7 @@ class Pipeline:
         assert frame.image is not None
         classifier = self.classifier  # one model for the whole frame, even if another is installed meanwhile
         started = time.perf_counter()
-        found = find_cells(frame.image, self.segmentation)
+        found = find_cells(frame.image, self.segmentation, classifier.splitter if self.segmentation.learned_split else None)
         verdicts = [judge(frame.image, cell, self.um_per_px, self.segmentation) for cell in found]
         cells = [cell for cell, verdict in zip(found, verdicts) if verdict.classify]
         segmented = time.perf_counter()

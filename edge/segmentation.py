@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from edge.errors import UserError
+from edge.splitter import CellSplitter
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class SegmentationSettings:
     #: Pixels darker than this in every channel count as C-NMC black background.
     black_level: int = 12
     border_margin_px: int = 2
+    #: Show regions that may hold touching cells to the bundle's learned splitter, when it has one.
+    learned_split: bool = True
 
     def diameter(self) -> float:
         """Typical white-cell diameter in frame pixels."""
@@ -217,8 +220,11 @@ def _split_touching(component: np.ndarray, diameter: float) -> list[np.ndarray]:
     return [((owner == index) & (component > 0)).astype(np.uint8) for index in range(len(kept))]
 
 
-def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = SegmentationSettings()) -> list[Cell]:
-    """White cells in an RGB frame, skipping those cut by the frame border."""
+def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = SegmentationSettings(),
+               splitter: CellSplitter | None = None) -> list[Cell]:
+    """White cells in an RGB frame, skipping those cut by the frame border. A stained region large enough
+    to hold two cells is shown to ``splitter`` (the bundle's learned splitter) when there is one; where it
+    sees two or more cells there, they are the cells, otherwise the classical split decides."""
     if frame_rgb is None or frame_rgb.size == 0 or frame_rgb.ndim != 3:
         raise UserError("empty frame: the camera or file delivered no pixels; check the source")
     if _is_black_background(frame_rgb, settings.black_level):
@@ -246,6 +252,11 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
         component = (box == group[0] if len(group) == 1 else np.isin(box, group)).astype(np.uint8)  # isin sorts: 10x slower
         if cut and np.count_nonzero(component) <= SMALL_PAIR_DISCS * disc:
             continue  # cut by the frame border: half a cell is no evidence
+        if splitter is not None and np.count_nonzero(component) > SMALL_PAIR_DISCS * disc:
+            learned = _split_learned(frame_rgb, splitter, component, (x0, y0), scale, settings)
+            if learned is not None:
+                cells.extend(learned)
+                continue
         parts = _nuclei(component, disc, diameter)
         neighbours: list[np.ndarray] = []
         if cut:
@@ -272,6 +283,44 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
                 cell = _within(cell, owner == index, (x0 - pad, y0 - pad), scale)
             cell = _keep_stained(frame_rgb, cell, settings)
             cells.append(_tight(cell) if owner is not None else cell)
+    return cells
+
+
+def _split_learned(frame_rgb: np.ndarray, splitter: CellSplitter, component: np.ndarray, offset: tuple[int, int],
+                   scale: float, settings: SegmentationSettings) -> list[Cell] | None:
+    """The cells the splitter finds in a stained region (detection scale, top-left at ``offset``) and a
+    margin around it, at full resolution; None when it finds fewer than two there. A cell counts only
+    where it holds some of the region's stained pixels (a nucleus, not a neighbour's cytoplasm)."""
+    height, width = frame_rgb.shape[:2]
+    diameter = settings.diameter()
+    pad = 0.3 * diameter
+    x0, y0 = offset[0] / scale, offset[1] / scale
+    left, top = max(0, int(x0 - pad)), max(0, int(y0 - pad))
+    right = min(width, int(np.ceil((offset[0] + component.shape[1]) / scale + pad)))
+    bottom = min(height, int(np.ceil((offset[1] + component.shape[0]) / scale + pad)))
+    masks = splitter.cells(frame_rgb[top:bottom, left:right], float(settings.um_per_px), settings.cell_diameter_um)
+    if len(masks) < 2:
+        return None
+    evidence = np.zeros((bottom - top, right - left), np.uint8)
+    up = cv2.resize(component, (max(1, round(component.shape[1] / scale)), max(1, round(component.shape[0] / scale))),
+                    interpolation=cv2.INTER_NEAREST)
+    ox, oy = round(x0) - left, round(y0) - top
+    up = up[:evidence.shape[0] - oy, :evidence.shape[1] - ox]
+    evidence[oy:oy + up.shape[0], ox:ox + up.shape[1]] = up
+    least = 0.04 * np.pi * (diameter / 2) ** 2  # as for a region: smaller is a platelet's worth
+    kept = [mask for mask in masks if np.count_nonzero(evidence[mask]) >= least]
+    if len(kept) < 2:
+        return None
+    margin = settings.border_margin_px / scale
+    cells = []
+    for mask in kept:
+        ys, xs = np.nonzero(mask)
+        box = (left + int(xs.min()), top + int(ys.min()), left + int(xs.max()) + 1, top + int(ys.max()) + 1)
+        if _at_edge(box, (height, width), int(margin)):
+            continue  # cut by the frame border
+        own = mask[box[1] - top:box[3] - top, box[0] - left:box[2] - left]
+        cell = Cell(bbox=(box[0], box[1], box[2] - box[0], box[3] - box[1]), area=int(np.count_nonzero(own)), mask=own)
+        cells.append(_tight(_keep_stained(frame_rgb, cell, settings)))
     return cells
 
 

@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     evaluate.add_argument("--num-threads", type=int, default=2, help="interpreter threads (default 2)")
 
+    splitter = commands.add_parser("splitter", help="add a `trainer splitter` model, int8, to a bundle",
+                                   description="Quantize the cell splitter of a `trainer splitter` run to int8, check that it "
+                                               "finds the same cells as the float model on the run's held-out clusters, and "
+                                               "add it to the bundle (manifest and model card rewritten; a splitter already "
+                                               "there is replaced). The device then splits touching cells with it.",
+                                   epilog="Example: quantize splitter models/default --run runs/splitter")
+    _add_bundle(splitter)
+    splitter.add_argument("--run", type=Path, required=True, help="run folder written by `trainer splitter`")
+
     keygen = commands.add_parser("keygen", help="make the Ed25519 key that signs model updates",
                                  description="Write a new Ed25519 private key (PEM, mode 0600) and print its public half, "
                                              "which goes into each device's config as updates.public_key.",
@@ -203,6 +212,14 @@ def main(argv: list[str] | None = None) -> int:
                 print("ops    " + ", ".join(f"{k} x{v}" for k, v in info["edgetpu_check"]["op_counts"].items()))
                 verdict = info["edgetpu_check"]
                 print("Edge TPU: " + ("compatible" if verdict["compatible"] else "; ".join(verdict["problems"])))
+        elif args.command == "splitter":
+            from quantize.splitter import add_splitter
+
+            bundle = _bundle(args)
+            record = add_splitter(args.run, bundle)["splitter"]
+            parity, held = record["parity"], record["held_out"]
+            print(f"splitter added to {bundle}: held-out clusters {held['rate']:.3f} of cells found on their own (float); "
+                  f"int8 finds as many cells as float in {parity['same_cell_count']:.1%} of {parity['held_out_fields']} fields")
         elif args.command == "keygen":
             from quantize.publish import keygen
 

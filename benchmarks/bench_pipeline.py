@@ -112,11 +112,13 @@ def main() -> None:
     settings = SegmentationSettings(um_per_px=args.um_per_px)
     pipeline = Pipeline(classifier, settings)
     report: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads or "default"},
-                    "segmentation_ms": {}, "pipeline": {}}
+                    "segmentation_ms": {}, "pipeline": {},
+                    "learned_splitter": classifier.splitter is not None}
     for name, (width, height) in SIZES.items():
         frames = [tiled(sources[i:] + sources[:i], width, height) for i in range(0, 12, 3)]
-        cells = np.mean([len(find_cells(f, settings)) for f in frames])
-        seg = np.median([timed(lambda f=f: find_cells(f, settings), 5) for f in frames])
+        splitter = classifier.splitter  # the device's segmentation: the bundle's splitter, when it has one
+        cells = np.mean([len(find_cells(f, settings, splitter)) for f in frames])
+        seg = np.median([timed(lambda f=f: find_cells(f, settings, splitter), 5) for f in frames])
         both = [timed_both(lambda f=f: pipeline.process(Frame(f, "bench")), 5) for f in frames]
         total, cpu = np.median([b[0] for b in both]), np.median([b[1] for b in both])
         report["segmentation_ms"][name] = round(float(seg), 2)

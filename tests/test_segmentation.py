@@ -34,11 +34,18 @@ def _iou(a, b):
 
 
 @needs_bccd
-def test_white_cells_found_on_bccd_frames():
+@pytest.mark.parametrize("learned", [False, True], ids=["classical", "with-shipped-splitter"])
+def test_white_cells_found_on_bccd_frames(learned):
     """Recall counts interior annotated boxes matched (IoU > 0.5, one to one) by a cell the quality gate
     lets through to the classifier: a cell found but set aside is not counted as found. Precision counts
-    found cells that lie on no annotated white cell (IoU <= 0.3 with every box)."""
+    found cells that lie on no annotated white cell (IoU <= 0.3 with every box). With the shipped bundle's
+    learned splitter (what the device runs) and without it (a bundle that has none): no loss either way."""
+    from edge.assets import DEFAULT_BUNDLE
+    from edge.bundle import load_bundle
     from edge.gate import judge
+    from edge.splitter import CellSplitter
+
+    splitter = CellSplitter.of(load_bundle(DEFAULT_BUNDLE)) if learned else None
 
     interior = matched_inner = found_true = found_false = 0
     for xml_path in sorted((BCCD / "Annotations").glob("*.xml")):
@@ -47,7 +54,7 @@ def test_white_cells_found_on_bccd_frames():
         height, width = image.shape[:2]
         inner = {k for k, t in enumerate(truth) if t[0] > BORDER and t[1] > BORDER and t[2] < width - BORDER and t[3] < height - BORDER}
         matched = set()
-        for cell in find_cells(image, BCCD_SETTINGS):
+        for cell in find_cells(image, BCCD_SETTINGS, splitter):
             x, y, w, h = cell.bbox
             overlaps = [_iou([x, y, x + w, y + h], t) for t in truth]
             if not any(o > 0.3 for o in overlaps):

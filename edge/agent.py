@@ -188,7 +188,8 @@ class Agent:
 
     def _classifier(self, bundle: Path) -> Classifier:
         c = self.config.classifier
-        return Classifier(bundle, num_threads=self.config.interpreter_threads, edgetpu=c.edgetpu, cpu_fallback=c.cpu_fallback, max_batch=c.max_batch)
+        return Classifier(bundle, num_threads=self.config.interpreter_threads, edgetpu=c.edgetpu, cpu_fallback=c.cpu_fallback,
+                          max_batch=c.max_batch, splitter=self.config.segmentation.learned_split)
 
 
     # -- threads ----------------------------------------------------------------------------

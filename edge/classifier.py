@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 class Classifier:
     def __init__(self, bundle: Bundle | str | Path, *, num_threads: int = 2, edgetpu: bool = False,
-                 cpu_fallback: bool = True, max_batch: int = 32, runtime: str | None = None) -> None:
+                 cpu_fallback: bool = True, max_batch: int = 32, runtime: str | None = None, splitter: bool = True) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.edgetpu = edgetpu
         if edgetpu:
@@ -50,8 +50,9 @@ class Classifier:
         #: A LiteRT interpreter runs one invocation at a time; frames analysed at once take turns here.
         self._turn = threading.Lock()
         #: The bundle's cell splitter, for segmentation: it travels, updates and rolls back with this model.
-        #: None when the bundle has none: touching cells are then split by the classical rule alone.
-        self.splitter = CellSplitter.of(self.bundle, num_threads=num_threads, runtime=runtime)
+        #: None when the bundle has none or ``splitter`` is off (``segmentation.learned_split``: its interpreter,
+        #: ~3 MB, is then not opened): touching cells are split by the classical rule alone.
+        self.splitter = CellSplitter.of(self.bundle, num_threads=num_threads, runtime=runtime) if splitter else None
 
     def _resize(self, batch: int) -> int:
         """Set the batch size; a model whose graph fixes batch 1 (a Flatten reshape) stays at 1."""

@@ -15,7 +15,7 @@ import numpy as np
 
 from edge.bundle import Bundle, check_tensors, load_bundle
 from edge.errors import UserError
-from edge.interpreter import open_interpreter
+from edge.interpreter import as_input, open_interpreter
 from edge.splitter import CellSplitter
 
 log = logging.getLogger(__name__)
@@ -68,16 +68,6 @@ class Classifier:
                 self._batch = self.max_batch = 1
         return self._batch
 
-    def _quantize(self, crops: np.ndarray) -> np.ndarray:
-        dtype = self._input["dtype"]
-        scale, zero_point = self._input["quantization"]
-        if dtype == np.float32:
-            return crops.astype(np.float32)
-        if (scale, zero_point) == (1.0, 0) and dtype == np.uint8:
-            return crops
-        info = np.iinfo(dtype)
-        return np.clip(np.round(crops / scale + zero_point), info.min, info.max).astype(dtype)
-
     def _dequantize(self, raw: np.ndarray) -> np.ndarray:
         scale, zero_point = self._output["quantization"]
         if self._output["dtype"] == np.float32 or scale == 0:
@@ -96,7 +86,7 @@ class Classifier:
             while start < len(crops):
                 chunk = crops[start:start + self._resize(min(self.max_batch, len(crops) - start))]
                 start += len(chunk)
-                self.interpreter.set_tensor(self._input["index"], self._quantize(chunk))
+                self.interpreter.set_tensor(self._input["index"], as_input(chunk, self._input))
                 self.interpreter.invoke()
                 out.append(self._dequantize(self.interpreter.get_tensor(self._output["index"])))
         return np.concatenate(out)

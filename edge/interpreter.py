@@ -66,6 +66,21 @@ def open_interpreter(model_path: str, *, num_threads: int = 2, edgetpu: bool = F
     return interpreter
 
 
+def as_input(pixels, detail: dict):
+    """Image bytes (uint8) as the input tensor ``detail`` (from ``get_input_details``) takes them: its
+    dtype and quantization. A uint8 input with scale 1 and zero point 0, as exported, takes them as they are."""
+    import numpy as np
+
+    dtype = detail["dtype"]
+    scale, zero_point = detail["quantization"]
+    if dtype == np.float32:
+        return pixels.astype(np.float32)
+    if (scale, zero_point) == (1.0, 0) and dtype == np.uint8:
+        return pixels
+    info = np.iinfo(dtype)
+    return np.clip(np.round(pixels / scale + zero_point), info.min, info.max).astype(dtype)
+
+
 def op_names(interpreter) -> list[str]:
     """The model's operator names in execution order (``CONV_2D``, ``MEAN``, ...)."""
     return [op["op_name"] for op in interpreter._get_ops_details()]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from edge.interpreter import open_interpreter
+from edge.interpreter import as_input, open_interpreter
 
 if TYPE_CHECKING:
     from edge.bundle import Bundle
@@ -100,21 +100,11 @@ class CellSplitter:
                 self._input = self.interpreter.get_input_details()[0]
                 self._output = self.interpreter.get_output_details()[0]
                 self._shape = shape
-            self.interpreter.set_tensor(self._input["index"], self._to_input(padded[None]))
+            self.interpreter.set_tensor(self._input["index"], as_input(padded[None], self._input))
             self.interpreter.invoke()
             raw = self.interpreter.get_tensor(self._output["index"])[0, :height, :width, 0].copy()
         scale, zero_point = self._output["quantization"]
         return raw.astype(np.float32) if scale == 0 else (raw.astype(np.float32) - zero_point) * scale
-
-    def _to_input(self, pixels: np.ndarray) -> np.ndarray:
-        dtype = self._input["dtype"]
-        scale, zero_point = self._input["quantization"]
-        if dtype == np.float32:
-            return pixels.astype(np.float32)
-        if (scale, zero_point) == (1.0, 0) and dtype == np.uint8:
-            return pixels
-        info = np.iinfo(dtype)
-        return np.clip(np.round(pixels / scale + zero_point), info.min, info.max).astype(dtype)
 
     def cells(self, region_rgb: np.ndarray, um_per_px: float, cell_diameter_um: float) -> list[np.ndarray]:
         """Masks (bool, the region's size) of the white cells in a frame region at ``um_per_px``."""

@@ -82,25 +82,31 @@ def batch_one(model, size: int):
 
 def convert_int8(model, size: int, calibration: np.ndarray) -> bytes:
     """Full-integer quantization: int8 inside, uint8 image in, uint8 probability out, batch 1."""
+    return convert_uint8_io(batch_one(model, size), calibration, "int8", unit="crop")
+
+
+def convert_uint8_io(model, calibration: np.ndarray, kind: str, unit: str) -> bytes:
+    """Full-integer int8 TFLite of a Keras ``model`` that takes raw image bytes: uint8 in, uint8 out,
+    calibrated on ``calibration`` (N images, one at a time)."""
     import tensorflow as tf
 
     # The device hands the model raw bytes (0..255). C-NMC crops are stain-normalised and rarely
-    # reach 255, so one calibration crop gets a 255 pixel: the uint8 input then spans the whole byte
-    # range instead of clipping brighter cells from another microscope.
+    # reach 255, so one calibration image gets a 255 and a 0 pixel: the uint8 input then spans the
+    # whole byte range instead of clipping brighter cells from another microscope.
     anchored = calibration.copy()
-    anchored[0].flat[0] = 255
+    anchored[0].flat[0], anchored[0].flat[1] = 255, 0
 
     def representative():
-        for image in progress(anchored, desc="calibrate", unit="crop"):
+        for image in progress(anchored, desc="calibrate", unit=unit):
             yield [image[None].astype(np.float32)]
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(batch_one(model, size))
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.uint8
     converter.inference_output_type = tf.uint8
-    return _convert(converter, "int8")
+    return _convert(converter, kind)
 
 
 def convert_float(model, size: int) -> bytes:

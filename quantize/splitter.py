@@ -19,7 +19,7 @@ from edge.bundle import load_bundle, write_manifest
 from edge.console import progress
 from edge.errors import UserError
 from edge.splitter import CONTRACT, UM_PER_PX, CellSplitter, cells_from_distance
-from quantize.export import _convert
+from quantize.export import convert_uint8_io
 from trainer.splitter import CALIBRATION_FILE, METRICS_FILE, MODEL_FILE
 
 SPLITTER_MODEL = "splitter_int8.tflite"
@@ -33,24 +33,10 @@ def convert_splitter(model, fields: np.ndarray) -> bytes:
     model's shape signature): the upsampling then reads its output size from its input at run time, so
     the device can resize the input to each region it looks at (a fixed size is baked into it otherwise)."""
     import keras
-    import tensorflow as tf
 
     region = keras.Input((None, None, 3), batch_size=1, name="region")
-    fixed = keras.Model(region, model(region, training=False), name="splitter_b1")
-    anchored = fields.copy()
-    anchored[0].flat[0], anchored[0].flat[1] = 255, 0  # the whole byte range, as the classifier's input
-
-    def representative():
-        for image in progress(anchored, desc="calibrate", unit="field"):
-            yield [image[None].astype(np.float32)]
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(fixed)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.uint8
-    converter.inference_output_type = tf.uint8
-    return _convert(converter, "splitter int8")
+    return convert_uint8_io(keras.Model(region, model(region, training=False), name="splitter_b1"), fields,
+                            "splitter int8", unit="field")
 
 
 def add_splitter(run: Path, bundle_root: Path, min_count_agreement: float = MIN_COUNT_AGREEMENT) -> dict:

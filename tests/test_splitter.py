@@ -16,6 +16,7 @@ from edge.errors import BundleError
 from edge.segmentation import find_cells
 from edge.splitter import CONTRACT, CellSplitter, cells_from_distance
 from tests.conftest import BCCD, CNMC, PBC, needs_cnmc, needs_pbc
+from tests.test_bundle import _edit_manifest
 
 needs_all = pytest.mark.skipif(not (CNMC.is_dir() and BCCD.is_dir() and PBC.is_dir()),
                                reason="real C-NMC, BCCD and PBC images not found in ../shared (absent in a bare clone)")
@@ -46,12 +47,6 @@ def shipped_copy(tmp_path):
     return copy
 
 
-def _edit(bundle, change):
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    change(manifest)
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-
-
 @pytest.mark.parametrize("change, message", [
     (lambda m: m["splitter"].update(contract="outline-v9"), "splitter contract 'outline-v9' is not one this leukoscope implements"),
     (lambda m: m["files"].pop(m["splitter"]["file"]), "splitter must name a checksummed file"),
@@ -59,7 +54,7 @@ def _edit(bundle, change):
     (lambda m: m.update(splitter=[]), "splitter must name a checksummed file"),
 ])
 def test_a_splitter_entry_the_device_cannot_honour_is_refused(shipped_copy, change, message):
-    _edit(shipped_copy, change)
+    _edit_manifest(shipped_copy, change)
     with pytest.raises(BundleError, match=message) as caught:
         load_bundle(shipped_copy)
     assert "\n" not in str(caught.value)

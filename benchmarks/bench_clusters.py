@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cnmc-step", type=int, default=25, help="cells from every Nth C-NMC image (of the held-out half)")
     parser.add_argument("--pbc-step", type=int, default=97, help="cells from every Nth PBC image (of the held-out half)")
+    parser.add_argument("--absorb", action="store_true",
+                        help="cells filter the light instead of being pasted: no pasted edge where they overlap")
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundle whose splitter is measured (default: shipped)")
     args = parser.parse_args()
     settings = SegmentationSettings(um_per_px=BCCD_UM_PER_PX)
@@ -65,8 +67,8 @@ def main() -> None:
     use_pool(args.cnmc_step, args.pbc_step)
     rng = np.random.default_rng(args.seed)
     started = time.perf_counter()
-    frames = [cluster(rng, size, index * 7 + size - 2) for index in range(args.per_size) for size in range(2, 9)]
-    report = {"clusters": len(frames), "pool": {"cnmc_step": args.cnmc_step, "pbc_step": args.pbc_step}, "frame": list(frames[0][0].shape[1::-1]), "um_per_px": BCCD_UM_PER_PX,
+    frames = [cluster(rng, size, index * 7 + size - 2, args.absorb) for index in range(args.per_size) for size in range(2, 9)]
+    report = {"clusters": len(frames), "pool": {"cnmc_step": args.cnmc_step, "pbc_step": args.pbc_step}, "absorb": args.absorb, "frame": list(frames[0][0].shape[1::-1]), "um_per_px": BCCD_UM_PER_PX,
               "classical": measure(frames, None, settings)}
     if splitter is not None:
         report["learned"] = measure(frames, splitter, settings)

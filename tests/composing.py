@@ -79,10 +79,10 @@ def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float
     return w * h / (a[2] * a[3] + b[2] * b[3] - w * h)
 
 
-def place_cluster(rng: np.random.Generator, cells: list, index: int) -> tuple[np.ndarray, list]:
+def place_cluster(rng: np.random.Generator, cells: list, index: int, absorb: bool = False) -> tuple[np.ndarray, list]:
     """Cells placed touching each other (``trainer.clusters.place_cluster``) on background ``index``; (frame, boxes)."""
     frame = background(index)
-    return frame, clusters.place_cluster(rng, cells, frame)
+    return frame, clusters.place_cluster(rng, cells, frame, absorb=absorb)
 
 
 def use_pool(cnmc_step: int = 25, pbc_step: int = 97) -> None:
@@ -93,7 +93,7 @@ def use_pool(cnmc_step: int = 25, pbc_step: int = 97) -> None:
     _FILES["pbc"] = [p for p in pbc_files(pbc_step) if clusters.half(p) == 1]
 
 
-def cluster(rng: np.random.Generator, size: int, index: int) -> tuple[np.ndarray, list]:
+def cluster(rng: np.random.Generator, size: int, index: int, absorb: bool = False) -> tuple[np.ndarray, list]:
     """A cluster of ``size`` real cells (C-NMC blasts and normals, PBC normals, half and half) on a real
     smear field; (frame, boxes). A cell that could not be placed touching the others is left out."""
     if not _FILES:
@@ -104,7 +104,7 @@ def cluster(rng: np.random.Generator, size: int, index: int) -> tuple[np.ndarray
         cell = cnmc_cell(cnmc[rng.integers(len(cnmc))]) if rng.random() < 0.5 else pbc_cell(pbc[rng.integers(len(pbc))])
         if cell is not None:
             cells.append(cell)
-    return place_cluster(rng, cells, index)
+    return place_cluster(rng, cells, index, absorb)
 
 
 _FILES: dict[str, list[Path]] = {}

@@ -25,6 +25,8 @@ from edge.segmentation import SegmentationSettings, find_cells
 
 #: C-NMC crops show the cell on black: pixels brighter than this in some channel are the cell.
 CNMC_BLACK_LEVEL = 12
+#: A bright, empty smear field's level: a cell's colour over it is the share of light the cell lets through.
+PAPER = 240.0
 #: Most a placed cell overlaps the one it touches, as a fraction of the two radii.
 MAX_OVERLAP = 0.2
 
@@ -68,22 +70,31 @@ def _rescale(rgb: np.ndarray, mask: np.ndarray, factor: float) -> CutCell:
 
 
 def paste(frame: np.ndarray, cell: CutCell | tuple[np.ndarray, np.ndarray], centre: tuple[int, int], owner: np.ndarray | None = None,
-          label: int = 0) -> tuple[int, int, int, int]:
+          label: int = 0, absorb: bool = False) -> tuple[int, int, int, int]:
     """Put a cell's own pixels on ``frame`` (in place), centred at ``centre``; its box (x, y, w, h).
-    ``owner`` (frame-sized, int) gets ``label`` where the cell now shows: a later cell covers an earlier one."""
+    ``owner`` (frame-sized, int) gets ``label`` where the cell now shows: a later cell covers an earlier one.
+    ``absorb``: the cell filters the light instead of replacing it (each pixel times the cell's
+    transmission, its colour over ``PAPER``), as light through two stacked cells does: no pasted edge,
+    the lower cell still seen through the upper one."""
     rgb, mask = cell
     h, w = mask.shape
     x, y = int(centre[0] - w / 2), int(centre[1] - h / 2)
-    frame[y:y + h, x:x + w][mask] = rgb[mask]
+    region = frame[y:y + h, x:x + w]
+    if absorb:
+        transmission = np.clip(rgb[mask].astype(np.float32) / PAPER, 0, 1)
+        region[mask] = (region[mask].astype(np.float32) * transmission).round().astype(np.uint8)
+    else:
+        region[mask] = rgb[mask]
     if owner is not None:
         owner[y:y + h, x:x + w][mask] = label
     return x, y, w, h
 
 
 def place_cluster(rng: np.random.Generator, cells: list, frame: np.ndarray,
-                  owner: np.ndarray | None = None) -> list[tuple[int, int, int, int]]:
+                  owner: np.ndarray | None = None, absorb: bool = False) -> list[tuple[int, int, int, int]]:
     """Cells placed one by one on ``frame`` (in place), each touching an earlier one and overlapping it
-    by 0-20% of their radii; the placed cells' boxes. ``owner`` gets label k + 1 for the k-th placed cell.
+    by 0-20% of their radii; the placed cells' boxes. ``owner`` gets label k + 1 for the k-th placed cell;
+    ``absorb``: see ``paste``.
     A cell that finds no place (after 200 tries) is left out."""
     height, width = frame.shape[:2]
     placed: list[tuple[float, float, float]] = []
@@ -103,7 +114,7 @@ def place_cluster(rng: np.random.Generator, cells: list, frame: np.ndarray,
                 and x >= 0 and y >= 0 and x + w <= width and y + h <= height
             if inside and all(np.hypot(cx - px, cy - py) >= 0.8 * (radius + pr) for px, py, pr in placed):
                 placed.append((cx, cy, radius))
-                boxes.append(paste(frame, cell, (int(cx), int(cy)), owner, len(boxes) + 1))
+                boxes.append(paste(frame, cell, (int(cx), int(cy)), owner, len(boxes) + 1, absorb))
                 break
     return boxes
 

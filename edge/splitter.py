@@ -9,7 +9,7 @@ in its own cell, relative to that cell's deepest point (``CONTRACT``). Cells are
 inner half of each cell) grown back to the cell's edge, each core keeping the pixels nearest to it.
 
 The model runs only on stained regions large enough to hold two cells, at its own physical scale
-(``UM_PER_PX``), so a frame of single cells costs nothing more. It ships in the model bundle
+(``UM_PER_PX``), so most lone cells cost nothing more. It ships in the model bundle
 (``manifest["splitter"]``); a bundle without one keeps the classical split alone.
 """
 
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from edge.errors import BundleError
 from edge.interpreter import as_input, open_interpreter
 
 if TYPE_CHECKING:
@@ -80,6 +81,12 @@ class CellSplitter:
         self._input = self.interpreter.get_input_details()[0]
         self._output = self.interpreter.get_output_details()[0]
         self._shape = tuple(int(n) for n in self._input["shape"])
+        details = self.interpreter.get_input_details(), self.interpreter.get_output_details()
+        out_shape = [int(n) for n in self._output["shape"]]
+        if [len(d) for d in details] != [1, 1] or len(self._shape) != 4 or self._shape[-1] != 3 \
+                or len(out_shape) != 4 or out_shape[-1] != 1:
+            raise BundleError(f"{model_path} is not a cell splitter (it needs one RGB image in and one map out); "
+                              "re-add it with `quantize splitter`")
         self._turn = threading.Lock()  # one invocation at a time: frames analysed at once take turns
 
     @classmethod

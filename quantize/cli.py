@@ -212,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
                 print("ops    " + ", ".join(f"{k} x{v}" for k, v in info["edgetpu_check"]["op_counts"].items()))
                 verdict = info["edgetpu_check"]
                 print("Edge TPU: " + ("compatible" if verdict["compatible"] else "; ".join(verdict["problems"])))
+                split = m.get("splitter")
+                print(f"splitter {split['file']} ({split['contract']}, {split['um_per_px']} µm/px): held-out clusters "
+                      f"{split['held_out']['rate']:.3f} found on their own" if split else
+                      "splitter none: touching cells are split by the classical rule (add one with `quantize splitter`)")
         elif args.command == "splitter":
             from quantize.splitter import add_splitter
 

@@ -69,6 +69,19 @@ def test_a_damaged_splitter_file_is_refused(shipped_copy):
         load_bundle(shipped_copy)
 
 
+def test_a_model_that_is_no_splitter_is_refused_in_one_line(shipped_copy):
+    """The classifier's own model (valid, checksummed) in the splitter's place: it maps no image to a map."""
+    import shutil as files
+
+    from edge.bundle import write_manifest
+
+    files.copy(shipped_copy / "model_int8.tflite", shipped_copy / "splitter_int8.tflite")
+    write_manifest(shipped_copy, json.loads((shipped_copy / "manifest.json").read_text()))
+    with pytest.raises(BundleError, match="is not a cell splitter .* re-add it with `quantize splitter`") as caught:
+        Classifier(shipped_copy)
+    assert "\n" not in str(caught.value)
+
+
 def test_the_shipped_splitter_runs_int8_on_regions_of_any_size():
     bundle = load_bundle(DEFAULT_BUNDLE)
     assert bundle.manifest["splitter"]["contract"] == CONTRACT

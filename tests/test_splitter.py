@@ -145,3 +145,27 @@ def test_quantize_splitter_names_a_folder_that_is_no_splitter_run(tmp_path, ship
     assert quantize(["splitter", str(shipped_copy), "--run", str(tmp_path)]) != 0
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "is not a `trainer splitter` run" in error[0] and "train one with `trainer splitter`" in error[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--absorb-share", "2"], "--absorb-share between 0 and 1"),
+    (["--clusters", "3"], "--clusters must be at least 8"),
+    ([], "the splitter needs smear images for its fields: add a --data source in the cell-type layout"),
+])
+def test_trainer_splitter_bad_input_is_one_line(tiny_data, tmp_path, capsys, extra, message):
+    """C-NMC-style crops alone have no smear to compose fields from; bad numbers are named."""
+    from trainer.cli import main as trainer
+
+    assert trainer(["splitter", "--data", str(tiny_data), "--out", str(tmp_path / "run"), *extra]) != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]
+
+
+def test_trainer_splitter_refuses_a_full_out_folder(tiny_data, tmp_path, capsys):
+    from trainer.cli import main as trainer
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("a previous run")
+    assert trainer(["splitter", "--data", str(tiny_data), "--out", str(tmp_path / "run")]) != 0
+    assert "is not empty; choose another --out or pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "run" / "keep.txt").read_text() == "a previous run"

@@ -13,7 +13,6 @@ clusters of the other half, and the tests and ``bench_clusters.py`` measure the 
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -30,8 +29,6 @@ from trainer.clusters import CutCell, cut_cnmc, cut_smear_cell, half, inner_dist
 from trainer.compose import smear_background
 from trainer.dataset import LABELS, Sample
 
-log = logging.getLogger(__name__)
-
 #: Clusters are composed at this scale (a 12 µm cell is 80 px) and reduced to ``UM_PER_PX``.
 FIELD_UM_PER_PX = 0.15
 #: A composed field, 108 x 81 µm: room for eight touching cells.
@@ -40,6 +37,13 @@ FIELD_SIZE = (720, 540)
 SIZES = tuple(range(1, 9))
 #: Training windows (splitter pixels), cut at random from each composed field.
 WINDOW = 160
+#: Painted out with this rim: a large cell's pale cytoplasm reaches past its stained mask, and a ghost
+#: of it left on a field would be a white cell the target calls background.
+FIELD_MARGIN_UM = 4.0
+#: A field keeps less than this share of blue-violet pixels (B - R > 20): no nucleus or cytoplasm left.
+FIELD_MAX_STAINED = 0.003
+#: Eosinophils' orange granules outlive the painting (their cytoplasm is not blue): not used as fields.
+NOT_FIELDS = ("eosinophil",)
 MODEL_FILE = "splitter.keras"
 CALIBRATION_FILE = "calibration_fields.npz"
 METRICS_FILE = "splitter.json"
@@ -63,15 +67,6 @@ def cell_pool(samples: Sequence[Sample], count: int, part: int, seed: int) -> li
     return pool
 
 
-#: Painted out with this rim: a large cell's pale cytoplasm reaches past its stained mask, and a ghost
-#: of it left on a field would be a white cell the target calls background.
-FIELD_MARGIN_UM = 4.0
-#: A field keeps less than this share of blue-violet pixels (B - R > 20): no nucleus or cytoplasm left.
-FIELD_MAX_STAINED = 0.003
-#: Eosinophils' orange granules outlive the painting (their cytoplasm is not blue): not used as fields.
-NOT_FIELDS = ("eosinophil",)
-
-
 def smear_fields(samples: Sequence[Sample], count: int, seed: int) -> list[np.ndarray]:
     """Smear tiles without white cells at ``FIELD_UM_PER_PX``: smear images with their cell painted out."""
     smear = [s for s in samples if s.cell_type not in LABELS + NOT_FIELDS]
@@ -82,10 +77,16 @@ def smear_fields(samples: Sequence[Sample], count: int, seed: int) -> list[np.nd
     tiles = []
     for index in progress(rng.choice(len(smear), min(count, len(smear)), replace=False), desc="smear fields", unit="image"):
         sample = smear[index]
-        background = smear_background(read_rgb(sample.path), sample.um_per_px, FIELD_MARGIN_UM)
+        try:
+            background = smear_background(read_rgb(sample.path), sample.um_per_px, FIELD_MARGIN_UM)
+        except DataError:
+            continue  # an unreadable image: the trainer's loaders report those
         if background is not None and (background[..., 2].astype(np.int16) - background[..., 0] > 20).mean() < FIELD_MAX_STAINED:
             factor = sample.um_per_px / FIELD_UM_PER_PX
             tiles.append(cv2.resize(background, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA))
+    if not tiles:
+        raise DataError(f"none of {min(count, len(smear))} smear images gave a field free of white cells; "
+                        "give a smear source whose images show a white cell among red cells (e.g. ../shared/data/pbc-normal)")
     return tiles
 
 
@@ -105,10 +106,11 @@ def field(rng: np.random.Generator, tiles: list[np.ndarray]) -> np.ndarray:
     return canvas
 
 
-def compose(rng: np.random.Generator, pool: list[CutCell], tiles: list[np.ndarray],
-            count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def compose(rng: np.random.Generator, pool: list[CutCell], tiles: list[np.ndarray], count: int,
+            absorb_share: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``count`` clusters as the splitter sees them: images (N x H x W x 3 uint8), targets (N x H x W
-    float16) and which placed cell owns each pixel (N x H x W uint8, 0 = none)."""
+    float16) and which placed cell owns each pixel (N x H x W uint8, 0 = none). ``absorb_share`` of them
+    are composed with cells that filter the light (``trainer.clusters.paste``), the rest pasted."""
     factor = FIELD_UM_PER_PX / UM_PER_PX
     size = (round(FIELD_SIZE[0] * factor) // SIDE_MULTIPLE * SIDE_MULTIPLE, round(FIELD_SIZE[1] * factor) // SIDE_MULTIPLE * SIDE_MULTIPLE)
     images = np.empty((count, size[1], size[0], 3), np.uint8)
@@ -119,7 +121,7 @@ def compose(rng: np.random.Generator, pool: list[CutCell], tiles: list[np.ndarra
         owner = np.zeros(frame.shape[:2], np.int32)
         cells = [pool[i] for i in rng.integers(len(pool), size=SIZES[index % len(SIZES)])]
         cells = [CutCell(c.rgb[::flip], c.mask[::flip]) for c, flip in zip(cells, rng.choice([-1, 1], len(cells)))]
-        place_cluster(rng, cells, frame, owner)
+        place_cluster(rng, cells, frame, owner, absorb=bool(rng.random() < absorb_share))
         images[index] = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
         owners[index] = cv2.resize(owner, size, interpolation=cv2.INTER_NEAREST)
         targets[index] = inner_distance(owners[index])
@@ -205,7 +207,8 @@ def found_alone(model, images: np.ndarray, owners: np.ndarray) -> dict:
 
 
 def train_splitter(samples: Sequence[Sample], out: Path, *, clusters: int = 2400, epochs: int = 14,
-                   steps: int = 100, batch: int = 8, seed: int = 0, cells: int = 1500, fields: int = 150) -> dict:
+                   steps: int = 100, batch: int = 8, seed: int = 0, cells: int = 1500, fields: int = 150,
+                   absorb_share: float = 0.0) -> dict:
     """Compose, train and write ``out/`` (the model, calibration fields for ``quantize splitter``, metrics)."""
     import keras
 
@@ -217,8 +220,8 @@ def train_splitter(samples: Sequence[Sample], out: Path, *, clusters: int = 2400
         raise DataError(f"too few cells to compose clusters from ({len(train_pool)} + {len(test_pool)}); "
                         "give C-NMC and smear sources with --data")
     rng = np.random.default_rng(seed)
-    images, targets, _ = compose(rng, train_pool, tiles, clusters)
-    test_images, _, test_owners = compose(rng, test_pool, tiles, max(len(SIZES), clusters // 24))
+    images, targets, _ = compose(rng, train_pool, tiles, clusters, absorb_share)
+    test_images, _, test_owners = compose(rng, test_pool, tiles, max(len(SIZES), clusters // 24), absorb_share)
     model = build_model()
     model.compile(keras.optimizers.Adam(2e-3), loss=weighted_error)
     history = model.fit(batches(images, targets, batch, seed), steps_per_epoch=steps, epochs=epochs,
@@ -227,7 +230,7 @@ def train_splitter(samples: Sequence[Sample], out: Path, *, clusters: int = 2400
     model.save(out / MODEL_FILE)
     np.savez_compressed(out / CALIBRATION_FILE, images=images[:: max(1, clusters // 64)], held_out=test_images)
     metrics = {"contract": CONTRACT, "um_per_px": UM_PER_PX, "field_um_per_px": FIELD_UM_PER_PX,
-               "cells": {"train": len(train_pool), "held_out": len(test_pool)}, "clusters": clusters,
+               "cells": {"train": len(train_pool), "held_out": len(test_pool)}, "clusters": clusters, "absorb_share": absorb_share,
                "epochs": epochs, "steps_per_epoch": steps, "batch": batch, "seed": seed,
                "loss": [round(float(v), 5) for v in history.history["loss"]],
                "held_out": found_alone(model, test_images, test_owners),

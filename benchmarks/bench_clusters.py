@@ -9,7 +9,9 @@ when one found cell's box, matched one to one, overlaps its box with IoU >= 0.5.
 found boxes that match no placed cell (a wrong split or a merge). The same clusters are measured
 with the classical split alone and with the bundle's learned splitter (when it has one), with the
 segmentation's median time per frame for each. The cells are from the half the splitter was never
-trained on (``trainer.clusters.half``), on BCCD fields (another lab). Prints one JSON object.
+trained on (``trainer.clusters.half``), on BCCD fields (another lab). Also: whether the classifier
+decides on each found cell as it does on the same cell found alone on the same field (what a crop cut
+from a cluster costs the verdict). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,26 +32,58 @@ from edge.assets import DEFAULT_BUNDLE  # noqa: E402
 from edge.bundle import load_bundle  # noqa: E402
 from edge.segmentation import SegmentationSettings, find_cells  # noqa: E402
 from edge.splitter import CellSplitter  # noqa: E402
-from tests.composing import BCCD_UM_PER_PX, cluster, found_alone, use_pool  # noqa: E402
+from edge.classifier import Classifier  # noqa: E402
+from edge.pipeline import Pipeline  # noqa: E402
+from tests.composing import BCCD_UM_PER_PX, background, box_iou, cluster, matches, paste, use_pool  # noqa: E402
 
 
-def measure(frames: list, splitter: CellSplitter | None, settings: SegmentationSettings) -> dict:
+class Composed(NamedTuple):
+    frame: np.ndarray
+    boxes: list
+    index: int  # its background
+    placements: list  # (cell, centre) of each placed cell, in the boxes' order
+
+
+def alone_scores(composed: list[Composed], pipeline: Pipeline, settings: SegmentationSettings) -> list[list[float | None]]:
+    """P(ALL) of each placed cell found on the same field with no other cell near it (None: not found)."""
+    scores = []
+    for item in composed:
+        row: list[float | None] = []
+        for (cell, centre), box in zip(item.placements, item.boxes):
+            frame = background(item.index)
+            paste(frame, cell, centre)
+            found = [c for c in find_cells(frame, settings) if box_iou(c.bbox, box) >= 0.5]
+            row.append(float(pipeline.classifier.scores(pipeline.crops(frame, found[:1]))[0]) if found else None)
+        scores.append(row)
+    return scores
+
+
+def measure(composed: list[Composed], splitter: CellSplitter | None, settings: SegmentationSettings,
+            pipeline: Pipeline, alone: list[list[float | None]]) -> dict:
     sizes: dict[int, dict[str, int]] = {}
-    times = []
-    for frame, boxes in frames:
+    times, agree, shift = [], [], []
+    threshold = pipeline.classifier.threshold
+    for item, lone in zip(composed, alone):
         started = time.perf_counter()
-        found = find_cells(frame, settings, splitter)
+        found = find_cells(item.frame, settings, splitter)
         times.append(time.perf_counter() - started)
-        hits = found_alone(boxes, found)
-        row = sizes.setdefault(len(boxes), {"cells": 0, "found_alone": 0, "unmatched_boxes": 0})
-        row["cells"] += len(boxes)
-        row["found_alone"] += hits
-        row["unmatched_boxes"] += len(found) - hits
+        pairs = matches(item.boxes, found)
+        row = sizes.setdefault(len(item.boxes), {"cells": 0, "found_alone": 0, "unmatched_boxes": 0})
+        row["cells"] += len(item.boxes)
+        row["found_alone"] += len(pairs)
+        row["unmatched_boxes"] += len(found) - len(pairs)
+        placed = [k for k in pairs if lone[k] is not None]
+        in_cluster = pipeline.classifier.scores(pipeline.crops(item.frame, [found[pairs[k]] for k in placed]))
+        for k, score in zip(placed, in_cluster):
+            agree.append((score >= threshold) == (lone[k] >= threshold))
+            shift.append(abs(float(score) - lone[k]))
     cells = sum(r["cells"] for r in sizes.values())
-    alone = sum(r["found_alone"] for r in sizes.values())
-    return {"cells": cells, "found_alone": alone, "rate": round(alone / cells, 3),
+    alone_found = sum(r["found_alone"] for r in sizes.values())
+    return {"cells": cells, "found_alone": alone_found, "rate": round(alone_found / cells, 3),
             "unmatched_boxes": sum(r["unmatched_boxes"] for r in sizes.values()),
             "by_size": {str(k): {**r, "rate": round(r["found_alone"] / r["cells"], 3)} for k, r in sorted(sizes.items())},
+            "same_decision_as_alone": {"cells": len(agree), "rate": round(float(np.mean(agree)), 3) if agree else None,
+                                       "median_abs_p_all_shift": round(float(np.median(shift)), 3) if shift else None},
             "segment_ms_median": round(1000 * float(np.median(times)), 1)}
 
 
@@ -67,11 +102,20 @@ def main() -> None:
     use_pool(args.cnmc_step, args.pbc_step)
     rng = np.random.default_rng(args.seed)
     started = time.perf_counter()
-    frames = [cluster(rng, size, index * 7 + size - 2, args.absorb) for index in range(args.per_size) for size in range(2, 9)]
-    report = {"clusters": len(frames), "pool": {"cnmc_step": args.cnmc_step, "pbc_step": args.pbc_step}, "absorb": args.absorb, "frame": list(frames[0][0].shape[1::-1]), "um_per_px": BCCD_UM_PER_PX,
-              "classical": measure(frames, None, settings)}
+    composed = []
+    for index in range(args.per_size):
+        for size in range(2, 9):
+            placements: list = []
+            frame, boxes = cluster(rng, size, index * 7 + size - 2, args.absorb, placements)
+            composed.append(Composed(frame, boxes, index * 7 + size - 2, placements))
+    pipeline = Pipeline(Classifier(args.bundle), settings)
+    alone = alone_scores(composed, pipeline, settings)
+    report = {"clusters": len(composed), "pool": {"cnmc_step": args.cnmc_step, "pbc_step": args.pbc_step},
+              "absorb": args.absorb, "frame": list(composed[0].frame.shape[1::-1]), "um_per_px": BCCD_UM_PER_PX,
+              "cells_found_alone_on_the_field": sum(s is not None for row in alone for s in row),
+              "classical": measure(composed, None, settings, pipeline, alone)}
     if splitter is not None:
-        report["learned"] = measure(frames, splitter, settings)
+        report["learned"] = measure(composed, splitter, settings, pipeline, alone)
         report["learned_over_classical"] = round(report["learned"]["rate"] / report["classical"]["rate"], 3)
     report["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))

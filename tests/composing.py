@@ -79,10 +79,11 @@ def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float
     return w * h / (a[2] * a[3] + b[2] * b[3] - w * h)
 
 
-def place_cluster(rng: np.random.Generator, cells: list, index: int, absorb: bool = False) -> tuple[np.ndarray, list]:
+def place_cluster(rng: np.random.Generator, cells: list, index: int, absorb: bool = False,
+                  placements: list | None = None) -> tuple[np.ndarray, list]:
     """Cells placed touching each other (``trainer.clusters.place_cluster``) on background ``index``; (frame, boxes)."""
     frame = background(index)
-    return frame, clusters.place_cluster(rng, cells, frame, absorb=absorb)
+    return frame, clusters.place_cluster(rng, cells, frame, absorb=absorb, placements=placements)
 
 
 def use_pool(cnmc_step: int = 25, pbc_step: int = 97) -> None:
@@ -93,7 +94,8 @@ def use_pool(cnmc_step: int = 25, pbc_step: int = 97) -> None:
     _FILES["pbc"] = [p for p in pbc_files(pbc_step) if clusters.half(p) == 1]
 
 
-def cluster(rng: np.random.Generator, size: int, index: int, absorb: bool = False) -> tuple[np.ndarray, list]:
+def cluster(rng: np.random.Generator, size: int, index: int, absorb: bool = False,
+            placements: list | None = None) -> tuple[np.ndarray, list]:
     """A cluster of ``size`` real cells (C-NMC blasts and normals, PBC normals, half and half) on a real
     smear field; (frame, boxes). A cell that could not be placed touching the others is left out."""
     if not _FILES:
@@ -104,19 +106,23 @@ def cluster(rng: np.random.Generator, size: int, index: int, absorb: bool = Fals
         cell = cnmc_cell(cnmc[rng.integers(len(cnmc))]) if rng.random() < 0.5 else pbc_cell(pbc[rng.integers(len(pbc))])
         if cell is not None:
             cells.append(cell)
-    return place_cluster(rng, cells, index, absorb)
+    return place_cluster(rng, cells, index, absorb, placements)
 
 
 _FILES: dict[str, list[Path]] = {}
 
 
+def matches(boxes: list, found: list) -> dict[int, int]:
+    """Placed cell index -> found cell index, one to one, where the boxes overlap with IoU >= 0.5."""
+    pairs: dict[int, int] = {}
+    for k, box in enumerate(boxes):
+        best = max(((box_iou(box, cell.bbox), i) for i, cell in enumerate(found) if i not in pairs.values()),
+                   default=(0.0, -1))
+        if best[0] >= 0.5:
+            pairs[k] = best[1]
+    return pairs
+
+
 def found_alone(boxes: list, found: list) -> int:
     """How many of the placed cells' boxes are matched one-to-one by a found cell's box (IoU >= 0.5)."""
-    used: set[int] = set()
-    hits = 0
-    for box in boxes:
-        best = max(((box_iou(box, cell.bbox), i) for i, cell in enumerate(found) if i not in used), default=(0.0, -1))
-        if best[0] >= 0.5:
-            used.add(best[1])
-            hits += 1
-    return hits
+    return len(matches(boxes, found))

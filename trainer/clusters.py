@@ -90,11 +90,11 @@ def paste(frame: np.ndarray, cell: CutCell | tuple[np.ndarray, np.ndarray], cent
     return x, y, w, h
 
 
-def place_cluster(rng: np.random.Generator, cells: list, frame: np.ndarray,
-                  owner: np.ndarray | None = None, absorb: bool = False) -> list[tuple[int, int, int, int]]:
+def place_cluster(rng: np.random.Generator, cells: list, frame: np.ndarray, owner: np.ndarray | None = None,
+                  absorb: bool = False, placements: list | None = None) -> list[tuple[int, int, int, int]]:
     """Cells placed one by one on ``frame`` (in place), each touching an earlier one and overlapping it
     by 0-20% of their radii; the placed cells' boxes. ``owner`` gets label k + 1 for the k-th placed cell;
-    ``absorb``: see ``paste``.
+    ``absorb``: see ``paste``. ``placements`` gets (cell, centre) of each placed cell, in the boxes' order.
     A cell that finds no place (after 200 tries) is left out."""
     height, width = frame.shape[:2]
     placed: list[tuple[float, float, float]] = []
@@ -115,6 +115,8 @@ def place_cluster(rng: np.random.Generator, cells: list, frame: np.ndarray,
             if inside and all(np.hypot(cx - px, cy - py) >= 0.8 * (radius + pr) for px, py, pr in placed):
                 placed.append((cx, cy, radius))
                 boxes.append(paste(frame, cell, (int(cx), int(cy)), owner, len(boxes) + 1, absorb))
+                if placements is not None:
+                    placements.append((cell, (int(cx), int(cy))))
                 break
     return boxes
 

@@ -18,14 +18,14 @@ from edge import __version__
 from edge.bundle import load_bundle, write_manifest
 from edge.console import progress
 from edge.errors import UserError
-from edge.splitter import CONTRACT, UM_PER_PX, CellSplitter, cells_from_distance
+from edge.segmentation import SegmentationSettings
+from edge.splitter import CONTRACT, CellSplitter, cells_from_distance
 from quantize.export import convert_uint8_io
 from trainer.splitter import CALIBRATION_FILE, METRICS_FILE, MODEL_FILE
 
 SPLITTER_MODEL = "splitter_int8.tflite"
 #: Least share of held-out clusters in which int8 finds as many cells as float does.
 MIN_COUNT_AGREEMENT = 0.95
-TYPICAL_CELL_UM = 15.0
 
 
 def convert_splitter(model, fields: np.ndarray) -> bytes:
@@ -47,12 +47,18 @@ def add_splitter(run: Path, bundle_root: Path, min_count_agreement: float = MIN_
     missing = [name for name in (MODEL_FILE, CALIBRATION_FILE, METRICS_FILE) if not (run / name).is_file()]
     if missing:
         raise UserError(f"{run} is not a `trainer splitter` run (no {', '.join(missing)}); train one with `trainer splitter`")
-    model = keras.models.load_model(run / MODEL_FILE, compile=False)
-    data = np.load(run / CALIBRATION_FILE)
+    try:
+        model = keras.models.load_model(run / MODEL_FILE, compile=False)
+        data = np.load(run / CALIBRATION_FILE)
+        metrics = json.loads((run / METRICS_FILE).read_text())
+        scale, held_out, fields = float(metrics["um_per_px"]), metrics["held_out"], data["images"]
+    except Exception as error:  # Keras, NumPy and JSON each raise their own on a damaged file
+        raise UserError(f"{run} holds a damaged splitter run ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                        "train it again with `trainer splitter`") from None
     staged = bundle_root / f".{SPLITTER_MODEL}.new"
-    staged.write_bytes(convert_splitter(model, data["images"]))
-    splitter = CellSplitter(staged, num_threads=2)
-    diameter = TYPICAL_CELL_UM / UM_PER_PX
+    staged.write_bytes(convert_splitter(model, fields))
+    splitter = CellSplitter(staged, um_per_px=scale, num_threads=2)
+    diameter = SegmentationSettings.cell_diameter_um / scale
     same_count, differences = 0, []
     for field in progress(data["held_out"], desc="int8 vs float", unit="field"):
         float_map = model.predict(field[None], verbose=0)[0, ..., 0]
@@ -68,8 +74,7 @@ def add_splitter(run: Path, bundle_root: Path, min_count_agreement: float = MIN_
     staged.replace(bundle_root / SPLITTER_MODEL)
     manifest = dict(bundle.manifest)
     manifest["splitter"] = {
-        "file": SPLITTER_MODEL, "contract": CONTRACT, "um_per_px": UM_PER_PX, "parity": parity,
-        "held_out": json.loads((run / METRICS_FILE).read_text())["held_out"],
+        "file": SPLITTER_MODEL, "contract": CONTRACT, "um_per_px": scale, "parity": parity, "held_out": held_out,
         "provenance": {"source_run": str(run.resolve()), "exported_with": __version__,
                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }

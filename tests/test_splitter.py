@@ -169,3 +169,16 @@ def test_trainer_splitter_refuses_a_full_out_folder(tiny_data, tmp_path, capsys)
     assert trainer(["splitter", "--data", str(tiny_data), "--out", str(tmp_path / "run")]) != 0
     assert "is not empty; choose another --out or pass --overwrite" in capsys.readouterr().err
     assert (tmp_path / "run" / "keep.txt").read_text() == "a previous run"
+
+
+def test_quantize_splitter_names_a_damaged_run(tmp_path, shipped_copy, capsys):
+    from quantize.cli import main as quantize
+    from trainer.splitter import CALIBRATION_FILE, METRICS_FILE, MODEL_FILE
+
+    for name in (MODEL_FILE, CALIBRATION_FILE, METRICS_FILE):
+        (tmp_path / name).write_bytes(b"truncated")
+    before = (shipped_copy / "manifest.json").read_bytes()
+    assert quantize(["splitter", str(shipped_copy), "--run", str(tmp_path)]) != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "holds a damaged splitter run" in error[0] and "train it again" in error[0]
+    assert (shipped_copy / "manifest.json").read_bytes() == before  # the bundle is left as it was

@@ -24,6 +24,7 @@ import numpy as np
 from edge.console import progress
 from edge.errors import DataError
 from edge.preprocessing import read_rgb
+from edge.segmentation import SegmentationSettings
 from edge.splitter import CONTRACT, SIDE_MULTIPLE, UM_PER_PX, cells_from_distance
 from trainer.clusters import CutCell, cut_cnmc, cut_smear_cell, half, inner_distance, place_cluster
 from trainer.compose import smear_background
@@ -194,7 +195,7 @@ def found_alone(model, images: np.ndarray, owners: np.ndarray) -> dict:
     cells = hits = 0
     predicted = model.predict(images, batch_size=8, verbose=0)[..., 0]
     for distance, owner in zip(predicted, owners):
-        found = [box(m) for m in cells_from_distance(distance, 15 / UM_PER_PX)]
+        found = [box(m) for m in cells_from_distance(distance, SegmentationSettings.cell_diameter_um / UM_PER_PX)]
         truth = [box(owner == label) for label in range(1, int(owner.max()) + 1) if (owner == label).any()]
         used: set[int] = set()
         for t in truth:

@@ -182,3 +182,21 @@ def test_quantize_splitter_names_a_damaged_run(tmp_path, shipped_copy, capsys):
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "holds a damaged splitter run" in error[0] and "train it again" in error[0]
     assert (shipped_copy / "manifest.json").read_bytes() == before  # the bundle is left as it was
+
+
+def test_restained_training_windows_keep_their_targets_in_register():
+    """--restain changes colour, focus, noise and scale, never where a cell is: a dark disc and its
+    target stay centred on each other in every window."""
+    from trainer.splitter import WINDOW, batches
+
+    yy, xx = np.mgrid[0:200, 0:240]
+    disc = np.hypot(xx - 120, yy - 100) < 30
+    image = np.where(disc[..., None], np.array([90, 60, 150], np.uint8), np.array([235, 215, 210], np.uint8))
+    target = np.clip(1 - np.hypot(xx - 120, yy - 100) / 30, 0, 1).astype(np.float16)
+    windows, targets = next(batches(image[None].repeat(4, 0), target[None].repeat(4, 0), 4, seed=3, stain=True))
+    assert windows.shape == (4, WINDOW, WINDOW, 3) and targets.shape == (4, WINDOW, WINDOW, 1)
+    assert 0 <= windows.min() and windows.max() <= 255 and not np.allclose(windows[0], windows[1])
+    for window, goal in zip(windows, targets[..., 0]):
+        dark = window.sum(axis=2) < np.percentile(window.sum(axis=2), 15)
+        peak = np.unravel_index(np.argmax(goal), goal.shape)
+        assert dark[peak] and goal[dark].mean() > goal[~dark].mean() + 0.2

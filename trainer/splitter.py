@@ -155,21 +155,53 @@ def build_model():
     return keras.Model(image, layers.Conv2D(1, 1, activation="sigmoid", name="inner_distance")(merged), name="splitter")
 
 
-def batches(images: np.ndarray, targets: np.ndarray, batch: int, seed: int):
-    """Random windows, flipped and transposed, with each channel's gain jittered (stain and white balance)."""
+def batches(images: np.ndarray, targets: np.ndarray, batch: int, seed: int, stain: bool = False):
+    """Random windows, flipped and transposed. ``stain``: each image also takes what another lab's
+    microscope and stain change (``restain``) and a scale error; otherwise only each channel's gain is jittered."""
     rng = np.random.default_rng(seed)
     height, width = images.shape[1:3]
     while True:
         picks = rng.integers(len(images), size=batch)
-        y, x = rng.integers(0, height - WINDOW + 1), rng.integers(0, width - WINDOW + 1)
-        image = images[picks, y:y + WINDOW, x:x + WINDOW].astype(np.float32)
-        target = targets[picks, y:y + WINDOW, x:x + WINDOW, None].astype(np.float32)
+        # ``stain`` also takes a scale error of +-10% (a calibration's): a window of another size, brought to WINDOW.
+        side = min(height, width, int(round(WINDOW * rng.uniform(0.9, 1.1)))) if stain else WINDOW
+        y, x = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
+        image = images[picks, y:y + side, x:x + side]
+        target = targets[picks, y:y + side, x:x + side].astype(np.float32)
+        if side != WINDOW:
+            image = np.stack([cv2.resize(i, (WINDOW, WINDOW), interpolation=cv2.INTER_AREA) for i in image])
+            target = np.stack([cv2.resize(t, (WINDOW, WINDOW), interpolation=cv2.INTER_LINEAR) for t in target])
+        image, target = image.astype(np.float32), target[..., None]
         if rng.random() < 0.5:
             image, target = image[:, ::-1], target[:, ::-1]
         if rng.random() < 0.5:
             image, target = image.transpose(0, 2, 1, 3), target.transpose(0, 2, 1, 3)
-        image = np.clip(image * rng.uniform(0.85, 1.15, (batch, 1, 1, 3)), 0, 255)
+        if stain:
+            image = np.stack([restain(i, rng) for i in image])
+        else:
+            image = np.clip(image * rng.uniform(0.85, 1.15, (batch, 1, 1, 3)), 0, 255)
         yield np.ascontiguousarray(image), np.ascontiguousarray(target)
+
+
+def restain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One image (float 0..255) as another lab might show it: white balance (each channel's gain),
+    exposure and contrast, stain hue and strength (chroma turned and scaled about its grey), defocus
+    and sensor noise. Why: the splitter learns on PBC fields and must hold on a microscope it never saw."""
+    grey = image.mean(axis=2, keepdims=True)
+    chroma = image - grey
+    angle = rng.uniform(-0.25, 0.25)  # radians of hue, in the plane of the chroma
+    axis = np.ones(3) / np.sqrt(3)
+    cos, sin = np.cos(angle), np.sin(angle)
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    turn = cos * np.eye(3) + sin * cross + (1 - cos) * np.outer(axis, axis)  # Rodrigues: about the grey axis
+    image = grey + rng.uniform(0.6, 1.4) * chroma @ turn.T
+    image = image * rng.uniform(0.85, 1.15, 3)
+    mean = image.mean()
+    image = (image - mean) * rng.uniform(0.8, 1.2) + mean * rng.uniform(0.85, 1.15)
+    sigma = rng.uniform(0.0, 1.2)
+    if sigma > 0.3:
+        image = cv2.GaussianBlur(image, (0, 0), sigma)
+    image = image + rng.normal(0, rng.uniform(0, 4), image.shape)
+    return np.clip(image, 0, 255)
 
 
 def weighted_error(target, predicted):
@@ -209,7 +241,7 @@ def found_alone(model, images: np.ndarray, owners: np.ndarray) -> dict:
 
 def train_splitter(samples: Sequence[Sample], out: Path, *, clusters: int = 2400, epochs: int = 14,
                    steps: int = 100, batch: int = 8, seed: int = 0, cells: int = 1500, fields: int = 150,
-                   absorb_share: float = 0.0) -> dict:
+                   absorb_share: float = 0.0, restain: bool = False) -> dict:
     """Compose, train and write ``out/`` (the model, calibration fields for ``quantize splitter``, metrics)."""
     import keras
 
@@ -225,13 +257,13 @@ def train_splitter(samples: Sequence[Sample], out: Path, *, clusters: int = 2400
     test_images, _, test_owners = compose(rng, test_pool, tiles, max(len(SIZES), clusters // 24), absorb_share)
     model = build_model()
     model.compile(keras.optimizers.Adam(2e-3), loss=weighted_error)
-    history = model.fit(batches(images, targets, batch, seed), steps_per_epoch=steps, epochs=epochs,
+    history = model.fit(batches(images, targets, batch, seed, restain), steps_per_epoch=steps, epochs=epochs,
                         verbose=1 if sys.stderr.isatty() else 2)
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / MODEL_FILE)
     np.savez_compressed(out / CALIBRATION_FILE, images=images[:: max(1, clusters // 64)], held_out=test_images)
     metrics = {"contract": CONTRACT, "um_per_px": UM_PER_PX, "field_um_per_px": FIELD_UM_PER_PX,
-               "cells": {"train": len(train_pool), "held_out": len(test_pool)}, "clusters": clusters, "absorb_share": absorb_share,
+               "cells": {"train": len(train_pool), "held_out": len(test_pool)}, "clusters": clusters, "absorb_share": absorb_share, "restain": restain,
                "epochs": epochs, "steps_per_epoch": steps, "batch": batch, "seed": seed,
                "loss": [round(float(v), 5) for v in history.history["loss"]],
                "held_out": found_alone(model, test_images, test_owners),

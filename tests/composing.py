@@ -89,7 +89,7 @@ def place_cluster(rng: np.random.Generator, cells: list, index: int, absorb: boo
 def use_pool(cnmc_step: int = 25, pbc_step: int = 97) -> None:
     """Draw ``cluster``'s cells from every ``cnmc_step``-th C-NMC and ``pbc_step``-th PBC image, of the half
     the shipped splitter never saw (``trainer.clusters.half``). Which cells are drawn moves the classical
-    split's rate a lot (0.56-0.73 on the same 28 clusters), so methods are compared on the same frames."""
+    split's rate a lot (0.56-0.73 over 28 clusters from three pools), so methods are compared on the same frames."""
     _FILES["cnmc"] = [p for p in cnmc_files(cnmc_step) if clusters.half(p) == 1]
     _FILES["pbc"] = [p for p in pbc_files(pbc_step) if clusters.half(p) == 1]
 

@@ -204,6 +204,9 @@ class WebPage:
         self._pending: deque[tuple[np.ndarray, dict, np.ndarray]] = deque(maxlen=2)
         self._work = threading.Condition()
         self.stopping = threading.Event()
+        #: Picture streams being served: ``stop`` waits for them, so that no handler thread is inside
+        #: OpenCV's JPEG encoder while the process exits (that aborts it: exit -6, not 0).
+        self.streams = 0
         self.server: _Server | None = None
         self.threads: list[threading.Thread] = []
         self._last_backlog: int | None = None
@@ -249,6 +252,8 @@ class WebPage:
             self.server.server_close()
         for thread in self.threads:
             thread.join(timeout=5)
+        with self.live.changed:
+            self.live.changed.wait_for(lambda: self.streams == 0, timeout=5)
         self.store.close()
 
     # -- the frame step's observer (the agent's inference thread, under its lock) --------------------
@@ -540,6 +545,16 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
+        with page.live.changed:
+            page.streams += 1
+        try:
+            self._stream_parts(page, viewer)
+        finally:
+            with page.live.changed:
+                page.streams -= 1
+                page.live.changed.notify_all()
+
+    def _stream_parts(self, page: "WebPage", viewer: str | None) -> None:
         interval = 1.0 / page.config.stream_fps
         seen = -1
         while not page.stopping.is_set():

@@ -254,9 +254,10 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
         cut = _at_edge((x0, y0, x1, y1), small.shape[:2], margin)
         box = labels[y0:y1, x0:x1]
         component = (box == group[0] if len(group) == 1 else np.isin(box, group)).astype(np.uint8)  # isin sorts: 10x slower
-        if cut and np.count_nonzero(component) <= SMALL_PAIR_DISCS * disc:
+        stained = np.count_nonzero(component)
+        if cut and stained <= SMALL_PAIR_DISCS * disc:
             continue  # cut by the frame border: half a cell is no evidence
-        if splitter is not None and np.count_nonzero(component) > LEARNED_SPLIT_ABOVE_DISCS * disc:
+        if splitter is not None and stained > LEARNED_SPLIT_ABOVE_DISCS * disc:
             learned = _split_learned(frame_rgb, splitter, component, (x0, y0), scale, settings)
             if learned is not None:
                 cells.extend(learned)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer import clusters
-from trainer.clusters import CutCell, cut_cnmc, cut_smear_cell, paste  # noqa: F401  (paste: the tests' own frames)
+from trainer.clusters import CutCell, box_iou, cut_cnmc, cut_smear_cell, paste  # noqa: F401  (the tests' own frames)
 from trainer.dataset import CNMC_UM_PER_PX
 from edge.preprocessing import read_rgb
 from edge.segmentation import SegmentationSettings, find_cells
@@ -72,13 +72,6 @@ def pbc_files(step: int = 200) -> list[Path]:
     return sorted(PBC.glob("*/*.jpg"))[::step]
 
 
-def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    """Intersection over union of two (x, y, w, h) boxes."""
-    w = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    h = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    return w * h / (a[2] * a[3] + b[2] * b[3] - w * h)
-
-
 def place_cluster(rng: np.random.Generator, cells: list, index: int, absorb: bool = False,
                   placements: list | None = None) -> tuple[np.ndarray, list]:
     """Cells placed touching each other (``trainer.clusters.place_cluster``) on background ``index``; (frame, boxes)."""
@@ -113,14 +106,8 @@ _FILES: dict[str, list[Path]] = {}
 
 
 def matches(boxes: list, found: list) -> dict[int, int]:
-    """Placed cell index -> found cell index, one to one, where the boxes overlap with IoU >= 0.5."""
-    pairs: dict[int, int] = {}
-    for k, box in enumerate(boxes):
-        best = max(((box_iou(box, cell.bbox), i) for i, cell in enumerate(found) if i not in pairs.values()),
-                   default=(0.0, -1))
-        if best[0] >= 0.5:
-            pairs[k] = best[1]
-    return pairs
+    """Placed cell index -> found cell index (``trainer.clusters.matches`` on the found cells' boxes)."""
+    return clusters.matches(boxes, [cell.bbox for cell in found])
 
 
 def found_alone(boxes: list, found: list) -> int:

@@ -132,3 +132,21 @@ def inner_distance(owner: np.ndarray) -> np.ndarray:
             distance = cv2.distanceTransform(region, cv2.DIST_L2, 5)
             target += distance / max(float(distance.max()), 1e-6)
     return target
+
+
+def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection over union of two (x, y, w, h) boxes."""
+    w = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return w * h / (a[2] * a[3] + b[2] * b[3] - w * h)
+
+
+def matches(placed: list, found: list) -> dict[int, int]:
+    """Placed box index -> found box index, one to one, where the (x, y, w, h) boxes overlap with IoU >= 0.5:
+    how a composed cluster's cells count as found each on its own."""
+    pairs: dict[int, int] = {}
+    for k, box in enumerate(placed):
+        best = max(((box_iou(box, other), i) for i, other in enumerate(found) if i not in pairs.values()), default=(0.0, -1))
+        if best[0] >= 0.5:
+            pairs[k] = best[1]
+    return pairs

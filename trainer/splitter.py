@@ -26,7 +26,7 @@ from edge.errors import DataError
 from edge.preprocessing import read_rgb
 from edge.segmentation import SegmentationSettings
 from edge.splitter import CONTRACT, SIDE_MULTIPLE, UM_PER_PX, cells_from_distance
-from trainer.clusters import CutCell, cut_cnmc, cut_smear_cell, half, inner_distance, place_cluster
+from trainer.clusters import CutCell, cut_cnmc, cut_smear_cell, half, inner_distance, matches, place_cluster
 from trainer.compose import smear_background
 from trainer.dataset import LABELS, Sample
 
@@ -216,25 +216,14 @@ def found_alone(model, images: np.ndarray, owners: np.ndarray) -> dict:
     """Held-out clusters: how many placed cells the model's cells match one to one (box IoU >= 0.5)."""
 
     def box(mask: np.ndarray) -> tuple[int, int, int, int]:
-        ys, xs = np.nonzero(mask)
-        return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-
-    def iou(a, b) -> float:
-        w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-        h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-        return w * h / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h)
+        return cv2.boundingRect(mask.astype(np.uint8))
 
     cells = hits = 0
     predicted = model.predict(images, batch_size=8, verbose=0)[..., 0]
     for distance, owner in zip(predicted, owners):
         found = [box(m) for m in cells_from_distance(distance, SegmentationSettings.cell_diameter_um / UM_PER_PX)]
         truth = [box(owner == label) for label in range(1, int(owner.max()) + 1) if (owner == label).any()]
-        used: set[int] = set()
-        for t in truth:
-            best = max(((iou(t, f), i) for i, f in enumerate(found) if i not in used), default=(0.0, -1))
-            if best[0] >= 0.5:
-                used.add(best[1])
-                hits += 1
+        hits += len(matches(truth, found))
         cells += len(truth)
     return {"clusters": len(images), "cells": cells, "found_alone": hits, "rate": round(hits / max(cells, 1), 3)}
 

@@ -61,6 +61,10 @@ class SegmentationConfig(Strict):
     detect_width: int = Field(SegmentationSettings.detect_width, ge=64)
     blue_threshold: int = Field(SegmentationSettings.blue_threshold, ge=0, le=255)
     dark_level: int = Field(SegmentationSettings.dark_level, ge=0, le=255)
+    pale_nucleus_level: int = Field(SegmentationSettings.pale_nucleus_level, ge=0, le=255,
+                                    description="or darker than this and violet: a lightly stained nucleus")
+    pale_nucleus_blue: int = Field(SegmentationSettings.pale_nucleus_blue, ge=0, le=255,
+                                   description="how much bluer than red such a nucleus must be")
     min_area_fraction: float = Field(SegmentationSettings.min_area_fraction, gt=0)
     max_area_fraction: float = Field(SegmentationSettings.max_area_fraction, gt=0)
     learned_split: bool = Field(SegmentationSettings.learned_split,

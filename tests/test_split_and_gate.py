@@ -71,6 +71,24 @@ def test_gate_keeps_clean_real_cells():
 
 
 @needs_all
+def test_lightly_stained_nuclei_are_found_and_classified():
+    """Two PBC monocytes whose violet nuclei stain lightly (blue excess ~25, brightest channel ~146 once
+    the detection copy averages their chromatin), resampled to BCCD's scale on a BCCD field: missed
+    outright by the blue-excess and dark rules alone, found with the pale-nucleus rule, and let through by
+    the gate (which read the same cells as out of focus while it saw no nucleus in them)."""
+    without = SegmentationSettings(um_per_px=BCCD_UM_PER_PX, pale_nucleus_level=0)
+    for name in ("MO_14768.jpg", "MO_212567.jpg"):
+        cell = pbc_cell(PBC / "monocyte" / name)
+        assert cell is not None, name
+        frame = background(0)
+        box = paste(frame, cell, (640, 480))
+        assert not [c for c in find_cells(frame, without) if box_iou(c.bbox, box) >= 0.5], name
+        found = [c for c in find_cells(frame, SETTINGS) if box_iou(c.bbox, box) >= 0.5]
+        assert len(found) == 1, name
+        assert judge(frame, found[0], BCCD_UM_PER_PX).classify, name
+
+
+@needs_all
 def test_gate_stops_blurred_torn_and_smeared_real_cells():
     frame = background(1)
     box = paste(frame, cnmc_cell(cnmc_files(40)[3]), (640, 480))

@@ -55,6 +55,22 @@ def test_a_waisted_cell_is_one_cell_and_two_touching_cells_are_two():
     assert len(masks) == 2
 
 
+def test_lobes_thinner_than_a_nucleus_are_one_cell_and_round_nuclei_stay_apart():
+    """A segmented nucleus cut at its filament comes back as two thin parts: one cell. Two round nuclei
+    side by side, or a thin lobe beside a round nucleus, stay apart."""
+    from edge.segmentation import _join_lobes
+
+    yy, xx = np.mgrid[0:80, 0:160]
+    left, right = xx < 80, xx >= 80
+    lobes = ((abs(yy - 40) < 6) & (xx > 20) & (xx < 140)).astype(np.uint8)  # 12 px thick, a band
+    rounds = ((np.hypot(xx - 50, yy - 40) < 28) | (np.hypot(xx - 106, yy - 40) < 28)).astype(np.uint8)
+    assert len(_join_lobes([left, right], lobes, min_radius=20)) == 1
+    assert len(_join_lobes([left, right], rounds, min_radius=20)) == 2
+    assert len(_join_lobes([left, right], np.where(left, lobes, rounds).astype(np.uint8), min_radius=20)) == 2
+    apart = [left & (xx < 60), right & (xx > 100)]  # thin, but not touching
+    assert len(_join_lobes(apart, lobes, min_radius=20)) == 2
+
+
 @pytest.fixture
 def shipped_copy(tmp_path):
     copy = tmp_path / "bundle"

@@ -11,7 +11,8 @@ with the classical split alone and with the bundle's learned splitter (when it h
 segmentation's median time per frame for each. The cells are from the half the splitter was never
 trained on (``trainer.clusters.half``), on BCCD fields (another lab). Also: whether the classifier
 decides on each found cell as it does on the same cell found alone on the same field (what a crop cut
-from a cluster costs the verdict). Prints one JSON object.
+from a cluster costs the verdict), and the rate by kind of cell (C-NMC blasts and normals, each PBC
+type). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Composed(NamedTuple):
     boxes: list
     index: int  # its background
     placements: list  # (cell, centre) of each placed cell, in the boxes' order
+    kinds: list  # what each placed cell is (tests.composing.kind), in the boxes' order
 
 
 def alone_scores(composed: list[Composed], pipeline: Pipeline, settings: SegmentationSettings) -> list[list[float | None]]:
@@ -61,6 +63,7 @@ def alone_scores(composed: list[Composed], pipeline: Pipeline, settings: Segment
 def measure(composed: list[Composed], splitter: CellSplitter | None, settings: SegmentationSettings,
             pipeline: Pipeline, alone: list[list[float | None]]) -> dict:
     sizes: dict[int, dict[str, int]] = {}
+    kinds: dict[str, list[int]] = {}  # kind -> [cells, found on their own]
     times, agree, shift = [], [], []
     threshold = pipeline.classifier.threshold
     for item, lone in zip(composed, alone):
@@ -72,6 +75,10 @@ def measure(composed: list[Composed], splitter: CellSplitter | None, settings: S
         row["cells"] += len(item.boxes)
         row["found_alone"] += len(pairs)
         row["unmatched_boxes"] += len(found) - len(pairs)
+        for k, name in enumerate(item.kinds):
+            counts = kinds.setdefault(name, [0, 0])
+            counts[0] += 1
+            counts[1] += k in pairs
         placed = [k for k in pairs if lone[k] is not None]
         in_cluster = pipeline.classifier.scores(pipeline.crops(item.frame, [found[pairs[k]] for k in placed]))
         for k, score in zip(placed, in_cluster):
@@ -82,6 +89,7 @@ def measure(composed: list[Composed], splitter: CellSplitter | None, settings: S
     return {"cells": cells, "found_alone": alone_found, "rate": round(alone_found / cells, 3),
             "unmatched_boxes": sum(r["unmatched_boxes"] for r in sizes.values()),
             "by_size": {str(k): {**r, "rate": round(r["found_alone"] / r["cells"], 3)} for k, r in sorted(sizes.items())},
+            "by_kind": {k: {"cells": n, "found_alone": f, "rate": round(f / n, 3)} for k, (n, f) in sorted(kinds.items())},
             "same_decision_as_alone": {"cells": len(agree), "rate": round(float(np.mean(agree)), 3) if agree else None,
                                        "median_abs_p_all_shift": round(float(np.median(shift)), 3) if shift else None},
             "segment_ms_median": round(1000 * float(np.median(times)), 1)}
@@ -106,8 +114,9 @@ def main() -> None:
     for index in range(args.per_size):
         for size in range(2, 9):
             placements: list = []
-            frame, boxes = cluster(rng, size, index * 7 + size - 2, args.absorb, placements)
-            composed.append(Composed(frame, boxes, index * 7 + size - 2, placements))
+            kinds: list = []
+            frame, boxes = cluster(rng, size, index * 7 + size - 2, args.absorb, placements, kinds)
+            composed.append(Composed(frame, boxes, index * 7 + size - 2, placements, kinds))
     pipeline = Pipeline(Classifier(args.bundle), settings)
     alone = alone_scores(composed, pipeline, settings)
     report = {"clusters": len(composed), "pool": {"cnmc_step": args.cnmc_step, "pbc_step": args.pbc_step},

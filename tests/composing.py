@@ -87,19 +87,32 @@ def use_pool(cnmc_step: int = 25, pbc_step: int = 97) -> None:
     _FILES["pbc"] = [p for p in pbc_files(pbc_step) if clusters.half(p) == 1]
 
 
+def kind(path: Path) -> str:
+    """What a cell is: "C-NMC all" / "C-NMC hem" (its class folder), or "PBC <cell type>"."""
+    return f"C-NMC {path.parent.name}" if path.suffix == ".png" else f"PBC {path.parent.name}"
+
+
 def cluster(rng: np.random.Generator, size: int, index: int, absorb: bool = False,
-            placements: list | None = None) -> tuple[np.ndarray, list]:
+            placements: list | None = None, kinds: list | None = None) -> tuple[np.ndarray, list]:
     """A cluster of ``size`` real cells (C-NMC blasts and normals, PBC normals, half and half) on a real
-    smear field; (frame, boxes). A cell that could not be placed touching the others is left out."""
+    smear field; (frame, boxes). A cell that could not be placed touching the others is left out.
+    ``kinds`` gets each placed cell's ``kind``, in the boxes' order."""
     if not _FILES:
         use_pool()
     cnmc, pbc = _FILES["cnmc"], _FILES["pbc"]
     cells: list = []
+    sources: dict[int, Path] = {}
     while len(cells) < size:
-        cell = cnmc_cell(cnmc[rng.integers(len(cnmc))]) if rng.random() < 0.5 else pbc_cell(pbc[rng.integers(len(pbc))])
+        path = cnmc[rng.integers(len(cnmc))] if rng.random() < 0.5 else pbc[rng.integers(len(pbc))]
+        cell = cnmc_cell(path) if path.suffix == ".png" else pbc_cell(path)
         if cell is not None:
             cells.append(cell)
-    return place_cluster(rng, cells, index, absorb, placements)
+            sources[id(cell)] = path
+    placed = [] if placements is None else placements
+    frame, boxes = place_cluster(rng, cells, index, absorb, placed)
+    if kinds is not None:
+        kinds.extend(kind(sources[id(cell)]) for cell, _ in placed)
+    return frame, boxes
 
 
 _FILES: dict[str, list[Path]] = {}

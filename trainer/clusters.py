@@ -69,6 +69,8 @@ def _rescale(rgb: np.ndarray, mask: np.ndarray, factor: float) -> CutCell:
     rgb = cv2.resize(rgb, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
     mask = cv2.resize(mask.astype(np.uint8), (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
     ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return CutCell(rgb, mask)
     top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     return CutCell(rgb[top:bottom, left:right], mask[top:bottom, left:right])
 

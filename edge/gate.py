@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edge.segmentation import Cell, SegmentationSettings, nucleus_pixels
+from edge.segmentation import Cell, SegmentationSettings, balanced, nucleus_pixels
 
 #: Focus is measured on the nucleus resampled to this scale, so that the number means the same at
 #: every objective (the variance of the Laplacian grows as pixels get finer).
@@ -159,7 +159,7 @@ def judge(frame_rgb: np.ndarray, cell: Cell, um_per_px: float,
         crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
         mask = cv2.resize(mask.view(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
         um_per_px = FOCUS_UM_PER_PX
-    stained = nucleus_pixels(crop, settings).astype(bool)
+    stained = nucleus_pixels(balanced(crop, cell.balance), settings).astype(bool)
     nucleus = stained & mask if not cell.pre_cropped else mask
     focus = nucleus_focus(crop, nucleus, um_per_px)
     if not cell.pre_cropped and border_um > MAX_BORDER_CONTACT_UM:

@@ -10,7 +10,7 @@ on a full 1080p frame already cost ~20 ms on a 2-core x86); masks are mapped bac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -63,6 +63,8 @@ class Cell:
     area: int  # cell mask area in frame pixels
     mask: np.ndarray  # bool, bbox-sized
     pre_cropped: bool = False
+    #: The frame's white balance the cell was found with (``white_balance``): the gate reads its nucleus alike.
+    balance: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def full_mask(self, shape: tuple[int, int]) -> np.ndarray:
         full = np.zeros(shape, bool)
@@ -80,6 +82,51 @@ def _stained(rgb: np.ndarray, blue_threshold: float, dark_level: int) -> np.ndar
                            cv2.compare(cv2.add(blue, 10), red, cv2.CMP_GE))
     blue_excess = cv2.compare(cv2.subtract(blue, red), float(blue_threshold), cv2.CMP_GT)
     return cv2.min(cv2.bitwise_or(blue_excess, dark), 1)
+
+
+#: The background colours (bare glass: blue / red, green / red) the colour rules were set on, from
+#: BCCD's grey (0.99, 1.01) to PBC's cream (0.79, 0.91). A frame whose background lies outside this band
+#: (a camera's white balance, a lamp's colour) is scaled to the nearest colour inside it; one inside is
+#: left as it is, so the frames the rules were measured on see the same pixels.
+BACKGROUND_BLUE_PER_RED = (0.78, 0.99)
+BACKGROUND_GREEN_PER_RED = (0.88, 1.03)
+#: ... and its brightest channel at least this (BCCD's darkest frame: 193; PBC ~254): a darker exposure
+#: is brightened to it, as the dark and pale-nucleus levels are absolute.
+BACKGROUND_LEVEL = 190.0
+
+
+def white_balance(rgb: np.ndarray) -> tuple[float, float, float]:
+    """Per-channel gains that bring the frame's background (its brightest tenth in green: bare glass,
+    lit by the lamp) into ``BACKGROUND_*_PER_RED`` and up to ``BACKGROUND_LEVEL``. The colour rules
+    (blue excess, violet, not red) read B - R: a 15% blue gain on BCCD's frames turned their red cells
+    into ~700 "white cells" on 182 frames. No bright background (a dark frame, a film covered edge to
+    edge): no gains."""
+    height, width = rgb.shape[:2]
+    if height * width > 40_000:  # every second pixel each way is plenty for the background's colour (~4x faster)
+        rgb = cv2.resize(rgb, (width // 2, height // 2), interpolation=cv2.INTER_NEAREST)
+    rgb = np.ascontiguousarray(rgb)
+    green = cv2.extractChannel(rgb, 1)
+    counts = np.cumsum(cv2.calcHist([green], [0], None, [256], [0, 256]).ravel())
+    level = int(np.searchsorted(counts, 0.9 * counts[-1]))
+    red, green_mean, blue = cv2.mean(rgb, mask=cv2.compare(green, level, cv2.CMP_GE))[:3]
+    if min(red, green_mean, blue) < 40:
+        return (1.0, 1.0, 1.0)
+    gain_green, gain_blue = (_into(value / red, band) for value, band in
+                             ((green_mean, BACKGROUND_GREEN_PER_RED), (blue, BACKGROUND_BLUE_PER_RED)))
+    exposure = max(1.0, BACKGROUND_LEVEL / max(red, green_mean * gain_green, blue * gain_blue))
+    return (exposure, exposure * gain_green, exposure * gain_blue)
+
+
+def _into(ratio: float, band: tuple[float, float]) -> float:
+    """The gain that brings ``ratio`` into ``band``: exactly 1.0 when it is inside."""
+    return 1.0 if band[0] <= ratio <= band[1] else float(np.clip(ratio, *band)) / ratio
+
+
+def balanced(rgb: np.ndarray, gains: tuple[float, float, float]) -> np.ndarray:
+    """``rgb`` with each channel scaled by its gain (uint8, saturated); the same array when there are none."""
+    if gains == (1.0, 1.0, 1.0):
+        return rgb
+    return cv2.transform(np.ascontiguousarray(rgb), np.diag(np.asarray(gains, np.float32)))
 
 
 def nucleus_pixels(rgb: np.ndarray, settings: SegmentationSettings) -> np.ndarray:
@@ -253,6 +300,8 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
     height, width = frame_rgb.shape[:2]
     scale = min(1.0, settings.detect_width / width)
     small = _downscale(frame_rgb, scale)
+    gains = white_balance(small)
+    small = balanced(small, gains)
     diameter = settings.diameter() * scale
     nucleus = nucleus_pixels(small, settings)
     nucleus = cv2.morphologyEx(nucleus, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
@@ -275,7 +324,7 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
         if cut and stained <= SMALL_PAIR_DISCS * disc:
             continue  # cut by the frame border: half a cell is no evidence
         if splitter is not None and stained > LEARNED_SPLIT_ABOVE_DISCS * disc:
-            learned = _split_learned(frame_rgb, splitter, component, (x0, y0), scale, settings)
+            learned = _split_learned(frame_rgb, splitter, component, (x0, y0), scale, settings, gains)
             if learned is not None:
                 cells.extend(learned)
                 continue
@@ -303,13 +352,13 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
             cell = _cell_from_nucleus(part, (x0, y0), scale, rim, (height, width))
             if owner is not None:  # a cell of a split cluster: its rim must not reach into its neighbours
                 cell = _within(cell, owner == index, (x0 - pad, y0 - pad), scale)
-            cell = _keep_stained(frame_rgb, cell, settings)
+            cell = _keep_stained(frame_rgb, cell, settings, gains)
             cells.append(_tight(cell) if owner is not None else cell)
-    return cells
+    return [replace(cell, balance=gains) for cell in cells] if gains != (1.0, 1.0, 1.0) else cells
 
 
 def _split_learned(frame_rgb: np.ndarray, splitter: CellSplitter, component: np.ndarray, offset: tuple[int, int],
-                   scale: float, settings: SegmentationSettings) -> list[Cell] | None:
+                   scale: float, settings: SegmentationSettings, gains: tuple[float, float, float]) -> list[Cell] | None:
     """The cells the splitter finds in a stained region (detection scale, top-left at ``offset``) and a
     margin around it, at full resolution; None when it finds fewer than two there. A cell counts only
     where it holds some of the region's stained pixels (a nucleus, not a neighbour's cytoplasm)."""
@@ -320,7 +369,7 @@ def _split_learned(frame_rgb: np.ndarray, splitter: CellSplitter, component: np.
     left, top = max(0, int(x0 - pad)), max(0, int(y0 - pad))
     right = min(width, int(np.ceil((offset[0] + component.shape[1]) / scale + pad)))
     bottom = min(height, int(np.ceil((offset[1] + component.shape[0]) / scale + pad)))
-    masks = splitter.cells(frame_rgb[top:bottom, left:right], float(settings.um_per_px), settings.cell_diameter_um)
+    masks = splitter.cells(balanced(frame_rgb[top:bottom, left:right], gains), float(settings.um_per_px), settings.cell_diameter_um)
     if len(masks) < 2:
         return None
     evidence = np.zeros((bottom - top, right - left), np.uint8)
@@ -343,7 +392,7 @@ def _split_learned(frame_rgb: np.ndarray, splitter: CellSplitter, component: np.
             continue  # cut by the frame border
         own = mask[box[1] - top:box[3] - top, box[0] - left:box[2] - left]
         cell = Cell(bbox=(box[0], box[1], box[2] - box[0], box[3] - box[1]), area=int(np.count_nonzero(own)), mask=own)
-        cells.append(_tight(_keep_stained(frame_rgb, cell, settings)))
+        cells.append(_tight(_keep_stained(frame_rgb, cell, settings, gains)))
     return cells
 
 
@@ -446,12 +495,13 @@ def _cell_from_nucleus(component: np.ndarray, offset: tuple[int, int], scale: fl
     return Cell(bbox=(x, y, w, h), area=int(np.count_nonzero(mask)), mask=mask.astype(bool))
 
 
-def _keep_stained(frame_rgb: np.ndarray, cell: Cell, settings: SegmentationSettings) -> Cell:
+def _keep_stained(frame_rgb: np.ndarray, cell: Cell, settings: SegmentationSettings,
+                  gains: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Cell:
     """Trim the hull to the cell's stained pixels (nucleus and violet cytoplasm), so that pale
     background and red cells around it do not enter the model's crop, which in training showed
     a cell on black."""
     x, y, w, h = cell.bbox
-    stained = _stained(frame_rgb[y:y + h, x:x + w], settings.blue_threshold * 0.4, settings.dark_level)
+    stained = _stained(balanced(frame_rgb[y:y + h, x:x + w], gains), settings.blue_threshold * 0.4, settings.dark_level)
     close = max(3, int(min(w, h) * 0.06) | 1)
     stained = cv2.morphologyEx(stained, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (close, close)))
     mask = cell.mask & stained.astype(bool)

@@ -1,11 +1,14 @@
 """Where the shipped int8 bundle holds, measured through the device's own pipeline.
 
-    python benchmarks/bench_crosslab.py [--bundle models/default] [--data ../shared/data] [--run runs/v2b]
+    python benchmarks/bench_crosslab.py [--bundle models/default] [--data ../shared/data] [--run runs/v2b] [--shifts]
 
 * BCCD (healthy blood, a lab never trained on): every BCCD frame through ``edge.pipeline`` exactly as
   the device runs it (segmentation, quality gate, µm crop, int8 LiteRT) at the frames' scale measured on
   their red cells; classified cells that match an annotated white cell are normal, so the share called
   ALL is the false-blast rate.
+* With ``--shifts``: the same, with every frame's channels scaled as another camera's white balance, another
+  lamp or a darker exposure would (``SHIFTS``), the scale measured again on the shifted frames: another
+  lab's colours on the same cells.
 * With ``--run`` (the run the bundle was exported from): its validation cells (patients and images never
   trained on) per source and cell type with the int8 model, and the float-vs-int8 decision agreement on them.
 
@@ -36,24 +39,37 @@ from edge.sources import Frame  # noqa: E402
 from trainer.crosslab import iou, wbc_boxes  # noqa: E402
 
 
-def bccd(classifier: Classifier, root: Path) -> dict:
+#: Per-channel gains (R, G, B) of ``--shifts``: a blue camera white balance, a magenta cast, a yellow lamp, underexposed.
+SHIFTS = {"blue_cast": (0.9, 1.0, 1.15), "magenta_cast": (1.0, 0.9, 1.1), "yellow_lamp": (0.85, 0.85, 1.0),
+          "underexposed": (0.8, 0.8, 0.8)}
+
+
+def bccd(classifier: Classifier, root: Path, gains: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> dict:
+    def read(path: Path) -> np.ndarray:
+        image = read_rgb(path)
+        return image if gains == (1.0, 1.0, 1.0) else np.clip(image * np.float32(gains), 0, 255).astype(np.uint8)
+
     frames = sorted((root / "JPEGImages").glob("*.jpg"))
-    scale = calibrate([read_rgb(p) for p in frames[::max(1, len(frames) // 60)]]).um_per_px
+    scale = calibrate([read(p) for p in frames[::max(1, len(frames) // 60)]]).um_per_px
     pipeline = Pipeline(classifier, SegmentationSettings(um_per_px=scale))
-    annotated = classified = called = unclassified = 0
+    annotated = classified = called = unclassified = elsewhere = elsewhere_all = 0
     for path in frames:
         truth = wbc_boxes(root / "Annotations" / f"{path.stem}.xml")
         annotated += len(truth)
-        result, _, _ = pipeline.process(Frame(image=read_rgb(path), name=path.name))
+        result, _, _ = pipeline.process(Frame(image=read(path), name=path.name))
         annotated_cell = lambda box: any(iou((box[0], box[1], box[0] + box[2], box[1] + box[3]), b) > 0.3  # noqa: E731
                                          for b in truth)
         for cell in result["cells"]:
             if annotated_cell(cell["bbox"]):
                 classified += 1
                 called += cell["label"] == classifier.bundle.positive_label
+            else:  # counted by the device, but no white cell is there (or one BCCD left unannotated)
+                elsewhere += 1
+                elsewhere_all += cell["label"] == classifier.bundle.positive_label
         unclassified += sum(1 for c in result["unclassified"] if annotated_cell(c["bbox"]))
     return {"frames": len(frames), "um_per_px": round(float(scale), 4), "annotated_white_cells": annotated,
             "classified": classified, "unclassified_by_gate": unclassified, "called_all": called,
+            "classified_on_no_annotated_white_cell": elsewhere, "of_them_called_all": elsewhere_all,
             "false_blast_rate": round(called / classified, 4) if classified else None}
 
 
@@ -80,10 +96,13 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=ROOT / "models" / "default")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--run", type=Path, default=None, help="the training run the bundle came from")
+    parser.add_argument("--shifts", action="store_true", help="BCCD again under each colour shift in SHIFTS")
     args = parser.parse_args()
     started = time.perf_counter()
     classifier = Classifier(args.bundle)
     report: dict = {"bundle": str(args.bundle), "threshold": classifier.threshold, "bccd": bccd(classifier, args.data / "bccd")}
+    if args.shifts:
+        report["bccd_shifted"] = {name: bccd(classifier, args.data / "bccd", gains) for name, gains in SHIFTS.items()}
     if args.run:
         report["validation"] = validation(classifier, args.run)
     report["seconds"] = round(time.perf_counter() - started, 1)

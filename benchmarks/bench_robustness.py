@@ -1,0 +1,130 @@
+"""Segmentation and the quality gate on another lab's colours, scale and camera: BCCD frames perturbed.
+
+    python benchmarks/bench_robustness.py [--data ../shared/data] [--step 3]
+
+Every ``step``-th BCCD frame, changed as another microscope would show it (a camera's white balance, a
+lamp, exposure, stain strength and hue, magnification with the matching scale, sensor noise, JPEG), goes
+through ``find_cells`` and the gate at its scale. Recall: interior annotated white cells matched one to
+one (IoU > 0.5) by a cell the gate lets through. Precision: found cells that lie on an annotated white
+cell (IoU > 0.3). The classifier is not run here (``bench_crosslab.py --shifts`` runs the whole pipeline
+under the colour shifts). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edge.gate import judge  # noqa: E402
+from edge.preprocessing import read_rgb  # noqa: E402
+from edge.segmentation import SegmentationSettings, find_cells  # noqa: E402
+from trainer.crosslab import iou, wbc_boxes  # noqa: E402
+
+#: BCCD's scale, measured by `edge calibrate` on its red cells.
+BCCD_UM_PER_PX = 0.083
+BORDER = 5  # an annotated box this close to the edge is a cell cut by the border, skipped by design
+
+
+def _gains(gains: tuple[float, float, float]) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda image: np.clip(image * np.float32(gains), 0, 255).astype(np.uint8)
+
+
+def _stain(strength: float) -> Callable[[np.ndarray], np.ndarray]:
+    """Every pixel pulled towards (< 1) or pushed away from (> 1) the background: a lighter or darker stain."""
+    def apply(image: np.ndarray) -> np.ndarray:
+        background = np.percentile(image.reshape(-1, 3), 90, axis=0).astype(np.float32)
+        return np.clip(background - strength * (background - image), 0, 255).astype(np.uint8)
+    return apply
+
+
+def _hue(degrees: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Every colour turned on the hue circle (OpenCV's hue is in steps of 2 degrees)."""
+    def apply(image: np.ndarray) -> np.ndarray:
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        hsv[..., 0] = ((hsv[..., 0].astype(np.int32) + degrees // 2) % 180).astype(np.uint8)
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    return apply
+
+
+def _noise(sigma: float) -> Callable[[np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(0)
+    return lambda image: np.clip(image + rng.normal(0, sigma, image.shape), 0, 255).astype(np.uint8)
+
+
+def _jpeg(quality: int) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda image: cv2.imdecode(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])[1], cv2.IMREAD_UNCHANGED)
+
+
+#: name -> (how the frame changes, how much larger it is shown: the scale is divided by this)
+PERTURBATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
+    "as recorded": (lambda image: image, 1.0),
+    "blue white balance (x0.9, 1, 1.15)": (_gains((0.9, 1.0, 1.15)), 1.0),
+    "magenta cast (x1, 0.9, 1.1)": (_gains((1.0, 0.9, 1.1)), 1.0),
+    "yellow lamp (x0.85, 0.85, 1)": (_gains((0.85, 0.85, 1.0)), 1.0),
+    "underexposed (x0.8)": (_gains((0.8, 0.8, 0.8)), 1.0),
+    "stain 0.7x": (_stain(0.7), 1.0),
+    "stain 1.2x": (_stain(1.2), 1.0),
+    "hue -20 degrees": (_hue(-20), 1.0),
+    "hue -10 degrees": (_hue(-10), 1.0),
+    "hue +10 degrees": (_hue(10), 1.0),
+    "hue +20 degrees": (_hue(20), 1.0),
+    "shown 0.5x": (lambda image: cv2.resize(image, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA), 0.5),
+    "shown 2x": (lambda image: cv2.resize(image, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_LINEAR), 2.0),
+    "sensor noise sigma 12": (_noise(12), 1.0),
+    "JPEG quality 30": (_jpeg(30), 1.0),
+}
+
+
+def measure(annotations: list[Path], images: Path, change: Callable[[np.ndarray], np.ndarray], zoom: float) -> dict:
+    settings = SegmentationSettings(um_per_px=BCCD_UM_PER_PX / zoom)
+    interior = matched = on_cell = elsewhere = 0
+    for xml_path in annotations:
+        image = change(read_rgb(images / f"{xml_path.stem}.jpg"))
+        truth = [tuple(round(v * zoom) for v in box) for box in wbc_boxes(xml_path)]
+        height, width = image.shape[:2]
+        margin = BORDER * zoom
+        inner = {k for k, t in enumerate(truth) if t[0] > margin and t[1] > margin and t[2] < width - margin and t[3] < height - margin}
+        hit: set[int] = set()
+        for cell in find_cells(image, settings):
+            x, y, w, h = cell.bbox
+            overlaps = [iou((x, y, x + w, y + h), t) for t in truth]
+            if not any(o > 0.3 for o in overlaps):
+                elsewhere += 1
+                continue
+            on_cell += 1
+            free = [k for k, o in enumerate(overlaps) if k not in hit and o > 0.5]
+            if free and judge(image, cell, settings.um_per_px, settings).classify:
+                hit.add(free[0])
+        interior += len(inner)
+        matched += len(inner & hit)
+    return {"recall": round(matched / interior, 3), "found": matched, "interior_white_cells": interior,
+            "precision": round(on_cell / max(on_cell + elsewhere, 1), 3), "found_on_no_white_cell": elsewhere}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--step", type=int, default=3, help="every N-th BCCD frame")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    bccd = args.data / "bccd"
+    annotations = sorted((bccd / "Annotations").glob("*.xml"))[::args.step]
+    report = {"frames": len(annotations),
+              "perturbations": {name: measure(annotations, bccd / "JPEGImages", change, zoom)
+                                for name, (change, zoom) in PERTURBATIONS.items()}}
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from edge.gate import judge  # noqa: E402
 from edge.preprocessing import read_rgb  # noqa: E402
 from edge.segmentation import SegmentationSettings, find_cells  # noqa: E402
+from edge.splitter import CellSplitter  # noqa: E402
 from trainer.crosslab import iou, wbc_boxes  # noqa: E402
 
 #: BCCD's scale, measured by `edge calibrate` on its red cells.
@@ -85,7 +86,10 @@ PERTURBATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
 }
 
 
-def measure(annotations: list[Path], images: Path, change: Callable[[np.ndarray], np.ndarray], zoom: float) -> dict:
+def measure(annotations: list[Path], images: Path, change: Callable[[np.ndarray], np.ndarray], zoom: float,
+            splitter: CellSplitter | None = None) -> dict:
+    """Recall and precision on the annotated frames, each changed by ``change`` (``tests/test_segmentation.py``
+    holds the device to these on BCCD as recorded and under the colour shifts)."""
     settings = SegmentationSettings(um_per_px=BCCD_UM_PER_PX / zoom)
     interior = matched = on_cell = elsewhere = 0
     for xml_path in annotations:
@@ -95,7 +99,7 @@ def measure(annotations: list[Path], images: Path, change: Callable[[np.ndarray]
         margin = BORDER * zoom
         inner = {k for k, t in enumerate(truth) if t[0] > margin and t[1] > margin and t[2] < width - margin and t[3] < height - margin}
         hit: set[int] = set()
-        for cell in find_cells(image, settings):
+        for cell in find_cells(image, settings, splitter):
             x, y, w, h = cell.bbox
             overlaps = [iou((x, y, x + w, y + h), t) for t in truth]
             if not any(o > 0.3 for o in overlaps):

@@ -17,7 +17,7 @@ from typing import Any, Mapping, TypedDict
 
 from edge.errors import BundleError
 from edge.preprocessing import COLOR_ORDER, CropContract
-from edge.splitter import CONTRACT as SPLITTER_CONTRACT
+from edge.splitter import CONTRACTS as SPLITTER_CONTRACTS
 
 MANIFEST = "manifest.json"
 FORMAT = "leukoscope-model-bundle"
@@ -127,10 +127,11 @@ class Bundle:
         return str(self.manifest["positive_label"])
 
     @property
-    def splitter(self) -> tuple[Path, float] | None:
-        """The cell splitter's model file and the µm per pixel it sees frames at; None when the bundle has none."""
+    def splitter(self) -> tuple[Path, float, str] | None:
+        """The cell splitter's model file, the µm per pixel it sees frames at and its contract; None when
+        the bundle has none."""
         record = self.manifest.get("splitter")
-        return (self.root / record["file"], float(record["um_per_px"])) if record else None
+        return (self.root / record["file"], float(record["um_per_px"]), record["contract"]) if record else None
 
     def model_path(self, variant: str = "cpu") -> Path:
         models = self.manifest["models"]
@@ -247,9 +248,9 @@ def _check_splitter(record: Any, files: dict, manifest_path: Path | str) -> None
         return
     if not isinstance(record, dict) or record.get("file") not in files:
         raise BundleError(f"{manifest_path}: splitter must name a checksummed file; re-add it with `quantize splitter`")
-    if record.get("contract") != SPLITTER_CONTRACT:
+    if record.get("contract") not in SPLITTER_CONTRACTS:
         raise BundleError(f"{manifest_path}: splitter contract {record.get('contract')!r} is not one this leukoscope "
-                          f"implements ({SPLITTER_CONTRACT}); upgrade leukoscope or re-add it with `quantize splitter`")
+                          f"implements ({', '.join(SPLITTER_CONTRACTS)}); upgrade leukoscope or re-add it with `quantize splitter`")
     scale = record.get("um_per_px")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < 10:
         raise BundleError(f"{manifest_path}: splitter um_per_px {scale!r} is not a scale in µm per pixel; "

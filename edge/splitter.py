@@ -28,8 +28,15 @@ from edge.interpreter import as_input, open_interpreter
 if TYPE_CHECKING:
     from edge.bundle import Bundle
 
-#: What the model's output means; a bundle whose splitter declares another contract is refused.
-CONTRACT = "inner-distance-v1"
+#: What the model's output means; a bundle whose splitter declares a contract not in ``CONTRACTS`` is
+#: refused. v2 (what ``trainer splitter`` teaches now) takes each cell's inner distance in its convex
+#: hull, so a segmented nucleus (neutrophil, eosinophil) peaks once; v1 took it in the stained pixels
+#: alone, which peaks once per lobe, so the device joins thin touching parts of a v1 map afterwards
+#: (``LOBED_CONTRACTS``). Both decode the same way (``cells_from_distance``).
+CONTRACT = "inner-distance-v2"
+CONTRACTS = ("inner-distance-v1", CONTRACT)
+#: Contracts whose maps cut a segmented nucleus at its filaments: their thin touching parts are joined.
+LOBED_CONTRACTS = ("inner-distance-v1",)
 #: The scale the model sees a frame at: a 15 µm cell is ~34 px across, enough for the rim between cells.
 UM_PER_PX = 0.44
 #: Inner distance of a cell's core: cores of touching cells are apart where their cells meet.
@@ -82,10 +89,12 @@ def cells_from_distance(distance: np.ndarray, diameter_px: float, join_level: fl
 class CellSplitter:
     """The bundle's splitter model on a LiteRT interpreter: inner-distance maps of frame regions."""
 
-    def __init__(self, model_path: str | Path, *, um_per_px: float = UM_PER_PX, num_threads: int = 2,
-                 runtime: str | None = None) -> None:
+    def __init__(self, model_path: str | Path, *, um_per_px: float = UM_PER_PX, contract: str = CONTRACT,
+                 num_threads: int = 2, runtime: str | None = None) -> None:
         self.model_path = Path(model_path)
         self.um_per_px = um_per_px  # the scale the model sees frames at (the bundle states it)
+        #: Whether its maps cut segmented nuclei into lobes, which segmentation then joins.
+        self.splits_lobes = contract in LOBED_CONTRACTS
         self.interpreter = open_interpreter(str(model_path), num_threads=num_threads, runtime=runtime)
         self._input = self.interpreter.get_input_details()[0]
         self._output = self.interpreter.get_output_details()[0]
@@ -102,7 +111,8 @@ class CellSplitter:
     def of(cls, bundle: "Bundle", *, num_threads: int = 2, runtime: str | None = None) -> "CellSplitter | None":
         """The bundle's splitter, or None when it has none."""
         located = bundle.splitter
-        return cls(located[0], um_per_px=located[1], num_threads=num_threads, runtime=runtime) if located else None
+        return cls(located[0], um_per_px=located[1], contract=located[2], num_threads=num_threads,
+                   runtime=runtime) if located else None
 
     def distance(self, rgb: np.ndarray) -> np.ndarray:
         """The inner-distance map (float, 0..1) of an RGB image already at the model's scale."""

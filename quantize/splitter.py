@@ -19,7 +19,7 @@ from edge.bundle import load_bundle, write_manifest
 from edge.console import progress
 from edge.errors import UserError
 from edge.segmentation import SegmentationSettings
-from edge.splitter import CONTRACT, CellSplitter, cells_from_distance
+from edge.splitter import CONTRACTS, CellSplitter, cells_from_distance
 from quantize.export import convert_uint8_io
 from trainer.splitter import CALIBRATION_FILE, METRICS_FILE, MODEL_FILE
 
@@ -52,12 +52,16 @@ def add_splitter(run: Path, bundle_root: Path, min_count_agreement: float = MIN_
         data = np.load(run / CALIBRATION_FILE)
         metrics = json.loads((run / METRICS_FILE).read_text())
         scale, held_out, fields = float(metrics["um_per_px"]), metrics["held_out"], data["images"]
+        contract = metrics["contract"]  # what the run taught (a run of an older trainer: inner-distance-v1)
     except Exception as error:  # Keras, NumPy and JSON each raise their own on a damaged file
         raise UserError(f"{run} holds a damaged splitter run ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
                         "train it again with `trainer splitter`") from None
+    if contract not in CONTRACTS:
+        raise UserError(f"{run} taught splitter contract {contract!r}, which this leukoscope does not implement "
+                        f"({', '.join(CONTRACTS)}); train it again with `trainer splitter`")
     staged = bundle_root / f".{SPLITTER_MODEL}.new"
     staged.write_bytes(convert_splitter(model, fields))
-    splitter = CellSplitter(staged, um_per_px=scale, num_threads=2)
+    splitter = CellSplitter(staged, um_per_px=scale, contract=contract, num_threads=2)
     diameter = SegmentationSettings.cell_diameter_um / scale
     same_count, differences = 0, []
     for field in progress(data["held_out"], desc="int8 vs float", unit="field"):
@@ -74,7 +78,7 @@ def add_splitter(run: Path, bundle_root: Path, min_count_agreement: float = MIN_
     staged.replace(bundle_root / SPLITTER_MODEL)
     manifest = dict(bundle.manifest)
     manifest["splitter"] = {
-        "file": SPLITTER_MODEL, "contract": CONTRACT, "um_per_px": scale, "parity": parity, "held_out": held_out,
+        "file": SPLITTER_MODEL, "contract": contract, "um_per_px": scale, "parity": parity, "held_out": held_out,
         "provenance": {"source_run": str(run.resolve()), "exported_with": __version__,
                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }

@@ -171,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "cell-type layout (its images give the fields)")
     splitter.add_argument("--out", type=Path, required=True, help="run folder to write (refused if not empty)")
     splitter.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
-    splitter.add_argument("--clusters", type=int, default=2400, help="composed training clusters (default 2400)")
-    splitter.add_argument("--epochs", type=int, default=14, help="epochs of 100 batches of 8 (default 14)")
+    splitter.add_argument("--clusters", type=int, default=4800, help="composed training clusters (default 4800)")
+    splitter.add_argument("--epochs", type=int, default=24, help="epochs of 100 batches of 8 (default 24)")
     splitter.add_argument("--absorb-share", type=float, default=0.0,
                           help="share of clusters whose cells filter the light where they overlap instead of being pasted "
                                "over each other (default 0)")

@@ -228,7 +228,7 @@ def found_alone(model, images: np.ndarray, owners: np.ndarray) -> dict:
     return {"clusters": len(images), "cells": cells, "found_alone": hits, "rate": round(hits / max(cells, 1), 3)}
 
 
-def train_splitter(samples: Sequence[Sample], out: Path, *, clusters: int = 2400, epochs: int = 14,
+def train_splitter(samples: Sequence[Sample], out: Path, *, clusters: int = 4800, epochs: int = 24,
                    steps: int = 100, batch: int = 8, seed: int = 0, cells: int = 1500, fields: int = 150,
                    absorb_share: float = 0.0, restain: bool = False) -> dict:
     """Compose, train and write ``out/`` (the model, calibration fields for ``quantize splitter``, metrics)."""

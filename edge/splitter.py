@@ -5,8 +5,9 @@ transform of the stained region has a peak parted from the others by a neck. Cel
 or overlapping by a fifth of their radii, often leave no neck: three blasts around a fourth become one
 fat region. A person still sees where one cell ends (a rim of cytoplasm, a change of colour), and so
 can a small fully convolutional model. It maps each pixel to its *inner distance*: how deep it lies
-in its own cell, relative to that cell's deepest point (``CONTRACT``). Cells are then its cores (the
-inner half of each cell) grown back to the cell's edge, each core keeping the pixels nearest to it.
+in its own cell's outline (the convex hull of what shows of it), relative to that cell's deepest point
+(``CONTRACT``). Cells are then its cores (the inner half of each cell) grown back to the cell's edge,
+each core keeping the pixels nearest to it.
 
 The model runs only on stained regions large enough to hold two cells, at its own physical scale
 (``UM_PER_PX``), so most lone cells cost nothing more. It ships in the model bundle

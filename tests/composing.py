@@ -97,22 +97,29 @@ def cluster(rng: np.random.Generator, size: int, index: int, absorb: bool = Fals
     """A cluster of ``size`` real cells (C-NMC blasts and normals, PBC normals, half and half) on a real
     smear field; (frame, boxes). A cell that could not be placed touching the others is left out.
     ``kinds`` gets each placed cell's ``kind``, in the boxes' order."""
-    if not _FILES:
-        use_pool()
-    cnmc, pbc = _FILES["cnmc"], _FILES["pbc"]
     cells: list = []
     sources: dict[int, Path] = {}
     while len(cells) < size:
-        path = cnmc[rng.integers(len(cnmc))] if rng.random() < 0.5 else pbc[rng.integers(len(pbc))]
-        cell = cnmc_cell(path) if path.suffix == ".png" else pbc_cell(path)
-        if cell is not None:
-            cells.append(cell)
-            sources[id(cell)] = path
+        cell, path = random_cell(rng)
+        cells.append(cell)
+        sources[id(cell)] = path
     placed = [] if placements is None else placements
     frame, boxes = place_cluster(rng, cells, index, absorb, placed)
     if kinds is not None:
         kinds.extend(kind(sources[id(cell)]) for cell, _ in placed)
     return frame, boxes
+
+
+def random_cell(rng: np.random.Generator) -> tuple[CutCell, Path]:
+    """One cell of the pool (``use_pool``), C-NMC or PBC at even odds, and its file."""
+    if not _FILES:
+        use_pool()
+    while True:
+        files = _FILES["cnmc"] if rng.random() < 0.5 else _FILES["pbc"]
+        path = files[rng.integers(len(files))]
+        cell = cnmc_cell(path) if path.suffix == ".png" else pbc_cell(path)
+        if cell is not None:
+            return cell, path
 
 
 _FILES: dict[str, list[Path]] = {}

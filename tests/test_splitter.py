@@ -204,13 +204,7 @@ def test_lobed_granulocytes_in_clusters_are_found_whole():
         cell = composing.pbc_cell(path)
         if cell is None:
             continue
-        others = []
-        while len(others) < 2:
-            files = composing._FILES["cnmc" if rng.random() < 0.5 else "pbc"]
-            other = files[rng.integers(len(files))]
-            other = composing.cnmc_cell(other) if other.suffix == ".png" else composing.pbc_cell(other)
-            if other is not None:
-                others.append(other)
+        others = [composing.random_cell(rng)[0] for _ in range(2)]
         placed: list = []
         frame, boxes = composing.place_cluster(rng, [cell] + others, index, placements=placed)
         k = next((i for i, (c, _) in enumerate(placed) if c is cell), None)

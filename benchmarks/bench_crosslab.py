@@ -37,17 +37,18 @@ from edge.preprocessing import read_rgb  # noqa: E402
 from edge.segmentation import SegmentationSettings  # noqa: E402
 from edge.sources import Frame  # noqa: E402
 from trainer.crosslab import iou, wbc_boxes  # noqa: E402
+from benchmarks.bench_robustness import COLOUR_SHIFTS, cast  # noqa: E402
 
 
-#: Per-channel gains (R, G, B) of ``--shifts``: a blue camera white balance, a magenta cast, a yellow lamp, underexposed.
-SHIFTS = {"blue_cast": (0.9, 1.0, 1.15), "magenta_cast": (1.0, 0.9, 1.1), "yellow_lamp": (0.85, 0.85, 1.0),
-          "underexposed": (0.8, 0.8, 0.8)}
+#: ``--shifts``' report keys -> the colour shifts ``bench_robustness.py`` measures segmentation under.
+SHIFTS = dict(zip(("blue_cast", "magenta_cast", "yellow_lamp", "underexposed"), COLOUR_SHIFTS.values()))
 
 
 def bccd(classifier: Classifier, root: Path, gains: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> dict:
+    shifted = cast(gains)
+
     def read(path: Path) -> np.ndarray:
-        image = read_rgb(path)
-        return image if gains == (1.0, 1.0, 1.0) else np.clip(image * np.float32(gains), 0, 255).astype(np.uint8)
+        return read_rgb(path) if gains == (1.0, 1.0, 1.0) else shifted(read_rgb(path))
 
     frames = sorted((root / "JPEGImages").glob("*.jpg"))
     scale = calibrate([read(p) for p in frames[::max(1, len(frames) // 60)]]).um_per_px

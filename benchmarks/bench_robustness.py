@@ -36,7 +36,18 @@ BCCD_UM_PER_PX = 0.083
 BORDER = 5  # an annotated box this close to the edge is a cell cut by the border, skipped by design
 
 
-def _gains(gains: tuple[float, float, float]) -> Callable[[np.ndarray], np.ndarray]:
+#: Per-channel gains (R, G, B): another camera's white balance, another lamp, a darker exposure. Also
+#: ``bench_crosslab.py --shifts`` (the whole pipeline) and ``tests/test_segmentation.py``.
+COLOUR_SHIFTS: dict[str, tuple[float, float, float]] = {
+    "blue white balance (x0.9, 1, 1.15)": (0.9, 1.0, 1.15),
+    "magenta cast (x1, 0.9, 1.1)": (1.0, 0.9, 1.1),
+    "yellow lamp (x0.85, 0.85, 1)": (0.85, 0.85, 1.0),
+    "underexposed (x0.8)": (0.8, 0.8, 0.8),
+}
+
+
+def cast(gains: tuple[float, float, float]) -> Callable[[np.ndarray], np.ndarray]:
+    """Each channel scaled by its gain (saturated, truncated to uint8)."""
     return lambda image: np.clip(image * np.float32(gains), 0, 255).astype(np.uint8)
 
 
@@ -69,10 +80,7 @@ def _jpeg(quality: int) -> Callable[[np.ndarray], np.ndarray]:
 #: name -> (how the frame changes, how much larger it is shown: the scale is divided by this)
 PERTURBATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
     "as recorded": (lambda image: image, 1.0),
-    "blue white balance (x0.9, 1, 1.15)": (_gains((0.9, 1.0, 1.15)), 1.0),
-    "magenta cast (x1, 0.9, 1.1)": (_gains((1.0, 0.9, 1.1)), 1.0),
-    "yellow lamp (x0.85, 0.85, 1)": (_gains((0.85, 0.85, 1.0)), 1.0),
-    "underexposed (x0.8)": (_gains((0.8, 0.8, 0.8)), 1.0),
+    **{name: (cast(gains), 1.0) for name, gains in COLOUR_SHIFTS.items()},
     "stain 0.7x": (_stain(0.7), 1.0),
     "stain 1.2x": (_stain(1.2), 1.0),
     "hue -20 degrees": (_hue(-20), 1.0),

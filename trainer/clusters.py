@@ -68,11 +68,8 @@ def _rescale(rgb: np.ndarray, mask: np.ndarray, factor: float) -> CutCell:
     it shows, not the device's hull-and-rim box it was cut from (on PBC cells ~40% larger in area)."""
     rgb = cv2.resize(rgb, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
     mask = cv2.resize(mask.astype(np.uint8), (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
-    ys, xs = np.nonzero(mask)
-    if ys.size == 0:
-        return CutCell(rgb, mask)
-    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    return CutCell(rgb[top:bottom, left:right], mask[top:bottom, left:right])
+    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
+    return CutCell(rgb[y:y + h, x:x + w], mask[y:y + h, x:x + w]) if w else CutCell(rgb, mask)
 
 
 def paste(frame: np.ndarray, cell: CutCell | tuple[np.ndarray, np.ndarray], centre: tuple[int, int], owner: np.ndarray | None = None,

@@ -491,17 +491,19 @@ def _cell_from_nucleus(component: np.ndarray, offset: tuple[int, int], scale: fl
                        shape: tuple[int, int]) -> Cell:
     """The cell at full resolution: the nucleus' convex hull grown by a rim of cytoplasm."""
     contours, _ = cv2.findContours(component, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    hull = cv2.convexHull(np.vstack(contours)).reshape(-1, 2).astype(np.float32) + np.float32(offset)
+    outline = contours[0] if len(contours) == 1 else np.vstack(contours)
+    hull = cv2.convexHull(outline).reshape(-1, 2).astype(np.float32) + np.float32(offset)
     centre = hull.mean(axis=0)
-    radius = np.maximum(np.linalg.norm(hull - centre, axis=1, keepdims=True), 1.0)
-    grown = (centre + (hull - centre) * (radius + rim) / radius) / scale
-    grown[:, 0] = grown[:, 0].clip(0, shape[1] - 1)
-    grown[:, 1] = grown[:, 1].clip(0, shape[0] - 1)
+    spoke = hull - centre
+    # np.linalg.norm's arithmetic without its dispatch (this runs per cell, under Python's lock).
+    radius = np.maximum(np.sqrt(np.add.reduce(spoke * spoke, axis=1, keepdims=True)), 1.0)
+    grown = (centre + spoke * (radius + rim) / radius) / scale
+    np.clip(grown, 0, (shape[1] - 1, shape[0] - 1), out=grown)
     points = grown.round().astype(np.int32)
     x, y, w, h = cv2.boundingRect(points)
     mask = np.zeros((h, w), np.uint8)
-    cv2.fillConvexPoly(mask, points - [x, y], 1)
-    return Cell(bbox=(x, y, w, h), area=int(np.count_nonzero(mask)), mask=mask.astype(bool))
+    cv2.fillConvexPoly(mask, points - np.int32((x, y)), 1)
+    return Cell(bbox=(x, y, w, h), area=cv2.countNonZero(mask), mask=mask.view(bool))
 
 
 def _keep_stained(frame_rgb: np.ndarray, cell: Cell, settings: SegmentationSettings,

@@ -84,20 +84,45 @@ def overhead(broker: Broker, frames: Path, count: int) -> dict:
             "overhead_percent": round(100 * (1 - agent_fps / bare_fps), 1)}
 
 
-def peak_rss(broker: Broker, frames: Path, seconds: float) -> dict:
+def _proc_kb(pid: int, file: str, key: str) -> int:
+    text = Path(f"/proc/{pid}/{file}").read_text()
+    return int(next(line for line in text.splitlines() if line.startswith(key)).split()[1])
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under ``pid``: children of any of its threads, and theirs."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (int(text) for text in (task / "children").read_text().split()):
+            found += [child] + _descendants(child)
+    return found
+
+
+def peak_rss(broker: Broker, frames: Path, seconds: float, processes: bool = False) -> dict:
+    """Peak RSS of `edge run` at 10 frames/s; with ``pipeline.processes`` also its worker processes (the
+    fork server and one per worker): their peak RSS summed (shared pages counted in each) and the tree's
+    proportional set size (shared pages split between the processes that map them) at the end."""
     work = Path(tempfile.mkdtemp())
     config = work / "agent.toml"
     config.write_text(f'[source]\ntype = "folder"\npath = "{frames}"\nloop = true\nfps = 10\n'
-                      f'[segmentation]\num_per_px = {BCCD_UM_PER_PX}\n'
+                      f'[segmentation]\num_per_px = {BCCD_UM_PER_PX}\n[pipeline]\nprocesses = {str(processes).lower()}\n'
                       f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n[outbox]\npath = "{work / "o.sqlite3"}"\n')
     agent = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(config)], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(seconds)
-    status = Path(f"/proc/{agent.pid}/status").read_text()
-    hwm = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+    tree = [agent.pid] + _descendants(agent.pid)
+    hwm = _proc_kb(agent.pid, "status", "VmHWM")
+    report = {"seconds": seconds, "fps_setting": 10, "frame": "1920x1080", "processes": processes,
+              "peak_rss_mb": round(hwm / 1024, 1)}
+    if processes:
+        report["processes_in_tree"] = len(tree)
+        report["tree_peak_rss_sum_mb"] = round(sum(_proc_kb(pid, "status", "VmHWM") for pid in tree) / 1024, 1)
+        report["tree_pss_mb"] = round(sum(_proc_kb(pid, "smaps_rollup", "Pss:") for pid in tree) / 1024, 1)
+    else:
+        report["pss_mb"] = round(_proc_kb(agent.pid, "smaps_rollup", "Pss:") / 1024, 1)
     agent.send_signal(signal.SIGTERM)
     agent.wait(timeout=60)
-    return {"seconds": seconds, "fps_setting": 10, "frame": "1920x1080", "peak_rss_mb": round(hwm / 1024, 1)}
+    return report
 
 
 def main() -> None:
@@ -118,7 +143,8 @@ def main() -> None:
         report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "broker": broker.kind,
                   "backlog": drain(broker, work, args.backlog),
                   "agent_overhead_1080p": overhead(broker, frames, len(sources)),
-                  "agent_peak_rss": peak_rss(broker, frames, 20)}
+                  "agent_peak_rss": peak_rss(broker, frames, 20),
+                  "agent_peak_rss_processes": peak_rss(broker, frames, 20, processes=True)}
     finally:
         broker.stop()
     print(json.dumps(report, indent=2))

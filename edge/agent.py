@@ -35,6 +35,7 @@ from edge.results import RUN_ID, SampleTally, numbered
 from edge.sources import Frame, resilient
 from edge.step import Analysed, FrameStep, in_order
 from edge.topics import BY_NAME, Topics
+from edge.workers import AnalysisProcesses, WorkerSpec
 
 log = logging.getLogger(__name__)
 STATS_SCHEMA, STATS_SCHEMA_VERSION = "leukoscope/stats", 1  # edge/schemas/stats.schema.json
@@ -182,6 +183,8 @@ class Agent:
 
             self.web = WebPage(self)
             self.step.observers.append(self.web)
+        #: Worker processes analysing frames (``pipeline.processes``), started by ``run``.
+        self.analysers: AnalysisProcesses | None = None
         self.stage_ms: dict[str, float] = {}
         self.last_progress = time.monotonic()
         self.started = time.monotonic()
@@ -316,6 +319,8 @@ class Agent:
         with self.lock:
             self.classifier = classifier
             self.pipeline.classifier = classifier
+            if self.analysers:
+                self.analysers.use(classifier.bundle.root)
 
     # -- sample and model actions (called by the command table, and by any other front end) ------
     def start_sample(self, sample_id: str) -> dict | None:
@@ -407,8 +412,15 @@ class Agent:
     def run(self) -> int:
         previous = {signum: signal.signal(signum, lambda *_: self.stop_event.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
         try:
+            if self.config.pipeline.processes:
+                self.analysers = AnalysisProcesses(self.pipeline, self.config.pipeline.workers, WorkerSpec(
+                    self.pipeline.segmentation, self.device_id, self.config.interpreter_threads,
+                    self.config.classifier.max_batch, self.config.segmentation.learned_split))
+                self.step.analyser = self.analysers.analyse
             return self._run()
         finally:
+            if self.analysers:
+                self.analysers.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 

@@ -69,10 +69,13 @@ class FrameStep:
     Two halves, so that several frames can be analysed at once: ``analyse`` (the pipeline; any thread,
     no lock) and ``commit`` (numbering, tally, observers; in frame order, under the caller's lock)."""
 
-    def __init__(self, pipeline: Pipeline, store: Store, observers: Iterable[FrameObserver] = ()) -> None:
+    def __init__(self, pipeline: Pipeline, store: Store, observers: Iterable[FrameObserver] = (),
+                 analyser: Callable[[Frame], Analysis] | None = None) -> None:
         self.pipeline = pipeline
         self.store = store
         self.observers: list[FrameObserver] = list(observers)
+        #: Who analyses a frame, when not the pipeline itself: worker processes running the same pipeline (edge.workers).
+        self.analyser = analyser
 
     def __call__(self, frame: Frame, tally: SampleTally) -> Analysed | None:
         """Run one frame for ``tally``'s sample; the caller holds whatever lock guards the tally."""
@@ -83,7 +86,7 @@ class FrameStep:
         if frame.image is None:
             return frame, frame.error or "unreadable"
         try:
-            return self.pipeline.analyse(frame)
+            return self.analyser(frame) if self.analyser else self.pipeline.analyse(frame)
         except UserError as error:
             return frame, str(error)
 

@@ -1,0 +1,192 @@
+"""Frames analysed in worker processes (``pipeline.processes = true``) instead of threads.
+
+Why: a frame's analysis is hundreds of small OpenCV and NumPy calls per cell, and Python runs one
+thread's bytecode at a time. Two analysing threads on two cores get ~1.2x one; two processes ~1.8x
+(``benchmarks/bench_pipeline.py`` measures both). The price is memory: each process holds its own
+interpreter, model and working buffers (about 40 MB more per worker), so threads stay the default.
+
+Each worker process is forked from a server that has already imported the pipeline (``forkserver``:
+safe beside the agent's threads, and the imported modules' pages are shared). A frame travels through
+shared memory, not a pipe; the analysis (cells, verdicts, crops, scores) comes back pickled. A process
+that dies is started again; its frame is reported as skipped, never silently lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.errors import UserError
+from edge.pipeline import Analysis, Pipeline
+from edge.segmentation import SegmentationSettings
+from edge.sources import Frame
+
+log = logging.getLogger(__name__)
+#: Seconds a worker may take to load a bundle before it is given up as stuck.
+LOAD_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process needs to build the same pipeline as the agent's."""
+
+    segmentation: SegmentationSettings
+    device_id: str
+    num_threads: int
+    max_batch: int
+    splitter: bool
+
+
+def _serve(connection: Connection, spec: WorkerSpec) -> None:
+    """A worker process: load the bundle it is told, analyse each frame it is handed, until told to stop."""
+    import cv2
+
+    from edge.classifier import Classifier
+
+    cv2.setNumThreads(1)  # the processes are the parallel unit, as threads are in edge.step.in_order
+    pipeline: Pipeline | None = None
+    memory: SharedMemory | None = None
+    try:
+        while True:
+            try:
+                message = connection.recv()
+            except (EOFError, KeyboardInterrupt):
+                return
+            if message is None:
+                return
+            kind, *body = message
+            try:
+                if kind == "bundle":
+                    classifier = Classifier(Path(body[0]), num_threads=spec.num_threads, max_batch=spec.max_batch,
+                                            splitter=spec.splitter)
+                    pipeline = Pipeline(classifier, spec.segmentation, spec.device_id)
+                    connection.send(("ok", None))
+                    continue
+                name, shape, frame_name = body
+                if name is not None and (memory is None or memory.name != name):
+                    if memory is not None:
+                        memory.close()
+                    memory = SharedMemory(name)
+                assert pipeline is not None, "a frame before a bundle"
+                # No pixels (name None): the pipeline says what is wrong, as it does in the agent's own threads.
+                image = np.ndarray(shape, np.uint8, buffer=memory.buf) if name is not None else np.zeros(shape, np.uint8)
+                analysis = pipeline.analyse(Frame(image, frame_name))
+                connection.send(("ok", (analysis.found, analysis.verdicts, analysis.crops, analysis.scores, analysis.labels,
+                                        analysis.positive_label, analysis.bundle, analysis.timings_ms)))
+                del image, analysis  # no view into the shared frame outlives the reply
+            except UserError as error:
+                connection.send(("error", str(error)))
+            except Exception as error:  # noqa: BLE001  # reported as one line to the agent, traceback here
+                log.exception("analysis worker: unexpected error")
+                connection.send(("error", f"analysis worker failed: {type(error).__name__}: {error}"))
+    finally:
+        if memory is not None:
+            memory.close()
+
+
+class _Worker:
+    """One worker process, its end of the pipe and the shared frame buffer it reads."""
+
+    def __init__(self, context: Any, spec: WorkerSpec, index: int) -> None:
+        self.context, self.spec, self.index = context, spec, index
+        self.memory: SharedMemory | None = None
+        self.bundle: Path | None = None
+        self._start()
+
+    def _start(self) -> None:
+        self.connection, child = self.context.Pipe()
+        self.process = self.context.Process(target=_serve, args=(child, self.spec), name=f"leukoscope-analyse-{self.index}",
+                                            daemon=True)
+        self.process.start()
+        child.close()
+        self.bundle = None
+
+    def _exchange(self, message: tuple, timeout: float | None = None) -> Any:
+        try:
+            self.connection.send(message)
+            if timeout is not None and not self.connection.poll(timeout):
+                raise UserError(f"analysis worker {self.index} did not answer within {timeout:g} s")
+            status, body = self.connection.recv()
+        except (EOFError, OSError):
+            self.process.join(timeout=1)
+            code = self.process.exitcode
+            self.connection.close()
+            self._start()
+            raise UserError(f"analysis worker {self.index} exited (exit code {code}) and was started again; "
+                            "this frame was not analysed") from None
+        if status == "error":
+            raise UserError(body)
+        return body
+
+    def analyse(self, frame: Frame, bundle: Path) -> tuple:
+        if self.bundle != bundle:
+            self._exchange(("bundle", str(bundle)), timeout=LOAD_TIMEOUT_S)
+            self.bundle = bundle
+        image = np.ascontiguousarray(frame.image, np.uint8)
+        if image.size == 0:
+            return self._exchange(("frame", None, image.shape, frame.name))
+        if self.memory is None or self.memory.size < image.nbytes:
+            if self.memory is not None:
+                self.memory.close()
+                self.memory.unlink()
+            self.memory = SharedMemory(create=True, size=image.nbytes)
+        np.copyto(np.ndarray(image.shape, np.uint8, buffer=self.memory.buf), image)
+        return self._exchange(("frame", self.memory.name, image.shape, frame.name))
+
+    def close(self) -> None:
+        try:
+            self.connection.send(None)
+        except OSError:
+            pass
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=5)
+        self.connection.close()
+        if self.memory is not None:
+            self.memory.close()
+            self.memory.unlink()
+            self.memory = None
+
+
+class AnalysisProcesses:
+    """``Pipeline.analyse`` in ``count`` worker processes: call ``analyse`` from up to ``count`` threads
+    at once (``edge.step.in_order``); each call blocks its thread, outside Python's lock, on one process."""
+
+    def __init__(self, pipeline: Pipeline, count: int, spec: WorkerSpec) -> None:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["edge.pipeline", "edge.classifier"])
+        self.bundle = pipeline.classifier.bundle.root
+        self._workers = [_Worker(context, spec, index) for index in range(count)]
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        for worker in self._workers:
+            self._idle.put(worker)
+
+    def use(self, bundle: Path) -> None:
+        """Frames analysed from now on are scored with ``bundle`` (each worker loads it before its next frame)."""
+        self.bundle = bundle
+
+    def analyse(self, frame: Frame) -> Analysis:
+        worker = self._idle.get()
+        try:
+            found, verdicts, crops, scores, labels, positive, bundle, timings = worker.analyse(frame, self.bundle)
+        finally:
+            self._idle.put(worker)
+        cells = [cell for cell, verdict in zip(found, verdicts) if verdict.classify]
+        return Analysis(frame, found, verdicts, cells, crops, scores, labels, positive_label=positive, bundle=bundle,
+                        timings_ms=timings)
+
+    def pids(self) -> list[int]:
+        return [worker.process.pid for worker in self._workers]
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.close()

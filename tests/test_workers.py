@@ -1,0 +1,112 @@
+"""Frames analysed in worker processes (``pipeline.processes``): the same analysis as in the agent's own
+threads, a worker that dies is started again with its frame reported, and a new bundle reaches them."""
+
+import json
+import os
+import signal
+import sqlite3
+
+import numpy as np
+import pytest
+
+from edge.agent import Agent
+from edge.calibration import read_scale_file
+from edge.classifier import Classifier
+from edge.config import parse_config
+from edge.errors import UserError
+from edge.pipeline import Pipeline
+from edge.preprocessing import read_rgb
+from edge.segmentation import SegmentationSettings
+from edge.sources import Frame
+from edge.workers import AnalysisProcesses, WorkerSpec
+from tests.conftest import ROOT
+
+FRAMES = ROOT / "samples" / "frames"
+SAMPLE_UM_PER_PX = read_scale_file(FRAMES)
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Pipeline:
+    return Pipeline(Classifier(ROOT / "models" / "default", num_threads=1), SegmentationSettings(um_per_px=SAMPLE_UM_PER_PX))
+
+
+@pytest.fixture
+def processes(pipeline):
+    spec = WorkerSpec(pipeline.segmentation, pipeline.device_id, num_threads=1, max_batch=32, splitter=True)
+    workers = AnalysisProcesses(pipeline, 2, spec)
+    yield workers
+    workers.close()
+
+
+def _frames() -> list[Frame]:
+    return [Frame(read_rgb(path), path.name) for path in sorted(FRAMES.glob("*.jpg"))]
+
+
+def test_worker_processes_analyse_a_frame_as_the_pipeline_does(pipeline, processes):
+    for frame in _frames():
+        here, there = pipeline.analyse(frame), processes.analyse(frame)
+        assert there.frame is frame
+        assert [c.bbox for c in there.found] == [c.bbox for c in here.found] and there.found
+        assert all(np.array_equal(a.mask, b.mask) for a, b in zip(there.found, here.found))
+        assert there.verdicts == here.verdicts
+        assert [c.bbox for c in there.cells] == [c.bbox for c in here.cells]
+        assert np.array_equal(there.crops, here.crops)
+        assert np.array_equal(there.scores, here.scores) and there.labels == here.labels
+        assert there.bundle == here.bundle
+        varies = {"timings_ms": None, "message_id": None}  # how long it took, and a fresh id per result
+        assert pipeline.result(there) | varies == pipeline.result(here) | varies
+
+
+def test_a_worker_that_dies_is_started_again_and_its_frame_reported(processes):
+    frame = _frames()[0]
+    assert processes.analyse(frame).found
+    for pid in processes.pids():
+        os.kill(pid, signal.SIGKILL)
+    for _ in range(2):  # each worker's next frame finds it gone
+        with pytest.raises(UserError, match=r"analysis worker \d exited \(exit code -9\) and was started again; "
+                                            "this frame was not analysed"):
+            processes.analyse(frame)
+    for _ in range(2):
+        assert processes.analyse(frame).found
+    assert len(set(processes.pids())) == 2
+
+
+def test_a_frame_the_pipeline_refuses_is_one_line_from_the_worker(processes):
+    with pytest.raises(UserError, match="empty frame") as caught:
+        processes.analyse(Frame(np.zeros((0, 0, 3), np.uint8), "empty.png"))
+    assert "\n" not in str(caught.value)
+    assert processes.analyse(_frames()[0]).found  # and the worker goes on
+
+
+def test_a_new_bundle_reaches_the_workers(pipeline, processes, tiny_bundle):
+    frame = _frames()[0]
+    default = processes.analyse(frame).bundle
+    processes.use(tiny_bundle)
+    for _ in range(2):  # each worker loads it before its next frame
+        assert processes.analyse(frame).bundle == Classifier(tiny_bundle, splitter=False).bundle.id != default
+
+
+def test_the_agent_with_worker_processes_keeps_every_result_in_order(tmp_path):
+    def run(processes: bool) -> list[dict]:
+        outbox = tmp_path / f"outbox-{processes}.sqlite3"
+        agent = Agent(parse_config({
+            "source": {"type": "folder", "path": str(FRAMES)}, "segmentation": {"um_per_px": SAMPLE_UM_PER_PX},
+            "mqtt": {"enabled": False}, "outbox": {"path": str(outbox)},
+            "pipeline": {"workers": 2, "processes": processes, "sample_id": "S9"}}))
+        assert agent.run() == 0
+        assert agent.analysers is None or all(not os.path.exists(f"/proc/{pid}") for pid in agent.analysers.pids())
+        with sqlite3.connect(outbox) as db:
+            rows = db.execute("SELECT topic, payload FROM outbox ORDER BY id").fetchall()
+        return [json.loads(p) for t, p in rows if t.endswith("/results")]
+
+    threads, processes = run(False), run(True)
+    assert [r["sequence"] for r in processes] == list(range(1, len(sorted(FRAMES.glob("*.jpg"))) + 1))
+    same = ("source", "cells", "unclassified", "focus", "counts", "bundle")
+    assert [{k: r[k] for k in same} for r in processes] == [{k: r[k] for k in same} for r in threads]
+
+
+def test_worker_processes_do_not_share_an_edge_tpu():
+    with pytest.raises(UserError, match="pipeline.processes: one Edge TPU cannot be opened by several processes") as caught:
+        parse_config({"source": {"type": "folder", "path": "/f"}, "classifier": {"edgetpu": True},
+                      "pipeline": {"processes": True}})
+    assert "\n" not in str(caught.value)

@@ -35,7 +35,7 @@ from edge.results import RUN_ID, SampleTally, numbered
 from edge.sources import Frame, resilient
 from edge.step import Analysed, FrameStep, in_order
 from edge.topics import BY_NAME, Topics
-from edge.workers import AnalysisProcesses, WorkerSpec
+from edge.workers import AnalysisProcesses
 
 log = logging.getLogger(__name__)
 STATS_SCHEMA, STATS_SCHEMA_VERSION = "leukoscope/stats", 1  # edge/schemas/stats.schema.json
@@ -413,9 +413,7 @@ class Agent:
         previous = {signum: signal.signal(signum, lambda *_: self.stop_event.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
         try:
             if self.config.pipeline.processes:
-                self.analysers = AnalysisProcesses(self.pipeline, self.config.pipeline.workers, WorkerSpec(
-                    self.pipeline.segmentation, self.device_id, self.config.interpreter_threads,
-                    self.config.classifier.max_batch, self.config.segmentation.learned_split))
+                self.analysers = AnalysisProcesses(self.pipeline, self.config.pipeline.workers)
                 self.step.analyser = self.analysers.analyse
             return self._run()
         finally:

@@ -26,6 +26,7 @@ class Classifier:
                  cpu_fallback: bool = True, max_batch: int = 32, runtime: str | None = None, splitter: bool = True) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.edgetpu = edgetpu
+        self.num_threads = num_threads  # worker processes (edge.workers) open their own interpreters alike
         if edgetpu:
             try:
                 self.interpreter = open_interpreter(str(self.bundle.model_path("edgetpu")), num_threads=num_threads,

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--num-threads", type=_at_least_one, default=None,
                         help="interpreter threads per frame (default: the cores each of --workers has)")
     replay.add_argument("--workers", type=_at_least_one, default=2, help="frames analysed at once, results in frame order (default 2)")
+    replay.add_argument("--processes", action="store_true",
+                        help="analyse in one process per worker instead of threads (faster on several cores, more memory)")
 
     calibrate = commands.add_parser(
         "calibrate", help="measure the microscope's scale (µm per pixel) on the red cells of a few frames",
@@ -165,6 +167,7 @@ def _replay(args: argparse.Namespace) -> int:
     from edge.segmentation import SegmentationSettings
     from edge.sources.folder import FolderSourceSettings, open_source
     from edge.step import FrameStep, count_from_one, in_order
+    from edge.workers import AnalysisProcesses
 
     settings = SegmentationSettings(um_per_px=frames_scale(args.source, args.um_per_px))
     classifier = Classifier(args.bundle, num_threads=interpreter_threads(args.num_threads, args.workers))
@@ -174,9 +177,15 @@ def _replay(args: argparse.Namespace) -> int:
     printer = _ReplayPrinter(args.json, classifier.bundle.positive_label, args.annotate)
     if not args.json:
         print(f"{'frame':<36} {'cells':>5} {'blasts':>6}  p(ALL) per cell")
-    step = FrameStep(pipeline, count_from_one(), [printer])  # no outbox: each replay numbers its results from 1
-    for analysis in in_order(step.analyse, open_source(FolderSourceSettings(path=args.source)), args.workers):
-        step.commit(analysis, tally)
+    analysers = AnalysisProcesses(pipeline, args.workers) if args.processes else None
+    step = FrameStep(pipeline, count_from_one(), [printer],  # no outbox: each replay numbers its results from 1
+                     analysers.analyse if analysers else None)
+    try:
+        for analysis in in_order(step.analyse, open_source(FolderSourceSettings(path=args.source)), args.workers):
+            step.commit(analysis, tally)
+    finally:
+        if analysers:
+            analysers.close()
     if not tally.frames:  # a sample of nothing is not a result: say so, and fail
         raise UserError(f"{args.source}: none of its {tally.unreadable_frames} image file(s) could be read; "
                         "point --source at smear frames (JPEG, PNG, BMP or TIFF)")

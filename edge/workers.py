@@ -36,13 +36,19 @@ LOAD_TIMEOUT_S = 120.0
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker process needs to build the same pipeline as the agent's."""
+    """What a worker process needs to build the same pipeline as the caller's (its bundle comes apart)."""
 
     segmentation: SegmentationSettings
     device_id: str
     num_threads: int
     max_batch: int
     splitter: bool
+
+    @classmethod
+    def of(cls, pipeline: Pipeline) -> "WorkerSpec":
+        classifier = pipeline.classifier
+        return cls(pipeline.segmentation, pipeline.device_id, classifier.num_threads, classifier.max_batch,
+                   classifier.splitter is not None)
 
 
 def _serve(connection: Connection, spec: WorkerSpec) -> None:
@@ -161,7 +167,8 @@ class AnalysisProcesses:
     """``Pipeline.analyse`` in ``count`` worker processes: call ``analyse`` from up to ``count`` threads
     at once (``edge.step.in_order``); each call blocks its thread, outside Python's lock, on one process."""
 
-    def __init__(self, pipeline: Pipeline, count: int, spec: WorkerSpec) -> None:
+    def __init__(self, pipeline: Pipeline, count: int) -> None:
+        spec = WorkerSpec.of(pipeline)
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["edge.pipeline", "edge.classifier"])
         self.bundle = pipeline.classifier.bundle.root

@@ -18,7 +18,7 @@ from edge.pipeline import Pipeline
 from edge.preprocessing import read_rgb
 from edge.segmentation import SegmentationSettings
 from edge.sources import Frame
-from edge.workers import AnalysisProcesses, WorkerSpec
+from edge.workers import AnalysisProcesses
 from tests.conftest import ROOT
 
 FRAMES = ROOT / "samples" / "frames"
@@ -32,8 +32,7 @@ def pipeline() -> Pipeline:
 
 @pytest.fixture
 def processes(pipeline):
-    spec = WorkerSpec(pipeline.segmentation, pipeline.device_id, num_threads=1, max_batch=32, splitter=True)
-    workers = AnalysisProcesses(pipeline, 2, spec)
+    workers = AnalysisProcesses(pipeline, 2)
     yield workers
     workers.close()
 
@@ -110,3 +109,16 @@ def test_worker_processes_do_not_share_an_edge_tpu():
         parse_config({"source": {"type": "folder", "path": "/f"}, "classifier": {"edgetpu": True},
                       "pipeline": {"processes": True}})
     assert "\n" not in str(caught.value)
+
+
+def test_replay_with_worker_processes_prints_the_same_results(capsys):
+    from edge.cli import main
+
+    def replay(*extra: str) -> list[dict]:
+        assert main(["replay", "--source", str(FRAMES), "--json", *extra]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        varies = ("message_id", "run_id", "time", "started", "timings_ms")  # ids, clocks and durations
+        return [{k: v for k, v in line.items() if k not in varies} for line in lines]
+
+    threads = replay()
+    assert replay("--processes") == threads and len(threads) == len(sorted(FRAMES.glob("*.jpg"))) + 1  # + the summary

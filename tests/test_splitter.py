@@ -258,6 +258,7 @@ def test_quantize_splitter_names_a_folder_that_is_no_splitter_run(tmp_path, ship
 @pytest.mark.parametrize("extra, message", [
     (["--absorb-share", "2"], "--absorb-share between 0 and 1"),
     (["--clusters", "3"], "--clusters must be at least 8"),
+    (["--cells", "5"], "--cells at least 20"),
     ([], "the splitter needs smear images for its fields: add a --data source in the cell-type layout"),
 ])
 def test_trainer_splitter_bad_input_is_one_line(tiny_data, tmp_path, capsys, extra, message):

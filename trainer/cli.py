@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     splitter.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     splitter.add_argument("--clusters", type=int, default=4800, help="composed training clusters (default 4800)")
     splitter.add_argument("--epochs", type=int, default=24, help="epochs of 100 batches of 8 (default 24)")
+    splitter.add_argument("--cells", type=int, default=1500,
+                          help="distinct cells cut to compose from, 4/5 for training and 1/5 held out, as many C-NMC as "
+                               "smear cells where there are enough (default 1500)")
     splitter.add_argument("--absorb-share", type=float, default=0.0,
                           help="share of clusters whose cells filter the light where they overlap instead of being pasted "
                                "over each other (default 0)")
@@ -231,13 +234,14 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.dataset import scan_sources
             from trainer.splitter import METRICS_FILE, train_splitter
 
-            if args.clusters < 8 or args.epochs < 1 or not 0 <= args.absorb_share <= 1:
-                raise UserError("--clusters must be at least 8, --epochs at least 1 and --absorb-share between 0 and 1")
+            if args.clusters < 8 or args.epochs < 1 or args.cells < 20 or not 0 <= args.absorb_share <= 1:
+                raise UserError("--clusters must be at least 8, --epochs at least 1, --cells at least 20 and --absorb-share "
+                                "between 0 and 1")
             if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
                 raise UserError(f"{args.out} is not empty; choose another --out or pass --overwrite")
             samples, _ = scan_sources(args.data, require_both=False)
             metrics = train_splitter(samples, args.out, clusters=args.clusters, epochs=args.epochs, seed=args.seed,
-                                     absorb_share=args.absorb_share, restain=args.restain)
+                                     cells=args.cells, absorb_share=args.absorb_share, restain=args.restain)
             held = metrics["held_out"]
             print(f"held-out clusters: {held['found_alone']} of {held['cells']} cells found on their own ({held['rate']:.3f})")
             print(f"splitter written to {args.out} (metrics: {args.out / METRICS_FILE}); "

@@ -76,18 +76,19 @@ def _serve(connection: Connection, spec: WorkerSpec) -> None:
                     pipeline = Pipeline(classifier, spec.segmentation, spec.device_id)
                     connection.send(("ok", None))
                     continue
-                name, shape, frame_name = body
+                name, shape, dtype, frame_name = body
                 if name is not None and (memory is None or memory.name != name):
                     if memory is not None:
                         memory.close()
                     memory = SharedMemory(name)
                 assert pipeline is not None, "a frame before a bundle"
                 # No pixels (name None): the pipeline says what is wrong, as it does in the agent's own threads.
-                image = np.ndarray(shape, np.uint8, buffer=memory.buf) if name is not None else np.zeros(shape, np.uint8)
-                analysis = pipeline.analyse(Frame(image, frame_name))
-                connection.send(("ok", (analysis.found, analysis.verdicts, analysis.crops, analysis.scores, analysis.labels,
-                                        analysis.positive_label, analysis.bundle, analysis.timings_ms)))
-                del image, analysis  # no view into the shared frame outlives the reply
+                image = np.ndarray(shape, dtype, buffer=memory.buf) if name is not None else np.zeros(shape, dtype)
+                try:
+                    reply = _analysed(pipeline, Frame(image, frame_name))
+                finally:
+                    del image  # no view into the shared frame outlives it: the next frame may need a larger buffer
+                connection.send(("ok", reply))
             except UserError as error:
                 connection.send(("error", str(error)))
             except Exception as error:  # noqa: BLE001  # reported as one line to the agent, traceback here
@@ -96,6 +97,13 @@ def _serve(connection: Connection, spec: WorkerSpec) -> None:
     finally:
         if memory is not None:
             memory.close()
+
+
+def _analysed(pipeline: Pipeline, frame: Frame) -> tuple:
+    """What ``AnalysisProcesses.analyse`` rebuilds the analysis from: everything but the frame it already has."""
+    analysis = pipeline.analyse(frame)
+    return (analysis.found, analysis.verdicts, analysis.crops, analysis.scores, analysis.labels, analysis.positive_label,
+            analysis.bundle, analysis.timings_ms)
 
 
 class _Worker:
@@ -115,17 +123,25 @@ class _Worker:
         child.close()
         self.bundle = None
 
+    def _restart(self) -> int | None:
+        """Start the process again (killed first if it still runs); the old one's exit code."""
+        old = self.process
+        if old.is_alive():
+            old.kill()
+        old.join(timeout=5)
+        self.connection.close()
+        self._start()
+        return old.exitcode
+
     def _exchange(self, message: tuple, timeout: float | None = None) -> Any:
         try:
             self.connection.send(message)
             if timeout is not None and not self.connection.poll(timeout):
-                raise UserError(f"analysis worker {self.index} did not answer within {timeout:g} s")
+                self._restart()  # a late answer must not be read as the next frame's
+                raise UserError(f"analysis worker {self.index} did not answer within {timeout:g} s and was started again")
             status, body = self.connection.recv()
         except (EOFError, OSError):
-            self.process.join(timeout=1)
-            code = self.process.exitcode
-            self.connection.close()
-            self._start()
+            code = self._restart()
             raise UserError(f"analysis worker {self.index} exited (exit code {code}) and was started again; "
                             "this frame was not analysed") from None
         if status == "error":
@@ -136,16 +152,16 @@ class _Worker:
         if self.bundle != bundle:
             self._exchange(("bundle", str(bundle)), timeout=LOAD_TIMEOUT_S)
             self.bundle = bundle
-        image = np.ascontiguousarray(frame.image, np.uint8)
+        image = np.ascontiguousarray(frame.image)
         if image.size == 0:
-            return self._exchange(("frame", None, image.shape, frame.name))
+            return self._exchange(("frame", None, image.shape, image.dtype.str, frame.name))
         if self.memory is None or self.memory.size < image.nbytes:
             if self.memory is not None:
                 self.memory.close()
                 self.memory.unlink()
             self.memory = SharedMemory(create=True, size=image.nbytes)
-        np.copyto(np.ndarray(image.shape, np.uint8, buffer=self.memory.buf), image)
-        return self._exchange(("frame", self.memory.name, image.shape, frame.name))
+        np.copyto(np.ndarray(image.shape, image.dtype, buffer=self.memory.buf), image)
+        return self._exchange(("frame", self.memory.name, image.shape, image.dtype.str, frame.name))
 
     def close(self) -> None:
         try:

@@ -71,10 +71,15 @@ def test_a_worker_that_dies_is_started_again_and_its_frame_reported(processes):
 
 
 def test_a_frame_the_pipeline_refuses_is_one_line_from_the_worker(processes):
-    with pytest.raises(UserError, match="empty frame") as caught:
-        processes.analyse(Frame(np.zeros((0, 0, 3), np.uint8), "empty.png"))
-    assert "\n" not in str(caught.value)
-    assert processes.analyse(_frames()[0]).found  # and the worker goes on
+    frame = _frames()[0]
+    for refused in (np.zeros((0, 0, 3), np.uint8), frame.image[..., 1]):  # no pixels; one channel
+        for _ in range(2):  # each worker
+            with pytest.raises(UserError, match="empty frame") as caught:
+                processes.analyse(Frame(refused, "refused.png"))
+            assert "\n" not in str(caught.value)
+    larger = np.pad(frame.image, ((0, 200), (0, 200), (0, 0)), mode="edge")  # a frame that needs a larger buffer
+    for _ in range(2):  # and the workers go on
+        assert processes.analyse(Frame(larger, "larger.png")).found
 
 
 def test_a_new_bundle_reaches_the_workers(pipeline, processes, tiny_bundle):

@@ -84,8 +84,8 @@ class PipelineConfig(Strict):
     queue_size: int = Field(4, ge=1, le=256, description="frames waiting for inference; when full the oldest is dropped")
     workers: int = Field(2, ge=1, le=16, description="frames analysed at once, each on a core of its own "
                          "(results keep frame order); 1: one at a time")
-    processes: bool = Field(False, description="analyse in one process per worker instead of threads: ~1.3x the frames/s "
-                            "on 2 cores, ~40 MB more memory per worker (edge/workers.py); not with classifier.edgetpu")
+    processes: bool = Field(False, description="analyse in one process per worker instead of threads: ~1.2x the frames/s "
+                            "on 2 cores, ~50 MB more memory per worker (edge/workers.py); not with classifier.edgetpu")
     sample_id: str | None = Field(None, description="sample to start with; normally set by cmd/start_sample")
     watchdog_stall_s: float = Field(60.0, gt=0, description="no frame processed for this long: stop feeding the watchdog")
     log_results: bool = Field(False, description="log one line per frame (demo); the service publishes instead")

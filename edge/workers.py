@@ -1,9 +1,11 @@
 """Frames analysed in worker processes (``pipeline.processes = true``) instead of threads.
 
 Why: a frame's analysis is hundreds of small OpenCV and NumPy calls per cell, and Python runs one
-thread's bytecode at a time. Two analysing threads on two cores get ~1.2x one; two processes ~1.8x
-(``benchmarks/bench_pipeline.py`` measures both). The price is memory: each process holds its own
-interpreter, model and working buffers (about 40 MB more per worker), so threads stay the default.
+thread's bytecode at a time. Through the agent on two cores, two analysing threads give ~1.2x one
+thread's frames/s and two worker processes ~1.2x the two threads (``benchmarks/bench_pipeline.py``;
+the pipeline alone in two processes, ~1.8x one). The price is memory: each process holds its own
+interpreter, model and working buffers (~50 MB more per worker, measured as PSS by
+``benchmarks/bench_agent.py``), so threads stay the default.
 
 Each worker process is forked from a server that has already imported the pipeline (``forkserver``:
 safe beside the agent's threads, and the imported modules' pages are shared). A frame travels through

@@ -161,7 +161,12 @@ class _Worker:
             if self.memory is not None:
                 self.memory.close()
                 self.memory.unlink()
-            self.memory = SharedMemory(create=True, size=image.nbytes)
+            try:
+                self.memory = SharedMemory(create=True, size=image.nbytes)
+            except OSError as error:
+                self.memory = None
+                raise UserError(f"no shared memory for analysis worker {self.index} ({error}); free /dev/shm "
+                                "or set pipeline.processes = false") from None
         np.copyto(np.ndarray(image.shape, image.dtype, buffer=self.memory.buf), image)
         return self._exchange(("frame", self.memory.name, image.shape, image.dtype.str, frame.name))
 
@@ -190,7 +195,11 @@ class AnalysisProcesses:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["edge.pipeline", "edge.classifier"])
         self.bundle = pipeline.classifier.bundle.root
-        self._workers = [_Worker(context, spec, index) for index in range(count)]
+        try:
+            self._workers = [_Worker(context, spec, index) for index in range(count)]
+        except OSError as error:
+            raise UserError(f"cannot start the analysis worker processes ({error}); "
+                            "set pipeline.processes = false to analyse in threads") from None
         self._idle: queue.Queue[_Worker] = queue.Queue()
         for worker in self._workers:
             self._idle.put(worker)

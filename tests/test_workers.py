@@ -127,3 +127,15 @@ def test_replay_with_worker_processes_prints_the_same_results(capsys):
 
     threads = replay()
     assert replay("--processes") == threads and len(threads) == len(sorted(FRAMES.glob("*.jpg"))) + 1  # + the summary
+
+
+def test_no_shared_memory_is_one_line_naming_the_fix(processes, monkeypatch):
+    import edge.workers
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(edge.workers, "SharedMemory", full)  # /dev/shm full: nothing else makes it fail on demand
+    with pytest.raises(UserError, match=r"no shared memory for analysis worker \d \(\[Errno 28\] No space left on device\); "
+                                        "free /dev/shm or set pipeline.processes = false"):
+        processes.analyse(_frames()[0])

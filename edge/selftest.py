@@ -10,10 +10,13 @@ import os
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from edge.agent import open_frames
 from edge.classifier import Classifier
 from edge.config import AgentConfig, load_config
 from edge.errors import UserError
+from edge.sources import Frame
 
 
 def check(config_path: Path) -> int:
@@ -25,8 +28,9 @@ def check(config_path: Path) -> int:
         print(f"FAIL config: {error}")
         return 1
     print(f"ok   config {config_path}")
-    failures.extend(_check_bundle(config))
+    classifier = _check_bundle(config, failures)
     stop = threading.Event()
+    frame = None
     try:
         frame = next(iter(open_frames(config, stop.is_set, lambda reason: (failures.append(f"camera: {reason}"), stop.set()))), None)
         if frame is not None and frame.image is not None:
@@ -35,6 +39,11 @@ def check(config_path: Path) -> int:
             failures.append(f"camera: source {config.source.type} delivered no readable frame")
     except UserError as error:
         failures.append(f"camera: {error}")
+    if config.pipeline.processes and classifier is not None:
+        try:
+            print(f"ok   worker processes {_check_workers(config, classifier, frame)}")
+        except UserError as error:
+            failures.append(f"worker processes: {error}")
     if config.mqtt.enabled:
         failures.extend(_check_broker(config))
     try:
@@ -46,9 +55,31 @@ def check(config_path: Path) -> int:
     return 1 if failures else 0
 
 
-def _check_bundle(config: AgentConfig) -> list[str]:
+def _check_workers(config: AgentConfig, classifier: Classifier, frame: Frame | None) -> str:
+    """With ``pipeline.processes``: the workers start where the agent will run (the fork server, shared memory
+    and the bundle in each, inside the service's sandbox when run as its ExecStartPre) and analyse a frame (the
+    source's, or a blank one). The configured scale, or any plausible one: the check is of the machinery."""
+    from dataclasses import replace
+
+    from edge.pipeline import Pipeline
+    from edge.workers import AnalysisProcesses
+
+    settings = config.segmentation.settings()
+    pipeline = Pipeline(classifier, replace(settings, um_per_px=settings.um_per_px or 0.1))
+    image = frame.image if frame is not None and frame.image is not None else np.full((64, 64, 3), 230, np.uint8)
+    analysers = AnalysisProcesses(pipeline, config.pipeline.workers)
+    try:
+        for _ in range(config.pipeline.workers):  # every worker: a frame each (they take turns)
+            cells = len(analysers.analyse(Frame(image, "edge check")).found)
+    finally:
+        analysers.close()
+    return f"{config.pipeline.workers} started, each analysed a frame ({cells} cells)"
+
+
+def _check_bundle(config: AgentConfig, failures: list[str]) -> Classifier | None:
     """Open the bundle the agent will score with: with updates enabled, the updater's active one (a bundle
-    sent by `quantize publish`), which may differ from classifier.bundle in the config."""
+    sent by `quantize publish`), which may differ from classifier.bundle in the config. None (and a failure
+    noted) when it cannot be opened."""
     bundle, note = config.classifier.bundle, ""
     if config.updates.enabled:
         from edge.updates import bundle_in_use
@@ -62,11 +93,13 @@ def _check_bundle(config: AgentConfig) -> list[str]:
     except UserError as error:
         if note:
             fallback = previous or config.classifier.bundle
-            return [f"model: the updater's active bundle {bundle}: {error}; the agent would roll back to {fallback} "
-                    "at start (or send a good bundle with `quantize publish`)"]
-        return [f"model: {error}"]
+            failures.append(f"model: the updater's active bundle {bundle}: {error}; the agent would roll back to {fallback} "
+                            "at start (or send a good bundle with `quantize publish`)")
+        else:
+            failures.append(f"model: {error}")
+        return None
     print(f"ok   model bundle {bundle} {classifier.bundle.id} ({'Edge TPU' if classifier.edgetpu else 'CPU'}{note})")
-    return []
+    return classifier
 
 
 def _check_outbox(path: Path) -> str:

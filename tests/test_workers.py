@@ -139,3 +139,24 @@ def test_no_shared_memory_is_one_line_naming_the_fix(processes, monkeypatch):
     with pytest.raises(UserError, match=r"no shared memory for analysis worker \d \(\[Errno 28\] No space left on device\); "
                                         "free /dev/shm or set pipeline.processes = false"):
         processes.analyse(_frames()[0])
+
+
+def test_edge_check_starts_the_worker_processes_and_says_so(tmp_path, capsys, monkeypatch):
+    """`edge check` (the service's ExecStartPre) starts the workers where the agent will, and each analyses a frame."""
+    import edge.workers
+    from edge.cli import main
+
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[source]\ntype = "folder"\npath = "{FRAMES}"\n[segmentation]\num_per_px = {SAMPLE_UM_PER_PX}\n'
+                      f'[pipeline]\nprocesses = true\n[mqtt]\nenabled = false\n[outbox]\npath = "{tmp_path / "o.db"}"\n')
+    assert main(["check", "--config", str(config)]) == 0
+    assert "ok   worker processes 2 started, each analysed a frame (1 cells)" in capsys.readouterr().out
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(edge.workers, "SharedMemory", full)
+    assert main(["check", "--config", str(config)]) == 1
+    fails = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL")]
+    assert fails == ["FAIL worker processes: no shared memory for analysis worker 0 ([Errno 28] No space left on device); "
+                     "free /dev/shm or set pipeline.processes = false"]

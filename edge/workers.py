@@ -15,9 +15,11 @@ that dies is started again; its frame is reported as skipped, never silently los
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import queue
+import signal
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
@@ -59,6 +61,11 @@ def _serve(connection: Connection, spec: WorkerSpec) -> None:
 
     from edge.classifier import Classifier
 
+    # systemd's stop signal (and a terminal's Ctrl-C) reaches every process of the service at once. The agent
+    # finishes and stores the frames in hand, then stops its workers itself (``close``): a worker that died
+    # of the signal first would lose those frames.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(1)  # the processes are the parallel unit, as threads are in edge.step.in_order
     pipeline: Pipeline | None = None
     memory: SharedMemory | None = None
@@ -195,9 +202,14 @@ class AnalysisProcesses:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["edge.pipeline", "edge.classifier"])
         self.bundle = pipeline.classifier.bundle.root
+        self._workers: list[_Worker] = []
+        # Before multiprocessing's own exit handler, which would ask them to stop with the signal they ignore.
+        atexit.register(self.close)
         try:
-            self._workers = [_Worker(context, spec, index) for index in range(count)]
+            for index in range(count):
+                self._workers.append(_Worker(context, spec, index))
         except OSError as error:
+            self.close()
             raise UserError(f"cannot start the analysis worker processes ({error}); "
                             "set pipeline.processes = false to analyse in threads") from None
         self._idle: queue.Queue[_Worker] = queue.Queue()
@@ -222,5 +234,8 @@ class AnalysisProcesses:
         return [worker.process.pid for worker in self._workers]
 
     def close(self) -> None:
-        for worker in self._workers:
+        """Stop every worker (each after its frame in hand) and free their frame buffers; again is a no-op."""
+        workers, self._workers = self._workers, []
+        for worker in workers:
             worker.close()
+        atexit.unregister(self.close)

@@ -70,6 +70,21 @@ def test_a_worker_that_dies_is_started_again_and_its_frame_reported(processes):
     assert len(set(processes.pids())) == 2
 
 
+def test_workers_outlive_the_stop_signal_until_the_caller_stops_them(processes):
+    """systemd's SIGTERM reaches every process of the service: the workers finish what the agent hands them."""
+    frame = _frames()[0]
+    pids = processes.pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+    for _ in range(2):
+        assert processes.analyse(frame).found
+    assert processes.pids() == pids
+    processes.close()
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+    processes.close()  # again: nothing to do
+
+
 def test_a_frame_the_pipeline_refuses_is_one_line_from_the_worker(processes):
     frame = _frames()[0]
     for refused in (np.zeros((0, 0, 3), np.uint8), frame.image[..., 1]):  # no pixels; one channel
@@ -97,8 +112,19 @@ def test_the_agent_with_worker_processes_keeps_every_result_in_order(tmp_path):
             "source": {"type": "folder", "path": str(FRAMES)}, "segmentation": {"um_per_px": SAMPLE_UM_PER_PX},
             "mqtt": {"enabled": False}, "outbox": {"path": str(outbox)},
             "pipeline": {"workers": 2, "processes": processes, "sample_id": "S9"}}))
+        seen: list[int] = []
+
+        class Pids:  # the workers' pids while they run
+            def analysed(self, done) -> None:
+                seen.extend([] if seen or not agent.analysers else agent.analysers.pids())
+
+            def skipped(self, frame, reason) -> None:
+                pass
+
+        agent.step.observers.append(Pids())
         assert agent.run() == 0
-        assert agent.analysers is None or all(not os.path.exists(f"/proc/{pid}") for pid in agent.analysers.pids())
+        assert len(seen) == (2 if processes else 0)
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in seen)  # stopped with the agent
         with sqlite3.connect(outbox) as db:
             rows = db.execute("SELECT topic, payload FROM outbox ORDER BY id").fetchall()
         return [json.loads(p) for t, p in rows if t.endswith("/results")]

@@ -19,7 +19,6 @@ import atexit
 import logging
 import multiprocessing
 import queue
-import signal
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
@@ -59,13 +58,9 @@ def _serve(connection: Connection, spec: WorkerSpec) -> None:
     """A worker process: load the bundle it is told, analyse each frame it is handed, until told to stop."""
     import cv2
 
+    import edge.worker_signals  # noqa: F401  # inherited from the fork server already; here should its preload fail
     from edge.classifier import Classifier
 
-    # systemd's stop signal (and a terminal's Ctrl-C) reaches every process of the service at once. The agent
-    # finishes and stores the frames in hand, then stops its workers itself (``close``): a worker that died
-    # of the signal first would lose those frames.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(1)  # the processes are the parallel unit, as threads are in edge.step.in_order
     pipeline: Pipeline | None = None
     memory: SharedMemory | None = None
@@ -200,7 +195,7 @@ class AnalysisProcesses:
     def __init__(self, pipeline: Pipeline, count: int) -> None:
         spec = WorkerSpec.of(pipeline)
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["edge.pipeline", "edge.classifier"])
+        context.set_forkserver_preload(["edge.worker_signals", "edge.pipeline", "edge.classifier"])
         self.bundle = pipeline.classifier.bundle.root
         self._workers: list[_Worker] = []
         # Before multiprocessing's own exit handler, which would ask them to stop with the signal they ignore.

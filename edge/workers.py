@@ -10,7 +10,8 @@ interpreter, model and working buffers (~50 MB more per worker, measured as PSS 
 Each worker process is forked from a server that has already imported the pipeline (``forkserver``:
 safe beside the agent's threads, and the imported modules' pages are shared). A frame travels through
 shared memory, not a pipe; the analysis (cells, verdicts, crops, scores) comes back pickled. A process
-that dies is started again; its frame is reported as skipped, never silently lost.
+that dies is started again; its frame is reported as skipped, never silently lost. The workers ignore the
+stop signal (``edge.worker_signals``): the agent stops them once the frames in hand are stored.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ LOAD_TIMEOUT_S = 120.0
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker process needs to build the same pipeline as the caller's (its bundle comes apart)."""
+    """What a worker process needs to build the same pipeline as the caller's. The bundle is sent apart, as
+    an update can change it while the workers run."""
 
     segmentation: SegmentationSettings
     device_id: str

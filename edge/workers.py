@@ -20,7 +20,7 @@ import atexit
 import logging
 import multiprocessing
 import queue
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
@@ -105,11 +105,10 @@ def _serve(connection: Connection, spec: WorkerSpec) -> None:
             memory.close()
 
 
-def _analysed(pipeline: Pipeline, frame: Frame) -> tuple:
-    """What ``AnalysisProcesses.analyse`` rebuilds the analysis from: everything but the frame it already has."""
-    analysis = pipeline.analyse(frame)
-    return (analysis.found, analysis.verdicts, analysis.crops, analysis.scores, analysis.labels, analysis.positive_label,
-            analysis.bundle, analysis.timings_ms)
+def _analysed(pipeline: Pipeline, frame: Frame) -> Analysis:
+    """The pipeline's analysis without the frame's pixels, which the caller has (pickle sends the classified
+    cells once: they are the found ones)."""
+    return replace(pipeline.analyse(frame), frame=Frame(None, frame.name))
 
 
 class _Worker:
@@ -154,7 +153,7 @@ class _Worker:
             raise UserError(body)
         return body
 
-    def analyse(self, frame: Frame, bundle: Path) -> tuple:
+    def analyse(self, frame: Frame, bundle: Path) -> Analysis:
         if self.bundle != bundle:
             self._exchange(("bundle", str(bundle)), timeout=LOAD_TIMEOUT_S)
             self.bundle = bundle
@@ -220,12 +219,9 @@ class AnalysisProcesses:
     def analyse(self, frame: Frame) -> Analysis:
         worker = self._idle.get()
         try:
-            found, verdicts, crops, scores, labels, positive, bundle, timings = worker.analyse(frame, self.bundle)
+            return replace(worker.analyse(frame, self.bundle), frame=frame)
         finally:
             self._idle.put(worker)
-        cells = [cell for cell, verdict in zip(found, verdicts) if verdict.classify]
-        return Analysis(frame, found, verdicts, cells, crops, scores, labels, positive_label=positive, bundle=bundle,
-                        timings_ms=timings)
 
     def pids(self) -> list[int]:
         return [worker.process.pid for worker in self._workers]

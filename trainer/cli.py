@@ -11,6 +11,7 @@ from edge import DISCLAIMER, __version__, in_words
 from edge.console import run_command, setup_logging
 from edge.errors import UserError
 from trainer import default_input_size
+from trainer import splitter as splitter_recipe  # its defaults are the command's (no Keras at import)
 from trainer.metrics import summary_line
 
 
@@ -171,11 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "cell-type layout (its images give the fields)")
     splitter.add_argument("--out", type=Path, required=True, help="run folder to write (refused if not empty)")
     splitter.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
-    splitter.add_argument("--clusters", type=int, default=4800, help="composed training clusters (default 4800)")
-    splitter.add_argument("--epochs", type=int, default=24, help="epochs of 100 batches of 8 (default 24)")
-    splitter.add_argument("--cells", type=int, default=1500,
+    splitter.add_argument("--clusters", type=int, default=splitter_recipe.CLUSTERS,
+                          help=f"composed training clusters (default {splitter_recipe.CLUSTERS})")
+    splitter.add_argument("--epochs", type=int, default=splitter_recipe.EPOCHS,
+                          help=f"epochs of 100 batches of 8 (default {splitter_recipe.EPOCHS})")
+    splitter.add_argument("--cells", type=int, default=splitter_recipe.CELLS,
                           help="distinct cells cut to compose from, 4/5 for training and 1/5 held out, as many C-NMC as "
-                               "smear cells where there are enough (default 1500)")
+                               f"smear cells where there are enough (default {splitter_recipe.CELLS})")
     splitter.add_argument("--absorb-share", type=float, default=0.0,
                           help="share of clusters whose cells filter the light where they overlap instead of being pasted "
                                "over each other (default 0)")

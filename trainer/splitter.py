@@ -228,8 +228,13 @@ def found_alone(model, images: np.ndarray, owners: np.ndarray) -> dict:
     return {"clusters": len(images), "cells": cells, "found_alone": hits, "rate": round(hits / max(cells, 1), 3)}
 
 
-def train_splitter(samples: Sequence[Sample], out: Path, *, clusters: int = 4800, epochs: int = 24,
-                   steps: int = 100, batch: int = 8, seed: int = 0, cells: int = 1500, fields: int = 150,
+#: The shipped splitter's recipe, and `trainer splitter`'s defaults: composed training clusters, epochs, and the
+#: distinct cells they are composed from.
+CLUSTERS, EPOCHS, CELLS = 4800, 24, 1500
+
+
+def train_splitter(samples: Sequence[Sample], out: Path, *, clusters: int = CLUSTERS, epochs: int = EPOCHS,
+                   steps: int = 100, batch: int = 8, seed: int = 0, cells: int = CELLS, fields: int = 150,
                    absorb_share: float = 0.0, restain: bool = False) -> dict:
     """Compose, train and write ``out/`` (the model, calibration fields for ``quantize splitter``, metrics)."""
     import keras

@@ -6,8 +6,9 @@ Every PBC image (one microscope, one scale: 360 px crops of 100x smears of many 
 18th BCCD frame is measured on its own red cells (``edge.calibration.measure_frame``); the per-image
 estimates that ``edge calibrate`` keeps give the spread. Also printed: the spread a frame's median
 of a few cells would have from sampling alone (the red cells' own size spread within a frame over
-the square root of their count), so the rest is the films' real difference (thick and thin parts of
-a film, donors) that no choice of cells removes. Prints one JSON object.
+the square root of their count), and what is left of the spread once sampling is taken out
+(``between_image_cv``): the films' real difference (thick and thin parts of a film, donors) that no
+choice of cells removes, the floor any per-image rule meets. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def _report(files: list[Path]) -> dict:
             "cv": round(calibration.cv or 0, 4), "robust_cv": round(calibration.robust_cv or 0, 4),
             "red_cells_per_image": round(float(np.mean([f.count for f in kept])), 1) if kept else 0,
             "within_image_cv": round(float(np.median(within)), 4) if within else None,
-            "sampling_cv": None if sampling is None else round(sampling, 4)}
+            "sampling_cv": None if sampling is None else round(sampling, 4),
+            "between_image_cv": None if sampling is None or calibration.cv is None
+            else round(float(np.sqrt(max(calibration.cv ** 2 - sampling ** 2, 0.0))), 4)}
 
 
 def main() -> None:

@@ -511,7 +511,7 @@ _M_ARENA_MAX = -8
 def _two_malloc_arenas() -> None:
     """glibc gives each allocating thread a heap of its own (up to 8 per core), and frame-sized buffers freed in
     one stay in its RSS. Two heaps for the agent's threads: peak RSS of `edge run` at 10 frames/s of 1080p
-    144-148 MB instead of 150-151, frames/s unchanged (``benchmarks/bench_agent.py``; alternated). A no-op where
+    138.5-144.6 MB instead of 149.9-150.9, frames/s unchanged (``benchmarks/bench_agent.py``; alternated). A no-op where
     the C library has no ``mallopt``."""
     try:
         ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 2)

@@ -39,6 +39,14 @@ MIN_UM_PER_PX, MAX_UM_PER_PX = 0.01, 5.0
 SCALE_FILE = "leukoscope-scale.json"
 #: A measured scale further than this from the configured one means the optics changed.
 DRIFT_WARNING = 0.10
+#: A scale stated for replayed frames (``--um-per-px``, ``SCALE_FILE``) further than this from what their
+#: discocytes measure is warned about. Wider than ``DRIFT_WARNING``: a replay may hold a few frames, where
+#: the agent compares the median of many.
+STATED_SCALE_WARNING = 0.25
+#: ... and further than this factor from what any of their red cells measure: a wrong objective or binning
+#: (2-2.5x). Red cells without a central pallor spread by 22% between frames (BCCD), so nothing finer is
+#: read from them: the bundled composed sample frames measure 0.061 against their true 0.083.
+STATED_SCALE_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -332,31 +340,55 @@ def write_scale_file(folder: Path, calibration: Calibration) -> Path:
 
 def frames_scale(source: Path, given: float | None, measure_frames: int = 40) -> float:
     """The scale of replayed frames: given (``--um-per-px``), else the folder's ``SCALE_FILE``, else measured
-    on the red cells of up to ``measure_frames`` of the frames themselves (said on stderr); never a guess."""
+    on the red cells of up to ``measure_frames`` of the frames themselves (said on stderr); never a guess.
+    A given or declared scale that the frames' own red cells contradict (``contradicts``) is used as told,
+    with a warning on stderr: it sizes both the cells searched for and the model's crops."""
     import sys
-
-    from edge.preprocessing import read_rgb
-    from edge.sources.folder import image_files
 
     if not source.exists():
         raise UserError(f"{source} does not exist; pass a folder of frames or an image file")
-    if given is not None:
-        return check_scale(given, "--um-per-px")
     folder = source if source.is_dir() else source.parent
-    declared = read_scale_file(folder)
-    if declared is not None:
-        return declared
-    files = image_files(source)
-    frames = []
-    for path in files[::max(1, len(files) // measure_frames)][:measure_frames]:
-        try:
-            frames.append(read_rgb(path))
-        except DataError:
-            continue  # an unreadable frame is reported by the replay itself
-    measured = calibrate(frames).um_per_px if frames else None
+    stated, what = (check_scale(given, "--um-per-px"), "--um-per-px") if given is not None else \
+        (read_scale_file(folder), str(folder / SCALE_FILE))
+    frames = _sampled_frames(source, measure_frames)
+    calibration = calibrate(frames)
+    measured = calibration.um_per_px
+    if stated is not None:
+        if contradicts(calibration, stated):
+            print(f"edge: warning: these frames' red cells measure {measured:.4f} µm per pixel, {drift(measured, stated):.0%} "
+                  f"from {what} = {stated}, by which the cells are sized and cropped for the model; check it with "
+                  f"`edge calibrate --source {source}`", file=sys.stderr)
+        return stated
     if measured is None:
         raise UserError(f"the scale of the frames in {folder} is unknown and their red cells are too few to measure it: "
                         f"pass --um-per-px, or write {SCALE_FILE} with `edge calibrate --source FRAMES --write`")
     print(f"edge: scale {measured:.4f} µm per pixel, measured on the red cells of {len(frames)} frame(s) "
           f"(pass --um-per-px or write {SCALE_FILE} to fix it)", file=sys.stderr)
     return check_scale(round(measured, 5), f"scale measured on {folder}")
+
+
+def contradicts(calibration: Calibration, stated: float) -> bool:
+    """Whether the red cells measured contradict a stated scale: by ``STATED_SCALE_WARNING`` where frames of
+    discocytes set the measure, by ``STATED_SCALE_FACTOR`` otherwise."""
+    measured = calibration.um_per_px
+    if measured is None:
+        return False
+    kept = calibration.kept
+    if kept and all(f.discocytes for f in kept):
+        return drift(measured, stated) > STATED_SCALE_WARNING
+    return not 1 / STATED_SCALE_FACTOR <= measured / stated <= STATED_SCALE_FACTOR
+
+
+def _sampled_frames(source: Path, count: int) -> list[np.ndarray]:
+    """Up to ``count`` readable frames spread over ``source`` (an unreadable one is reported by the replay itself)."""
+    from edge.preprocessing import read_rgb
+    from edge.sources.folder import image_files
+
+    files = image_files(source)
+    frames = []
+    for path in files[::max(1, len(files) // count)][:count]:
+        try:
+            frames.append(read_rgb(path))
+        except DataError:
+            continue
+    return frames

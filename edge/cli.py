@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--annotate", type=Path, metavar="OUT_DIR", help="write annotated frames and flagged crops here")
     replay.add_argument("--sample-id", default=None, help="sample id to put in results (default: the source folder name)")
     replay.add_argument("--um-per-px", type=float, default=None, metavar="F",
-                        help=f"the frames' scale in µm per pixel (default: the folder's {SCALE_FILE}; measure it with `edge calibrate`)")
+                        help=f"the frames' scale in µm per pixel (default: the folder's {SCALE_FILE}, else measured on the "
+                             "frames' red cells; measure it with `edge calibrate`). A stated scale the red cells "
+                             "contradict is used, with a warning")
     replay.add_argument("--num-threads", type=_at_least_one, default=None,
                         help="interpreter threads per frame (default: the cores each of --workers has)")
     replay.add_argument("--workers", type=_at_least_one, default=2, help="frames analysed at once, results in frame order (default 2)")

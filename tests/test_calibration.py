@@ -206,3 +206,31 @@ def test_replay_measures_the_frames_own_scale_when_none_is_given(tmp_path, capsy
     assert "measured on the red cells of 6 frame(s)" in captured.err
     *results, summary = [json.loads(line) for line in captured.out.splitlines()]
     assert len(results) == 6 and summary["cells"] >= 4  # white cells cut by the frame border are not counted
+
+
+def test_replay_warns_when_a_stated_scale_contradicts_the_red_cells(tmp_path, capsys):
+    """`edge replay --um-per-px` with a wrong objective's scale is used as told, but said in one line; the
+    bundled sample frames' own declared scale (right, though their few red cells read 27% off) is not."""
+    from edge.calibration import frames_scale
+    from tests.conftest import ROOT
+
+    folder = tmp_path / "frames"
+    shutil.copytree(ROOT / "samples" / "frames", folder)
+    assert frames_scale(folder, None) == 0.083
+    assert capsys.readouterr().err == ""
+    assert frames_scale(folder, 0.3) == 0.3
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith("edge: warning:") and "--um-per-px = 0.3" in warning and "\n" not in warning
+    assert f"edge calibrate --source {folder}" in warning
+
+
+@needs_pbc
+def test_replay_warns_at_a_quarter_off_where_discocytes_set_the_measure(tmp_path, capsys):
+    from edge.calibration import frames_scale
+
+    for path in _pbc_images(step=400):
+        shutil.copy(path, tmp_path / f"{path.parent.name}_{path.name}")
+    assert frames_scale(tmp_path, 0.1) == 0.1  # PBC measures ~0.103
+    assert capsys.readouterr().err == ""
+    assert frames_scale(tmp_path, 0.075) == 0.075  # 1.36x: inside the factor of 2 that any red cells give
+    assert "% from --um-per-px = 0.075" in capsys.readouterr().err

@@ -47,6 +47,8 @@ STATED_SCALE_WARNING = 0.25
 #: (2-2.5x). Red cells without a central pallor spread by 22% between frames (BCCD), so nothing finer is
 #: read from them: the bundled composed sample frames measure 0.061 against their true 0.083.
 STATED_SCALE_FACTOR = 2.0
+#: Frames measured for that check: reading and measuring six 1080p PNG frames adds ~0.2 s to a replay (bench_pipeline.py).
+STATED_SCALE_CHECK_FRAMES = 6
 
 
 @dataclass(frozen=True)
@@ -350,8 +352,7 @@ def frames_scale(source: Path, given: float | None, measure_frames: int = 40) ->
     folder = source if source.is_dir() else source.parent
     stated, what = (check_scale(given, "--um-per-px"), "--um-per-px") if given is not None else \
         (read_scale_file(folder), str(folder / SCALE_FILE))
-    frames = _sampled_frames(source, measure_frames)
-    calibration = calibrate(frames)
+    calibration = _measured(source, measure_frames if stated is None else STATED_SCALE_CHECK_FRAMES)
     measured = calibration.um_per_px
     if stated is not None:
         if contradicts(calibration, stated):
@@ -362,7 +363,7 @@ def frames_scale(source: Path, given: float | None, measure_frames: int = 40) ->
     if measured is None:
         raise UserError(f"the scale of the frames in {folder} is unknown and their red cells are too few to measure it: "
                         f"pass --um-per-px, or write {SCALE_FILE} with `edge calibrate --source FRAMES --write`")
-    print(f"edge: scale {measured:.4f} µm per pixel, measured on the red cells of {len(frames)} frame(s) "
+    print(f"edge: scale {measured:.4f} µm per pixel, measured on the red cells of {len(calibration.frames)} frame(s) "
           f"(pass --um-per-px or write {SCALE_FILE} to fix it)", file=sys.stderr)
     return check_scale(round(measured, 5), f"scale measured on {folder}")
 
@@ -379,16 +380,17 @@ def contradicts(calibration: Calibration, stated: float) -> bool:
     return not 1 / STATED_SCALE_FACTOR <= measured / stated <= STATED_SCALE_FACTOR
 
 
-def _sampled_frames(source: Path, count: int) -> list[np.ndarray]:
-    """Up to ``count`` readable frames spread over ``source`` (an unreadable one is reported by the replay itself)."""
+def _measured(source: Path, count: int) -> Calibration:
+    """The red cells of up to ``count`` readable frames spread over ``source``, read and measured one at a time
+    (a folder of 12 MP frames is not held in memory). An unreadable frame is reported by the replay itself."""
     from edge.preprocessing import read_rgb
     from edge.sources.folder import image_files
 
     files = image_files(source)
-    frames = []
+    scales = []
     for path in files[::max(1, len(files) // count)][:count]:
         try:
-            frames.append(read_rgb(path))
+            scales.append(measure_frame(read_rgb(path)))
         except DataError:
             continue
-    return frames
+    return Calibration(tuple(scales))

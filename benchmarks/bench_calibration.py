@@ -8,7 +8,9 @@ estimates that ``edge calibrate`` keeps give the spread. Also printed: the sprea
 of a few cells would have from sampling alone (the red cells' own size spread within a frame over
 the square root of their count), and what is left of the spread once sampling is taken out
 (``between_image_cv``): the films' real difference (thick and thin parts of a film, donors) that no
-choice of cells removes, the floor any per-image rule meets. Prints one JSON object.
+choice of cells removes, the floor any per-image rule meets. ``magnification``: BCCD frames shown
+smaller, as a lower objective would, and tiled into 1080p and 12 MP frames: the scale measured times
+the size shown should stay BCCD's. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -42,6 +44,35 @@ def _report(files: list[Path]) -> dict:
             else round(float(np.sqrt(max(calibration.cv ** 2 - sampling ** 2, 0.0))), 4)}
 
 
+#: BCCD's scale (the median of its 364 frames' discocyte estimates, rounded as the tests use it).
+BCCD_UM_PER_PX = 0.083
+
+
+def _magnifications(bccd: Path) -> dict:
+    """Another objective and camera: BCCD frames shown at 1, 0.5 and 0.33 of their size and tiled into
+    1080p and 12 MP frames (8 each); the measured scale times the size shown, against BCCD's own."""
+    import cv2
+
+    sources = [read_rgb(p) for p in sorted((bccd / "JPEGImages").glob("*.jpg"))[:200]]
+    report = {}
+    for width, height in ((1920, 1080), (4056, 3040)):
+        for shown in (1.0, 0.5, 0.33):
+            small = [cv2.resize(s, None, fx=shown, fy=shown, interpolation=cv2.INTER_AREA) for s in sources] \
+                if shown != 1.0 else sources
+            h, w = small[0].shape[:2]
+            frames = [np.ascontiguousarray(np.vstack([np.hstack([small[(7 * k + 50 * row + col) % len(small)]
+                                                                 for col in range(-(-width // w))])
+                                                      for row in range(-(-height // h))])[:height, :width])
+                      for k in range(8)]
+            started = time.perf_counter()
+            calibration = Calibration(tuple(measure_frame(f) for f in frames))
+            report[f"{width}x{height} shown {shown}x"] = {
+                "um_per_px_x_shown": None if calibration.um_per_px is None else round(calibration.um_per_px * shown, 5),
+                "vs_bccd": None if calibration.um_per_px is None else round(calibration.um_per_px * shown / BCCD_UM_PER_PX, 3),
+                "ms_per_frame": round(1000 * (time.perf_counter() - started) / len(frames), 1)}
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
@@ -50,7 +81,8 @@ def main() -> None:
     started = time.perf_counter()
     pbc = sorted(p for p in (args.data / "pbc-normal").glob("*/*.jpg") if not p.name.startswith("."))[::args.step]
     bccd = sorted((args.data / "bccd" / "JPEGImages").glob("*.jpg"))[::18]
-    report = {"pbc": _report(pbc), "bccd": _report(bccd), "seconds": 0.0}
+    report = {"pbc": _report(pbc), "bccd": _report(bccd),
+              "magnification": _magnifications(args.data / "bccd"), "seconds": 0.0}
     report["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))
 

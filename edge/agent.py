@@ -95,7 +95,7 @@ def calibrated(config: AgentConfig) -> AgentConfig:
 
 
 class ScaleWatch:
-    """Red-cell size watched while the agent runs: every ``every``-th frame is measured (~10 ms),
+    """Red-cell size watched while the agent runs: every ``every``-th frame is measured (~15-40 ms at 1080p),
     and the median of the last few estimates is compared with the configured scale. A drift over
     10% means the objective, camera or binning changed, and every size and crop is then wrong."""
 

@@ -147,18 +147,70 @@ def _pallor(inside: np.ndarray, green: np.ndarray, background: float) -> float:
     return (float(green[centre].mean()) - rim_level) / max(background - rim_level, 1.0)
 
 
-def measure_frame(frame_rgb: np.ndarray, *, max_side: int = 800) -> FrameScale:
+#: A frame is first looked at no larger than this (its longer side, pixels): plenty where red cells are
+#: large (a 100x objective), and quick.
+FIRST_LOOK_SIDE = 800
+#: Where red cells show smaller than ``MEASURE_AS_IS_PX`` there, the frame is looked at again resampled so
+#: that they show about this many pixels across (never enlarged beyond the frame's own pixels): the size
+#: PBC's and BCCD's own frames show them at (73-92 px), for which the mask's smoothing and morphology
+#: (fixed 3-5 px kernels) were set. Without it, 12 MP frames at a 40x-like 0.16-0.25 µm/px read
+#: 16% large and 7 times too fine (BCCD tiled and shown at 0.5x and 0.33x).
+MEASURE_RED_CELL_PX = 80.0
+#: Red cells showing within this many pixels across are measured as they are (PBC, BCCD: 73-92 px).
+MEASURE_AS_IS_PX = (50.0, 150.0)
+#: Pixels looked at, at most, in the closer look (a 1080p frame's): the frame's centre, where the whole
+#: would be larger, still holds dozens of red cells.
+MEASURE_PIXELS = 640_000
+#: Looks at a frame, each resampled by what the last one measured, before it is left without an estimate.
+MEASURE_LOOKS = 3
+
+
+def measure_frame(frame_rgb: np.ndarray) -> FrameScale:
     """Diameters (frame pixels) of the red cells in one RGB frame.
 
+    The whole frame is looked at first (reduced to ``FIRST_LOOK_SIDE``). Where its red cells show
+    outside ``MEASURE_AS_IS_PX``, or none are found in a reduced frame, it is looked at again resampled
+    so that they show ``MEASURE_RED_CELL_PX`` across (its centre, within ``MEASURE_PIXELS``).
     A round region is one cell, measured by its hull. Any other region is a chain of touching
     cells: its largest inscribed circle (the peak of its distance transform) is still one cell's
     radius, where an area or outline measure would see one big blob."""
     if frame_rgb is None or frame_rgb.ndim != 3 or frame_rgb.size == 0:
         raise UserError("empty frame: the camera or file delivered no pixels; check the source")
     height, width = frame_rgb.shape[:2]
-    scale = min(1.0, max_side / max(height, width))
-    small = cv2.resize(frame_rgb, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA) \
-        if scale < 1 else frame_rgb
+    zoom = min(1.0, FIRST_LOOK_SIDE / max(height, width))
+    measured = _measure_at(frame_rgb, zoom)
+    for _ in range(MEASURE_LOOKS):
+        typical = measured.typical_px
+        if typical is None:
+            if zoom >= 1.0:
+                return measured
+            zoom, measured = 1.0, _measure_at(frame_rgb, 1.0)  # red cells too small to see reduced: look closer
+            continue
+        # Never enlarged: specks upsampled pass for red cells (PBC: frames whose first look found only
+        # specks of 22-47 px, where red cells are 73).
+        wanted = min(1.0, MEASURE_RED_CELL_PX / typical)
+        if MEASURE_AS_IS_PX[0] <= typical * zoom <= MEASURE_AS_IS_PX[1] or wanted == zoom:
+            return measured
+        closer = _measure_at(frame_rgb, wanted)
+        # Resampled, the same red cells measure within a few per cent; anything else was not red cells.
+        if closer.typical_px is not None and 0.8 <= closer.typical_px / typical <= 1.25:
+            return closer
+        zoom, measured = wanted, closer
+    return FrameScale(())
+
+
+def _measure_at(frame_rgb: np.ndarray, zoom: float) -> FrameScale:
+    """``measure_frame`` on the frame resampled by ``zoom``, its centre only where that would exceed
+    ``MEASURE_PIXELS``; diameters in frame pixels."""
+    height, width = frame_rgb.shape[:2]
+    share = min(1.0, float(np.sqrt(MEASURE_PIXELS / (zoom * zoom * height * width))))
+    crop_h, crop_w = max(1, round(height * share)), max(1, round(width * share))
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    view = np.ascontiguousarray(frame_rgb[top:top + crop_h, left:left + crop_w])
+    size = (max(1, round(crop_w * zoom)), max(1, round(crop_h * zoom)))
+    small = view if size == (crop_w, crop_h) else \
+        cv2.resize(view, size, interpolation=cv2.INTER_AREA if zoom < 1 else cv2.INTER_LINEAR)
+    scale = size[0] / crop_w
     if float(small.std()) < 2.0:
         return FrameScale(())  # a blank or black frame holds no cells
     green = _smoothed_green(small)

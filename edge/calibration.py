@@ -326,6 +326,15 @@ class Calibration:
         return float(1.4826 * np.median(np.abs(np.asarray(usable) - median)) / median)
 
     @property
+    def uncertainty(self) -> float | None:
+        """Relative standard error of the scale itself (the median of the frames' estimates): 1.2533 x the
+        spread between frames / sqrt(frames). More frames make the scale surer; the spread stays."""
+        usable = self.usable
+        if len(usable) < 2:
+            return None
+        return float(1.2533 * np.std(usable) / np.sqrt(len(usable)) / np.median(usable))
+
+    @property
     def red_cells(self) -> int:
         """Red cells measured in every frame."""
         return sum(f.count for f in self.frames)
@@ -342,6 +351,7 @@ class Calibration:
         return {"um_per_px": None if self.um_per_px is None else round(self.um_per_px, 5),
                 "cv": None if self.cv is None else round(self.cv, 4),
                 "robust_cv": None if self.robust_cv is None else round(self.robust_cv, 4),
+                "uncertainty": None if self.uncertainty is None else round(self.uncertainty, 4),
                 "red_cells": self.red_cells, "red_cells_used": self.red_cells_used, "frames": len(self.frames), "frames_measured": len(self.usable),
                 "per_image": [{"name": name, "red_cells": f.count, "lone_red_cells": f.lone, "discocytes": f.discocytes, "used": id(f) in kept,
                                "um_per_px": None if f.um_per_px is None else round(f.um_per_px, 5)}
@@ -388,7 +398,7 @@ def write_scale_file(folder: Path, calibration: Calibration) -> Path:
     path = folder / SCALE_FILE
     path.write_text(json.dumps({"um_per_px": round(calibration.um_per_px, 5), "measured_by": "edge calibrate",
                                 "red_cells": calibration.red_cells_used, "frames_measured": len(calibration.usable),
-                                "cv": calibration.cv}, indent=2) + "\n")
+                                "cv": calibration.cv, "uncertainty": calibration.uncertainty}, indent=2) + "\n")
     return path
 
 

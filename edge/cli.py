@@ -107,7 +107,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"source": str(args.source), "configured_um_per_px": configured, **calibration.to_dict(names)}))
     else:
-        spread = "n/a (one frame)" if calibration.cv is None else f"{calibration.cv:.1%} (robust {calibration.robust_cv:.1%})"
+        spread = "n/a (one frame)" if calibration.cv is None else \
+            f"{calibration.cv:.1%} (robust {calibration.robust_cv:.1%}); the scale itself ±{calibration.uncertainty:.1%}"
         print(f"{calibration.um_per_px:.4f} µm per pixel: {calibration.red_cells_used} red cells in {len(calibration.usable)} of "
               f"{len(frames)} frame(s); spread between frames (CV) {spread}")
     if configured is not None and drift(calibration.um_per_px, configured) > DRIFT_WARNING:

@@ -131,6 +131,7 @@ def test_cli_prints_scale_spread_and_per_image_estimates(tmp_path, capsys):
     assert main(["calibrate", "--source", str(folder), "--json", "--write"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert 0.075 < report["um_per_px"] < 0.09 and report["red_cells"] >= 10
+    assert 0 < report["uncertainty"] < report["cv"]  # the median of several frames is surer than one frame
     assert [p["name"] for p in report["per_image"]] == sorted(p.name for p in folder.glob("*.jpg"))
     assert json.loads((folder / SCALE_FILE).read_text())["um_per_px"] == report["um_per_px"]
 

@@ -10,7 +10,8 @@ the square root of their count), and what is left of the spread once sampling is
 (``between_image_cv``): the films' real difference (thick and thin parts of a film, donors) that no
 choice of cells removes, the floor any per-image rule meets. ``magnification``: BCCD frames shown
 smaller, as a lower objective would, and tiled into 1080p and 12 MP frames: the scale measured times
-the size shown should stay BCCD's. Prints one JSON object.
+the size shown should stay BCCD's, by ``edge calibrate``'s looks and by the agent's scale watch (which
+expects the configured scale and looks at the frame's centre only). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edge.agent import SCALE_WATCH_PIXELS  # noqa: E402
 from edge.calibration import Calibration, measure_frame  # noqa: E402
 from edge.preprocessing import read_rgb  # noqa: E402
 
@@ -66,10 +68,16 @@ def _magnifications(bccd: Path) -> dict:
                       for k in range(8)]
             started = time.perf_counter()
             calibration = Calibration(tuple(measure_frame(f) for f in frames))
+            measured = time.perf_counter()
+            watched = Calibration(tuple(measure_frame(f, expected_um_per_px=BCCD_UM_PER_PX / shown, pixels=SCALE_WATCH_PIXELS)
+                                        for f in frames))
             report[f"{width}x{height} shown {shown}x"] = {
                 "um_per_px_x_shown": None if calibration.um_per_px is None else round(calibration.um_per_px * shown, 5),
                 "vs_bccd": None if calibration.um_per_px is None else round(calibration.um_per_px * shown / BCCD_UM_PER_PX, 3),
-                "ms_per_frame": round(1000 * (time.perf_counter() - started) / len(frames), 1)}
+                "ms_per_frame": round(1000 * (measured - started) / len(frames), 1),
+                # The agent's scale watch: the expected size, the frame's centre only.
+                "watch_vs_bccd": None if watched.um_per_px is None else round(watched.um_per_px * shown / BCCD_UM_PER_PX, 3),
+                "watch_ms_per_frame": round(1000 * (time.perf_counter() - measured) / len(frames), 1)}
     return report
 
 

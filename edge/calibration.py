@@ -165,7 +165,8 @@ MEASURE_PIXELS = 640_000
 MEASURE_LOOKS = 3
 
 
-def measure_frame(frame_rgb: np.ndarray) -> FrameScale:
+def measure_frame(frame_rgb: np.ndarray, *, expected_um_per_px: float | None = None,
+                  pixels: int = MEASURE_PIXELS) -> FrameScale:
     """Diameters (frame pixels) of the red cells in one RGB frame.
 
     The whole frame is looked at first (reduced to ``FIRST_LOOK_SIDE``). Where its red cells show
@@ -173,9 +174,19 @@ def measure_frame(frame_rgb: np.ndarray) -> FrameScale:
     so that they show ``MEASURE_RED_CELL_PX`` across (its centre, within ``MEASURE_PIXELS``).
     A round region is one cell, measured by its hull. Any other region is a chain of touching
     cells: its largest inscribed circle (the peak of its distance transform) is still one cell's
-    radius, where an area or outline measure would see one big blob."""
+    radius, where an area or outline measure would see one big blob.
+
+    ``expected_um_per_px``: the scale the frame should have (a running device's configured one). Only
+    the closer look is taken, on ``pixels`` of the frame's centre, unless red cells there are not within
+    30% of the size expected (the optics changed): then every look is taken."""
     if frame_rgb is None or frame_rgb.ndim != 3 or frame_rgb.size == 0:
         raise UserError("empty frame: the camera or file delivered no pixels; check the source")
+    if expected_um_per_px is not None:
+        expected_px = RED_CELL_DIAMETER_UM / expected_um_per_px
+        zoom = min(1.0, MEASURE_RED_CELL_PX / expected_px)
+        expected = _measure_at(frame_rgb, zoom, pixels)
+        if expected.typical_px is not None and 0.7 <= expected.typical_px / expected_px <= 1.43:
+            return expected
     height, width = frame_rgb.shape[:2]
     zoom = min(1.0, FIRST_LOOK_SIDE / max(height, width))
     measured = _measure_at(frame_rgb, zoom)
@@ -199,11 +210,11 @@ def measure_frame(frame_rgb: np.ndarray) -> FrameScale:
     return FrameScale(())
 
 
-def _measure_at(frame_rgb: np.ndarray, zoom: float) -> FrameScale:
+def _measure_at(frame_rgb: np.ndarray, zoom: float, pixels: int = MEASURE_PIXELS) -> FrameScale:
     """``measure_frame`` on the frame resampled by ``zoom``, its centre only where that would exceed
-    ``MEASURE_PIXELS``; diameters in frame pixels."""
+    ``pixels``; diameters in frame pixels."""
     height, width = frame_rgb.shape[:2]
-    share = min(1.0, float(np.sqrt(MEASURE_PIXELS / (zoom * zoom * height * width))))
+    share = min(1.0, float(np.sqrt(pixels / (zoom * zoom * height * width))))
     crop_h, crop_w = max(1, round(height * share)), max(1, round(width * share))
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
     view = np.ascontiguousarray(frame_rgb[top:top + crop_h, left:left + crop_w])

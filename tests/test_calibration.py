@@ -206,11 +206,14 @@ def test_agent_calibration_failure_tells_to_set_the_scale(tmp_path):
 def test_scale_watch_warns_on_drift_only():
     frames = [read_rgb(p) for p in _pbc_images(400)[:10]]  # every 2nd measured: 5, of which ~4 have enough lone red cells
     right, wrong = ScaleWatch(0.102, every=2), ScaleWatch(0.085, every=2)  # PBC measures ~0.10
+    objective = ScaleWatch(0.2, every=2)  # red cells twice the size expected: the watch looks at the whole frame again
     for frame in frames:
         right.observe(frame)
         wrong.observe(frame)
+        objective.observe(frame)
     assert right.stats()["warning"] is None and right.drift < 0.1
     assert wrong.drift > 0.1 and "scale drift" in wrong.stats()["warning"]
+    assert abs(objective.measured / right.measured - 1) < 0.05 and "scale drift" in objective.stats()["warning"]
 
 
 @needs_bccd

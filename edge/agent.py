@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 STATS_SCHEMA, STATS_SCHEMA_VERSION = "leukoscope/stats", 1  # edge/schemas/stats.schema.json
 SUMMARY_EVERY = 10  # frames between retained per-sample summaries
 CALIBRATION_FRAMES = 10  # frames measured when the agent calibrates on start
-SCALE_WINDOW = 5  # recent per-frame red-cell scales whose median is compared with the configured scale
+SCALE_WINDOW = 5  # recent frames' red cells whose scale is compared with the configured one
 #: Pixels of a frame's centre the scale watch measures (red cells ~80 px across: room for dozens). It runs
 #: on the path results are committed on, so its cost stalls the analysis: with a whole-frame look every
 #: 50 frames, 1080p through the agent lost 8-14% of its frame rate.
@@ -99,9 +99,9 @@ def calibrated(config: AgentConfig) -> AgentConfig:
 
 
 class ScaleWatch:
-    """Red-cell size watched while the agent runs: every ``every``-th frame is measured (7-24 ms at 1080p and 12 MP),
-    and the median of the last few estimates is compared with the configured scale. A drift over
-    10% means the objective, camera or binning changed, and every size and crop is then wrong."""
+    """Red-cell size watched while the agent runs: every ``every``-th frame is measured (7-24 ms at 1080p and
+    12 MP), and the last few frames, weighed as `edge calibrate` weighs them, are compared with the configured
+    scale. A drift over 10% means the objective, camera or binning changed, and every size and crop is then wrong."""
 
     def __init__(self, um_per_px: float, every: int) -> None:
         self.um_per_px = um_per_px

@@ -154,7 +154,7 @@ FIRST_LOOK_SIDE = 800
 #: that they show about this many pixels across (never enlarged beyond the frame's own pixels): the size
 #: PBC's and BCCD's own frames show them at (73-92 px), for which the mask's smoothing and morphology
 #: (fixed 3-5 px kernels) were set. Without it, 12 MP frames at a 40x-like 0.16-0.25 µm/px read
-#: 16% large and 7 times too fine (BCCD tiled and shown at 0.5x and 0.33x).
+#: 14% large and 7 times too fine (BCCD tiled and shown at 0.5x and 0.33x; bench_calibration.py).
 MEASURE_RED_CELL_PX = 80.0
 #: Red cells showing within this many pixels across are measured as they are (PBC, BCCD: 73-92 px).
 MEASURE_AS_IS_PX = (50.0, 150.0)

@@ -171,13 +171,13 @@ def measure_frame(frame_rgb: np.ndarray, *, expected_um_per_px: float | None = N
 
     The whole frame is looked at first (reduced to ``FIRST_LOOK_SIDE``). Where its red cells show
     outside ``MEASURE_AS_IS_PX``, or none are found in a reduced frame, it is looked at again resampled
-    so that they show ``MEASURE_RED_CELL_PX`` across (its centre, within ``MEASURE_PIXELS``).
+    so that they show ``MEASURE_RED_CELL_PX`` across (its centre, within ``pixels``).
     A round region is one cell, measured by its hull. Any other region is a chain of touching
     cells: its largest inscribed circle (the peak of its distance transform) is still one cell's
     radius, where an area or outline measure would see one big blob.
 
     ``expected_um_per_px``: the scale the frame should have (a running device's configured one). Only
-    the closer look is taken, on ``pixels`` of the frame's centre, unless red cells there are not within
+    the closer look is taken, on the frame's centre, unless red cells there are not within
     30% of the size expected (the optics changed): then every look is taken."""
     if frame_rgb is None or frame_rgb.ndim != 3 or frame_rgb.size == 0:
         raise UserError("empty frame: the camera or file delivered no pixels; check the source")
@@ -195,14 +195,14 @@ def measure_frame(frame_rgb: np.ndarray, *, expected_um_per_px: float | None = N
         if typical is None:
             if zoom >= 1.0:
                 return measured
-            zoom, measured = 1.0, _measure_at(frame_rgb, 1.0)  # red cells too small to see reduced: look closer
+            zoom, measured = 1.0, _measure_at(frame_rgb, 1.0, pixels)  # red cells too small to see reduced: look closer
             continue
         # Never enlarged: specks upsampled pass for red cells (PBC: frames whose first look found only
         # specks of 22-47 px, where red cells are 73).
         wanted = min(1.0, MEASURE_RED_CELL_PX / typical)
         if MEASURE_AS_IS_PX[0] <= typical * zoom <= MEASURE_AS_IS_PX[1] or wanted == zoom:
             return measured
-        closer = _measure_at(frame_rgb, wanted)
+        closer = _measure_at(frame_rgb, wanted, pixels)
         # Resampled, the same red cells measure within a few per cent; anything else was not red cells.
         if closer.typical_px is not None and 0.8 <= closer.typical_px / typical <= 1.25:
             return closer

@@ -523,8 +523,8 @@ def _frame_friendly_malloc() -> None:
       and frame-sized buffers freed in one stay in its RSS. Peak RSS of `edge run` at 10 frames/s of 1080p
       138.5-144.6 MB instead of 149.9-150.9, frames/s unchanged (``benchmarks/bench_agent.py``; alternated).
     - Buffers of 4 MiB and more (a 1080p RGB frame is 6.2 MB) mapped on their own. By default glibc raises that
-      threshold as such buffers are freed, and from then on keeps them in its heaps: peak RSS 128.6 / 132.0 MB
-      instead of 143.5 / 153.6, frames/s through the agent within the VM's noise (medians 99.1 and 99.6 of 8
+      threshold as such buffers are freed, and from then on keeps them in its heaps: peak RSS 128.0-135.0 MB
+      instead of 143.5-153.6, frames/s through the agent within the VM's noise (medians 99.1 and 99.6 of 8
       alternated runs). A 1 MiB threshold cost ~8% of the frame rate."""
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -36,9 +36,8 @@ from edge.publisher import Publisher  # noqa: E402
 from edge.segmentation import SegmentationSettings  # noqa: E402
 from edge.sources import Frame  # noqa: E402
 from tests.broker import Broker  # noqa: E402
+from trainer.crosslab import BCCD_UM_PER_PX  # noqa: E402  (the 1080p frames are tiled from BCCD's at its scale)
 
-#: The 1080p frames are tiled from BCCD frames at their native scale (``edge calibrate`` on BCCD).
-BCCD_UM_PER_PX = 0.083
 
 
 def drain(broker: Broker, work: Path, count: int) -> dict:

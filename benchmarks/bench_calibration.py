@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from edge.agent import SCALE_WATCH_PIXELS  # noqa: E402
 from edge.calibration import Calibration, measure_frame  # noqa: E402
 from edge.preprocessing import read_rgb  # noqa: E402
+from trainer.crosslab import BCCD_UM_PER_PX  # noqa: E402
 
 
 def _report(files: list[Path]) -> dict:
@@ -44,10 +45,6 @@ def _report(files: list[Path]) -> dict:
             "sampling_cv": None if sampling is None else round(sampling, 4),
             "between_image_cv": None if sampling is None or calibration.cv is None
             else round(float(np.sqrt(max(calibration.cv ** 2 - sampling ** 2, 0.0))), 4)}
-
-
-#: BCCD's scale (the median of its 364 frames' discocyte estimates, rounded as the tests use it).
-BCCD_UM_PER_PX = 0.083
 
 
 def _magnifications(bccd: Path) -> dict:

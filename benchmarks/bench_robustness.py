@@ -29,10 +29,8 @@ from edge.gate import judge  # noqa: E402
 from edge.preprocessing import read_rgb  # noqa: E402
 from edge.segmentation import SegmentationSettings, find_cells  # noqa: E402
 from edge.splitter import CellSplitter  # noqa: E402
-from trainer.crosslab import iou, wbc_boxes  # noqa: E402
+from trainer.crosslab import BCCD_UM_PER_PX, iou, wbc_boxes  # noqa: E402
 
-#: BCCD's scale, measured by `edge calibrate` on its red cells.
-BCCD_UM_PER_PX = 0.083
 BORDER = 5  # an annotated box this close to the edge is a cell cut by the border, skipped by design
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from trainer import clusters
 from trainer.clusters import CutCell, box_iou, cut_cnmc, cut_smear_cell, paste  # noqa: F401  (the tests' own frames)
+from trainer.crosslab import BCCD_UM_PER_PX  # noqa: F401  (the tests' scale of BCCD's frames)
 from trainer.dataset import CNMC_UM_PER_PX
 from edge.preprocessing import read_rgb
 from edge.segmentation import SegmentationSettings, find_cells
@@ -20,7 +21,6 @@ from tests.conftest import BCCD, CNMC, SHARED_DATA
 
 PBC = SHARED_DATA / "pbc-normal"
 #: Measured by `edge calibrate` on the images themselves (red cells; see tests/test_calibration.py).
-BCCD_UM_PER_PX = 0.083
 PBC_UM_PER_PX = 0.102
 #: Quarter-frame tiles of real BCCD smear, 320x240 (every BCCD frame, even those annotated with none,
 #: shows a white cell somewhere, so whole frames cannot serve as empty fields).

@@ -111,7 +111,7 @@ def test_12_mp_frames_at_a_lower_magnification_measure_their_scale(shown):
     """A 12 MP camera on a 40x-like objective: BCCD frames shown at half and a third of their size, tiled
     4056x3040. Red cells are then ~46 and ~30 px, 9 and 6 px in an 800 px look at the whole frame, which
     read 14% large and 29% small here before the closer look at the frame's own pixels."""
-    from tests.composing import BCCD_UM_PER_PX  # BCCD's scale, measured on all its frames' discocytes
+    from trainer.crosslab import BCCD_UM_PER_PX
 
     sources = [read_rgb(p) for p in sorted((BCCD / "JPEGImages").glob("*.jpg"))[:60]]
     small = [cv2.resize(s, None, fx=shown, fy=shown, interpolation=cv2.INTER_AREA) for s in sources]

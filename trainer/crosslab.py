@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 Scorer = Callable[[np.ndarray], np.ndarray]
 
 
+#: BCCD's scale, measured by `edge calibrate` on its red cells (0.0816 on its frames of discocytes today): the
+#: one value the tests and benchmarks show BCCD's frames at.
+BCCD_UM_PER_PX = 0.083
+
+
 def wbc_boxes(xml_path: Path) -> list[tuple[int, int, int, int]]:
     boxes = []
     for obj in ET.parse(xml_path).getroot().iter("object"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,9 @@ from edge.classifier import Classifier
 from edge.config import AgentConfig, load_config
 from edge.errors import UserError
 from edge.sources import Frame
+
+#: Frames of the source the configured scale is checked on (their red cells' median).
+SCALE_CHECK_FRAMES = 3
 
 
 def check(config_path: Path) -> int:
@@ -31,14 +35,22 @@ def check(config_path: Path) -> int:
     classifier = _check_bundle(config, failures)
     stop = threading.Event()
     frame = None
+    frames: list[Frame] = []
     try:
-        frame = next(iter(open_frames(config, stop.is_set, lambda reason: (failures.append(f"camera: {reason}"), stop.set()))), None)
+        frames = [f for f in islice(open_frames(config, stop.is_set, lambda reason: (failures.append(f"camera: {reason}"), stop.set())),
+                                    SCALE_CHECK_FRAMES) if f is not None and f.image is not None]
+        frame = frames[0] if frames else None
         if frame is not None and frame.image is not None:
             print(f"ok   source {config.source.type}: {frame.image.shape[1]}x{frame.image.shape[0]} frame")
         elif not any(f.startswith("camera") for f in failures):
             failures.append(f"camera: source {config.source.type} delivered no readable frame")
     except UserError as error:
         failures.append(f"camera: {error}")
+    if frames and config.segmentation.um_per_px is not None:
+        try:
+            print(f"ok   scale {_check_scale(config.segmentation.um_per_px, frames)}")
+        except UserError as error:
+            failures.append(f"scale: {error}")
     if config.pipeline.processes and classifier is not None:
         try:
             print(f"ok   worker processes {_check_workers(config, classifier, frame)}")
@@ -53,6 +65,23 @@ def check(config_path: Path) -> int:
     for failure in failures:
         print(f"FAIL {failure}")
     return 1 if failures else 0
+
+
+def _check_scale(configured: float, frames: list[Frame]) -> str:
+    """The configured scale against the red cells of the source's first frames: a wrong objective or binning (2x
+    or more off) fails, since every size and crop would then be wrong; a smaller difference is said, as the
+    agent's scale watch will."""
+    from edge.calibration import DRIFT_WARNING, STATED_SCALE_FACTOR, Calibration, drift, measure_frame
+
+    measured = Calibration(tuple(measure_frame(f.image) for f in frames if f.image is not None)).um_per_px
+    if measured is None:
+        return f"{configured} µm per pixel configured (too few red cells in {len(frames)} frame(s) to check it)"
+    if not 1 / STATED_SCALE_FACTOR <= measured / configured <= STATED_SCALE_FACTOR:
+        raise UserError(f"the source's red cells measure {measured:.4f} µm per pixel, {measured / configured:.2f}x the "
+                        f"configured segmentation.um_per_px = {configured}; was the objective or binning changed? "
+                        "run `edge calibrate --source CONFIG.toml` and set the value it prints")
+    note = "; `edge calibrate` would refine it" if drift(measured, configured) > DRIFT_WARNING else ""
+    return f"{configured} µm per pixel configured, the source's red cells measure {measured:.4f}{note}"
 
 
 def _check_workers(config: AgentConfig, classifier: Classifier, frame: Frame | None) -> str:

@@ -258,3 +258,23 @@ def test_replay_warns_at_a_quarter_off_where_discocytes_set_the_measure(tmp_path
     assert capsys.readouterr().err == ""
     assert frames_scale(tmp_path, 0.075) == 0.075  # 1.36x: inside the factor of 2 that any red cells give
     assert "% from --um-per-px = 0.075" in capsys.readouterr().err
+
+
+def test_edge_check_fails_a_configured_scale_the_red_cells_contradict_twice_over(tmp_path, capsys):
+    """`edge check` (the service's ExecStartPre) measures the source's first frames: the bundled sample frames (true
+    scale 0.083, their few red cells read ~0.06) pass at 0.083 with a note; 0.2, a wrong objective's, fails in one line."""
+    from tests.conftest import ROOT
+
+    def check(um_per_px: float) -> tuple[int, list[str]]:
+        config = tmp_path / "agent.toml"
+        config.write_text(f'[source]\ntype = "folder"\npath = "{ROOT / "samples" / "frames"}"\n'
+                          f'[segmentation]\num_per_px = {um_per_px}\n[mqtt]\nenabled = false\n'
+                          f'[outbox]\npath = "{tmp_path / "o.db"}"\n')
+        status = main(["check", "--config", str(config)])
+        return status, [line for line in capsys.readouterr().out.splitlines() if "scale" in line]
+
+    status, lines = check(0.083)
+    assert status == 0 and len(lines) == 1 and lines[0].startswith("ok   scale 0.083 µm per pixel configured")
+    status, lines = check(0.2)
+    assert status == 1 and len(lines) == 1 and lines[0].startswith("FAIL scale: the source's red cells measure")
+    assert "segmentation.um_per_px = 0.2" in lines[0] and "edge calibrate" in lines[0]

@@ -450,7 +450,13 @@ def contradicts(calibration: Calibration, stated: float) -> bool:
     kept = calibration.kept
     if kept and all(f.discocytes for f in kept):
         return drift(measured, stated) > STATED_SCALE_WARNING
-    return not 1 / STATED_SCALE_FACTOR <= measured / stated <= STATED_SCALE_FACTOR
+    return off_by_factor(measured, stated)
+
+
+def off_by_factor(measured: float, stated: float) -> bool:
+    """Whether a measured scale is ``STATED_SCALE_FACTOR`` or more from a stated one, either way: another
+    objective or binning, beyond what any film's red cells read."""
+    return not 1 / STATED_SCALE_FACTOR < measured / stated < STATED_SCALE_FACTOR
 
 
 def _measured(source: Path, count: int) -> Calibration:

@@ -71,12 +71,12 @@ def _check_scale(configured: float, frames: list[Frame]) -> str:
     """The configured scale against the red cells of the source's first frames: a wrong objective or binning (2x
     or more off) fails, since every size and crop would then be wrong; a smaller difference is said, as the
     agent's scale watch will."""
-    from edge.calibration import DRIFT_WARNING, STATED_SCALE_FACTOR, Calibration, drift, measure_frame
+    from edge.calibration import DRIFT_WARNING, Calibration, drift, measure_frame, off_by_factor
 
     measured = Calibration(tuple(measure_frame(f.image) for f in frames if f.image is not None)).um_per_px
     if measured is None:
         return f"{configured} µm per pixel configured (too few red cells in {len(frames)} frame(s) to check it)"
-    if not 1 / STATED_SCALE_FACTOR <= measured / configured <= STATED_SCALE_FACTOR:
+    if off_by_factor(measured, configured):
         raise UserError(f"the source's red cells measure {measured:.4f} µm per pixel, {measured / configured:.2f}x the "
                         f"configured segmentation.um_per_px = {configured}; was the objective or binning changed? "
                         "run `edge calibrate --source CONFIG.toml` and set the value it prints")

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,6 +34,7 @@ from edge.preprocessing import read_rgb  # noqa: E402
 from edge.publisher import Publisher  # noqa: E402
 from edge.segmentation import SegmentationSettings  # noqa: E402
 from edge.sources import Frame  # noqa: E402
+from benchmarks.bench_pipeline import tiled  # noqa: E402
 from tests.broker import Broker  # noqa: E402
 from trainer.crosslab import BCCD_UM_PER_PX  # noqa: E402  (the 1080p frames are tiled from BCCD's at its scale)
 
@@ -134,8 +134,7 @@ def main() -> None:
     frames.mkdir()
     sources = sorted((args.bccd / "JPEGImages").glob("*.jpg"))[:40]
     for i, path in enumerate(sources):  # 1080p frames tiled from real smears at native scale
-        tiles = [cv2.imread(str(sources[(i + k) % len(sources)])) for k in range(9)]
-        big = np.vstack([np.hstack(tiles[r * 3:r * 3 + 3]) for r in range(3)])[:1080, :1920]
+        big = tiled([cv2.imread(str(sources[(i + k) % len(sources)])) for k in range(9)], 1920, 1080)
         cv2.imwrite(str(frames / f"f{i:03d}.jpg"), big, [cv2.IMWRITE_JPEG_QUALITY, 92])
     broker = Broker(work / "broker").start()
     try:

@@ -39,14 +39,11 @@ SIZES = {"640x480": (640, 480), "1920x1080": (1920, 1080), "4056x3040": (4056, 3
 
 
 def tiled(frames: list[np.ndarray], width: int, height: int) -> np.ndarray:
-    rows = []
-    index = 0
-    for _ in range(-(-height // 480)):
-        row = []
-        for _ in range(-(-width // 640)):
-            row.append(frames[index % len(frames)])
-            index += 1
-        rows.append(np.hstack(row))
+    """A ``width`` x ``height`` frame tiled from ``frames`` (all of one size) in turn, row by row, cut at its edges."""
+    tile_height, tile_width = frames[0].shape[:2]
+    columns = -(-width // tile_width)
+    rows = [np.hstack([frames[(row * columns + column) % len(frames)] for column in range(columns)])
+            for row in range(-(-height // tile_height))]
     return np.ascontiguousarray(np.vstack(rows)[:height, :width])
 
 
@@ -67,8 +64,7 @@ def dense_frames(bccd: Path, count: int = 8) -> list[np.ndarray]:
         left = min(max(0, (x0 + x1) // 2 - 240), image.shape[1] - 480)
         top = min(max(0, (y0 + y1) // 2 - 180), image.shape[0] - 360)
         windows.append(image[top:top + 360, left:left + 480])
-    return [np.ascontiguousarray(np.vstack([np.hstack([windows[(7 * k + 4 * row + col) % len(windows)] for col in range(4)])
-                                            for row in range(3)])) for k in range(count)]
+    return [tiled(windows[7 * k % len(windows):] + windows[:7 * k % len(windows)], 1920, 1080) for k in range(count)]
 
 
 def timed(function, repeats: int) -> float:

@@ -171,6 +171,8 @@ def _replay(args: argparse.Namespace) -> int:
     from edge.segmentation import SegmentationSettings
     from edge.sources.folder import FolderSourceSettings, open_source
     from edge.step import FrameStep, count_from_one, in_order
+    from contextlib import nullcontext
+
     from edge.workers import AnalysisProcesses
 
     settings = SegmentationSettings(um_per_px=frames_scale(args.source, args.um_per_px))
@@ -181,15 +183,11 @@ def _replay(args: argparse.Namespace) -> int:
     printer = _ReplayPrinter(args.json, classifier.bundle.positive_label, args.annotate)
     if not args.json:
         print(f"{'frame':<36} {'cells':>5} {'blasts':>6}  p(ALL) per cell")
-    analysers = AnalysisProcesses(pipeline, args.workers) if args.processes else None
-    step = FrameStep(pipeline, count_from_one(), [printer],  # no outbox: each replay numbers its results from 1
-                     analysers.analyse if analysers else None)
-    try:
+    with AnalysisProcesses(pipeline, args.workers) if args.processes else nullcontext() as analysers:
+        step = FrameStep(pipeline, count_from_one(), [printer],  # no outbox: each replay numbers its results from 1
+                         analysers.analyse if analysers else None)
         for analysis in in_order(step.analyse, open_source(FolderSourceSettings(path=args.source)), args.workers):
             step.commit(analysis, tally)
-    finally:
-        if analysers:
-            analysers.close()
     if not tally.frames:  # a sample of nothing is not a result: say so, and fail
         raise UserError(f"{args.source}: none of its {tally.unreadable_frames} image file(s) could be read; "
                         "point --source at smear frames (JPEG, PNG, BMP or TIFF)")

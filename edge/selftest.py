@@ -40,7 +40,7 @@ def check(config_path: Path) -> int:
         frames = [f for f in islice(open_frames(config, stop.is_set, lambda reason: (failures.append(f"camera: {reason}"), stop.set())),
                                     SCALE_CHECK_FRAMES) if f is not None and f.image is not None]
         frame = frames[0] if frames else None
-        if frame is not None and frame.image is not None:
+        if frame is not None:
             print(f"ok   source {config.source.type}: {frame.image.shape[1]}x{frame.image.shape[0]} frame")
         elif not any(f.startswith("camera") for f in failures):
             failures.append(f"camera: source {config.source.type} delivered no readable frame")
@@ -71,9 +71,9 @@ def _check_scale(configured: float, frames: list[Frame]) -> str:
     """The configured scale against the red cells of the source's first frames: a wrong objective or binning (2x
     or more off) fails, since every size and crop would then be wrong; a smaller difference is said, as the
     agent's scale watch will."""
-    from edge.calibration import DRIFT_WARNING, Calibration, drift, measure_frame, off_by_factor
+    from edge.calibration import DRIFT_WARNING, calibrate, drift, off_by_factor
 
-    measured = Calibration(tuple(measure_frame(f.image) for f in frames if f.image is not None)).um_per_px
+    measured = calibrate([f.image for f in frames]).um_per_px
     if measured is None:
         return f"{configured} µm per pixel configured (too few red cells in {len(frames)} frame(s) to check it)"
     if off_by_factor(measured, configured):
@@ -95,13 +95,10 @@ def _check_workers(config: AgentConfig, classifier: Classifier, frame: Frame | N
 
     settings = config.segmentation.settings()
     pipeline = Pipeline(classifier, replace(settings, um_per_px=settings.um_per_px or 0.1))
-    image = frame.image if frame is not None and frame.image is not None else np.full((64, 64, 3), 230, np.uint8)
-    analysers = AnalysisProcesses(pipeline, config.pipeline.workers)
-    try:
+    image = frame.image if frame is not None else np.full((64, 64, 3), 230, np.uint8)
+    with AnalysisProcesses(pipeline, config.pipeline.workers) as analysers:
         for _ in range(config.pipeline.workers):  # every worker: a frame each (they take turns)
             cells = len(analysers.analyse(Frame(image, "edge check")).found)
-    finally:
-        analysers.close()
     return f"{config.pipeline.workers} started, each analysed a frame ({cells} cells)"
 
 

@@ -161,9 +161,7 @@ class _Worker:
         if image.size == 0:
             return self._exchange(("frame", None, image.shape, image.dtype.str, frame.name))
         if self.memory is None or self.memory.size < image.nbytes:
-            if self.memory is not None:
-                self.memory.close()
-                self.memory.unlink()
+            self._free_memory()
             try:
                 self.memory = SharedMemory(create=True, size=image.nbytes)
             except OSError as error:
@@ -183,6 +181,9 @@ class _Worker:
             self.process.kill()
             self.process.join(timeout=5)
         self.connection.close()
+        self._free_memory()
+
+    def _free_memory(self) -> None:
         if self.memory is not None:
             self.memory.close()
             self.memory.unlink()
@@ -232,3 +233,9 @@ class AnalysisProcesses:
         for worker in workers:
             worker.close()
         atexit.unregister(self.close)
+
+    def __enter__(self) -> "AnalysisProcesses":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

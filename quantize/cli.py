@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--cv", type=Path, default=None, metavar="DIR",
                         help="a `trainer cv` folder of the same recipe: its new-patient estimate goes into the model card")
     export.add_argument("--float-twin", action="store_true", help="also write model_float.tflite (not part of the verified bundle) for benchmarks")
+    carried = export.add_mutually_exclusive_group()
+    carried.add_argument("--splitter-from", type=Path, metavar="BUNDLE",
+                         help="take over BUNDLE's cell splitter, which does not depend on the classifier (default: the "
+                              "shipped models/default's; without one the device splits touching cells the classical way)")
+    carried.add_argument("--no-splitter", action="store_true", help="write the bundle without a cell splitter")
 
     inspect = commands.add_parser("inspect", help="manifest, tensors, operators and Edge TPU verdict of a bundle",
                                   description="Verify a bundle as the device does, then show its manifest, input and output "
@@ -177,6 +182,31 @@ def _publish(args: argparse.Namespace) -> int:
     return 0 if all(o.ok for o in outcomes) else 1
 
 
+def _splitter_line(record: dict | None) -> str:
+    """What a bundle's manifest says about its cell splitter, in one line."""
+    if not record:
+        return "splitter none: touching cells are split by the classical rule (add one with `quantize splitter`)"
+    carried = record.get("provenance", {}).get("carried_from")
+    return (f"splitter {record['file']} ({record['contract']}, {record['um_per_px']} µm/px): held-out clusters "
+            f"{record['held_out']['rate']:.3f} found on their own" + (f"; taken over from {carried}" if carried else ""))
+
+
+def _splitter_source(args: argparse.Namespace) -> Path | None:
+    """The bundle whose splitter ``export`` takes over: --splitter-from, else the shipped bundle's when it has
+    one (a checkout or installed copy without models/ has none to give), else None."""
+    if args.no_splitter:
+        return None
+    if args.splitter_from is not None:
+        return args.splitter_from
+    from edge.assets import DEFAULT_BUNDLE
+    from edge.bundle import MANIFEST
+
+    try:
+        return DEFAULT_BUNDLE if "splitter" in json.loads((DEFAULT_BUNDLE / MANIFEST).read_text()) else None
+    except (OSError, ValueError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -188,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest = export(args.run, args.out, ExportOptions(
                 calibration=args.calibration, samples=args.samples, eval_data=args.eval_data, edgetpu=args.edgetpu,
                 min_agreement=args.min_agreement, max_auc_drop=args.max_auc_drop, accept_parity_loss=args.accept_parity_loss,
-                overwrite=args.overwrite, float_twin=args.float_twin, cv=args.cv))
+                overwrite=args.overwrite, float_twin=args.float_twin, cv=args.cv, splitter_from=_splitter_source(args)))
             p = manifest["metrics"]["parity"]
             print(f"bundle written to {args.out} ({(args.out / 'model_int8.tflite').stat().st_size / 1024:.0f} KiB int8)")
             print(f"parity on {p['images']} cells: decision agreement {p['decision_agreement']:.4f}, "
@@ -197,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             tpu = manifest["edgetpu"]
             print(f"Edge TPU: {'compatible' if tpu['compatible'] else 'NOT compatible: ' + '; '.join(tpu['problems'])}; "
                   + (f"compiled {tpu['file']} ({tpu['ops_on_edgetpu']} ops on the Edge TPU)" if tpu.get("compiled") else tpu["reason"]))
+            print(_splitter_line(manifest.get("splitter")))
         elif args.command == "inspect":
             args.bundle = _bundle(args)
             info = inspect_bundle(args.bundle)
@@ -212,10 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("ops    " + ", ".join(f"{k} x{v}" for k, v in info["edgetpu_check"]["op_counts"].items()))
                 verdict = info["edgetpu_check"]
                 print("Edge TPU: " + ("compatible" if verdict["compatible"] else "; ".join(verdict["problems"])))
-                split = m.get("splitter")
-                print(f"splitter {split['file']} ({split['contract']}, {split['um_per_px']} µm/px): held-out clusters "
-                      f"{split['held_out']['rate']:.3f} found on their own" if split else
-                      "splitter none: touching cells are split by the classical rule (add one with `quantize splitter`)")
+                print(_splitter_line(m.get("splitter")))
         elif args.command == "splitter":
             from quantize.splitter import add_splitter
 

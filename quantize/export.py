@@ -49,6 +49,8 @@ class ExportOptions:
     seed: int = 0
     overwrite: bool = False  # replace a non-empty --out once the new bundle is complete
     float_twin: bool = False  # also write model_float.tflite (not part of the verified bundle)
+    #: A bundle whose cell splitter the new bundle takes over (``quantize.splitter.carry_splitter``); None: none.
+    splitter_from: Path | None = None
 
 
 def stratified_subset(samples: Sequence[Sample], count: int, seed: int) -> list[Sample]:
@@ -159,11 +161,16 @@ def export(run: Path, out: Path, options: ExportOptions) -> dict:
     source = Run.read(run)
     if options.cv and not (options.cv / "cv.json").is_file():
         raise UserError(f"--cv {options.cv} holds no cv.json; pass a folder written by `trainer cv`")
+    from quantize.splitter import splitter_to_carry
+
+    # Checked before the conversion's minutes, not after them. ``out`` may itself be that bundle: it is
+    # replaced only once the new one is complete.
+    splitter = splitter_to_carry(options.splitter_from) if options.splitter_from is not None else None
     with staged_folder(out, options.overwrite) as staging:
-        return _export(source, staging, options)
+        return _export(source, staging, options, splitter)
 
 
-def _export(source: Run, staging: Path, options: ExportOptions) -> dict:
+def _export(source: Run, staging: Path, options: ExportOptions, splitter: dict | None = None) -> dict:
     """Write the bundle into ``staging`` (renamed into place by the caller); returns its manifest."""
     import keras
 
@@ -238,6 +245,10 @@ def _export(source: Run, staging: Path, options: ExportOptions) -> dict:
         cv["training"] = {"folds": [(f.get("epochs_run"), f.get("train_seconds")) for f in folds],
                           "bundle": (source.metrics.get("epochs_run"), source.metrics.get("train_seconds"))}
     (staging / "MODEL_CARD.md").write_text(model_card(manifest, config, meta.kind, source.metrics, cv))
+    if splitter is not None:
+        from quantize.splitter import carry_splitter
+
+        manifest = carry_splitter(options.splitter_from, splitter, staging, manifest)
     load_bundle(staging)  # what we hand over must verify
     if options.float_twin:
         (staging / "model_float.tflite").write_bytes(convert_float(model, size))

@@ -62,10 +62,42 @@ def test_a_non_empty_out_is_refused_unless_overwrite(tiny_run, tmp_path, capfd):
     assert main(["export", str(tiny_run[1]), "--out", str(out), "--samples", "8", "--accept-parity-loss", "--overwrite"]) == 0
     captured = capfd.readouterr()
     # The three lines a person needs, not buried in the converter's TensorSpec dump or framework logs.
-    assert [line.split(" ")[0] for line in captured.out.splitlines()] == ["bundle", "parity", "Edge"]
+    assert [line.split(" ")[0] for line in captured.out.splitlines()] == ["bundle", "parity", "Edge", "splitter"]
     assert "TensorSpec" not in captured.err and "Assets written" not in captured.err and "\r" not in captured.err
     assert (out / "model_int8.tflite").is_file() and not (out / "stale.txt").exists()
     load_bundle(out)
+
+
+def test_an_export_takes_over_the_shipped_splitter_and_the_device_runs_it(tiny_bundle, capsys):
+    """A re-exported or site-fine-tuned classifier keeps the learned cell splitter (without it the device
+    finds 0.700 of clustered cells instead of 0.960): the same bytes, its record, and a card that says so."""
+    from edge.assets import DEFAULT_BUNDLE
+    from edge.splitter import CellSplitter
+
+    shipped, bundle = load_bundle(DEFAULT_BUNDLE).manifest, load_bundle(tiny_bundle)
+    record = bundle.manifest["splitter"]
+    assert bundle.manifest["files"][record["file"]] == shipped["files"][shipped["splitter"]["file"]]
+    assert {k: v for k, v in record.items() if k != "provenance"} == {k: v for k, v in shipped["splitter"].items() if k != "provenance"}
+    assert record["provenance"]["carried_from"] == str(DEFAULT_BUNDLE.resolve())
+    assert record["provenance"]["source_run"] == shipped["splitter"]["provenance"]["source_run"]
+    assert "## Cell splitter" in (tiny_bundle / "MODEL_CARD.md").read_text()
+    splitter = Classifier(tiny_bundle).splitter
+    assert isinstance(splitter, CellSplitter)
+    assert splitter.distance(np.full((60, 80, 3), 235, np.uint8)).max() < 0.2  # it runs: a blank field holds no cell
+    assert main(["inspect", str(tiny_bundle)]) == 0
+    assert f"taken over from {DEFAULT_BUNDLE.resolve()}" in capsys.readouterr().out
+
+
+def test_an_export_without_a_splitter_and_a_source_that_has_none(tiny_run, tmp_path, capfd):
+    bare = tmp_path / "bare"
+    assert main(["export", str(tiny_run[1]), "--out", str(bare), "--samples", "8", "--accept-parity-loss", "--no-splitter"]) == 0
+    assert "splitter" not in load_bundle(bare).manifest and Classifier(bare).splitter is None
+    assert "splitter none" in capfd.readouterr().out
+    for source, message in ((bare, "holds no splitter"), (tmp_path / "nowhere", "does not exist")):
+        assert main(["export", str(tiny_run[1]), "--out", str(tmp_path / "b"), "--splitter-from", str(source)]) == 2
+        err = capfd.readouterr().err.strip()
+        assert "--splitter-from" in err and message in err and len(err.splitlines()) == 1
+        assert not (tmp_path / "b").exists()
 
 
 def test_inspect_and_evaluate_json(tiny_run, tiny_bundle, capsys):

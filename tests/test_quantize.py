@@ -61,7 +61,7 @@ def test_a_non_empty_out_is_refused_unless_overwrite(tiny_run, tmp_path, capfd):
     assert "exists and is not empty" in err and "--overwrite" in err and len(err.splitlines()) == 1
     assert main(["export", str(tiny_run[1]), "--out", str(out), "--samples", "8", "--accept-parity-loss", "--overwrite"]) == 0
     captured = capfd.readouterr()
-    # The three lines a person needs, not buried in the converter's TensorSpec dump or framework logs.
+    # The four lines a person needs, not buried in the converter's TensorSpec dump or framework logs.
     assert [line.split(" ")[0] for line in captured.out.splitlines()] == ["bundle", "parity", "Edge", "splitter"]
     assert "TensorSpec" not in captured.err and "Assets written" not in captured.err and "\r" not in captured.err
     assert (out / "model_int8.tflite").is_file() and not (out / "stale.txt").exists()

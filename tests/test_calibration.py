@@ -278,3 +278,28 @@ def test_edge_check_fails_a_configured_scale_the_red_cells_contradict_twice_over
     status, lines = check(0.2)
     assert status == 1 and len(lines) == 1 and lines[0].startswith("FAIL scale: the source's red cells measure")
     assert "segmentation.um_per_px = 0.2" in lines[0] and "edge calibrate" in lines[0]
+
+
+def test_a_camera_the_running_service_holds_is_one_line_naming_the_service(tmp_path, capsys, monkeypatch):
+    """libcamera lets one process hold a camera: `edge calibrate --source CONFIG.toml` beside the running
+    service gets "Device or resource busy" from picamera2. The line names the service, not the ribbon cable.
+    (picamera2 exists only on Raspberry Pi OS: a stand-in module raises what it raises there.)"""
+    import sys
+    import types
+
+    class Picamera2:
+        def __init__(self, camera: int) -> None:
+            raise RuntimeError("Failed to acquire camera: Device or resource busy")
+
+    monkeypatch.setitem(sys.modules, "picamera2", types.SimpleNamespace(Picamera2=Picamera2))
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[source]\ntype = "picamera2"\n[mqtt]\nenabled = false\n[outbox]\npath = "{tmp_path / "o.db"}"\n')
+    assert main(["calibrate", "--source", str(config)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "Device or resource busy" in error and "systemctl stop leukoscope-edge" in error and "\n" not in error
+    assert "ribbon cable" not in error  # and no "reopening in 1 s" line: calibrate gives up on the first failure
+    assert main(["check", "--config", str(config)]) == 1
+    captured = capsys.readouterr()
+    failures = [line for line in captured.out.splitlines() if line.startswith("FAIL")]
+    assert len(failures) == 1 and failures[0].startswith("FAIL camera") and "systemctl stop leukoscope-edge" in failures[0]
+    assert "reopening" not in captured.err

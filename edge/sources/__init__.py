@@ -52,6 +52,8 @@ def resilient(open_source: Callable[[], Iterator[Frame]], *, name: str, first_ba
             return  # a finite source (file replay) ended normally
         except SourceLost as error:
             on_failure(str(error))
+            if stop():  # the caller gives up on the first failure (edge calibrate, edge check) and says why itself
+                return
             log.error("%s: %s; reopening in %.0f s", name, error, delay)
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline and not stop():

@@ -27,6 +27,15 @@ class Picamera2SourceSettings(BaseModel):
     timeout_s: float = 5.0
 
 
+def _what_to_check(error: BaseException) -> str:
+    """The fix for a camera that would not open. libcamera lets one process hold a camera: `edge calibrate`
+    or `edge check` run beside the service get "Device or resource busy", where the cable is not the cause."""
+    text = str(error).lower()
+    if "busy" in text or "in use" in text:
+        return "another process holds it (the leukoscope-edge service? sudo systemctl stop leukoscope-edge first)"
+    return "is the ribbon cable seated and camera_auto_detect=1 (or the right dtoverlay) in config.txt?"
+
+
 def open_source(settings: Picamera2SourceSettings) -> Iterator[Frame]:
     try:
         from picamera2 import Picamera2
@@ -41,8 +50,7 @@ def open_source(settings: Picamera2SourceSettings) -> Iterator[Frame]:
                              "AwbEnable": False, "ColourGains": settings.colour_gains})
         camera.start()
     except (RuntimeError, IndexError, OSError) as error:
-        raise SourceLost(f"camera {settings.camera} could not be opened ({error}); is the ribbon cable seated and "
-                         "camera_auto_detect=1 (or the right dtoverlay) in config.txt?") from None
+        raise SourceLost(f"camera {settings.camera} could not be opened ({error}); {_what_to_check(error)}") from None
     number = 0
     try:
         while True:

@@ -32,6 +32,11 @@ MIN_FOCUS = 50.0
 #: Smaller than this (µm², a disc of ~5 µm) is stain debris or a platelet, not a white cell
 #: (the smallest clean white cells measure ~27 µm²).
 MIN_AREA_UM2 = 20.0
+#: Larger than this (µm², a disc of ~36 µm) is no white cell of a blood film (the largest, monocytes, reach
+#: ~290 µm² on BCCD; a 450 px C-NMC crop is 625 µm² whole): a dim camera frame's lit centre taken for a cell
+#: on black (the lamp nearly off: 1,010,705 px at 0.083 µm/px, classified "normal" before this rule), or a
+#: frame replayed at a scale far too coarse.
+MAX_CELL_UM2 = 1000.0
 #: Lobed nuclei with trimmed cytoplasm go down to ~0.58 solidity; a torn, ragged cell lower.
 MIN_SOLIDITY = 0.5
 #: Larger than this with a washed-out, bare nucleus is a smudge (basket) cell: its chromatin has
@@ -58,7 +63,8 @@ MAX_RED_OVERLAP = 0.3
 #: (Segmentation already skips nuclei cut by the edge; this catches cells whose cytoplasm is.)
 MAX_BORDER_CONTACT_UM = 3.0
 
-REASONS = ("cut by border", "debris", "platelet clump", "broken", "smudge", "out of focus", "overlapping red cells")
+#: Every reason a cell is not classified; ``edge/schemas/frame-result.schema.json`` lists the same (tested).
+REASONS = ("cut by border", "debris", "not a cell", "platelet clump", "broken", "smudge", "out of focus", "overlapping red cells")
 
 
 @dataclass(frozen=True)
@@ -172,6 +178,8 @@ def judge(frame_rgb: np.ndarray, cell: Cell, um_per_px: float,
     area_um2 = mask_pixels * pixel_um2
     if area_um2 < MIN_AREA_UM2:
         return Verdict("debris", focus)
+    if area_um2 > MAX_CELL_UM2:
+        return Verdict("not a cell", focus)
     pieces, labels = cv2.connectedComponents(nucleus.view(np.uint8), connectivity=8)  # areas only: no stats pass
     areas = np.bincount(labels.ravel(), minlength=pieces)[1:] * pixel_um2
     areas = areas[areas >= 1.0]  # specks of chromatin texture are not pieces

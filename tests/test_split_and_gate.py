@@ -150,3 +150,23 @@ def test_large_intact_cells_are_classified_and_bare_pale_nuclei_are_smudges():
     box = paste(smudge_frame, (spread, bare), (640, 480))
     reasons = [judge(smudge_frame, c, BCCD_UM_PER_PX).reason for c in find_cells(smudge_frame, SETTINGS) if box_iou(c.bbox, box) > 0.3]
     assert reasons == ["smudge"], reasons
+
+
+def test_a_dim_frame_s_lit_centre_is_not_a_cell_and_the_reasons_are_the_schema_s():
+    """The lamp nearly off: a dark frame whose lit centre fades to black at the corners reads as a cell cut
+    onto black (C-NMC's layout), 1,186 x 1,080 px at 0.083 µm/px. It was classified (as normal) and counted
+    in the sample; no white cell is that large, so the gate stops it. Every reason is one the frame-result
+    schema allows, and the schema allows no other."""
+    import json
+    from pathlib import Path
+
+    from edge.gate import REASONS
+
+    rows, cols = np.mgrid[0:1080, 0:1920]
+    fade = np.clip(1 - np.hypot(rows - 540, cols - 960) / 1100, 0, 1) ** 2
+    frame = np.clip(60 * fade[..., None] + np.random.default_rng(0).normal(0, 5, (1080, 1920, 3)), 0, 255).astype(np.uint8)
+    found = find_cells(frame, SETTINGS)
+    assert found and all(judge(frame, cell, BCCD_UM_PER_PX, SETTINGS).reason == "not a cell" for cell in found)
+    schema = json.loads((Path(__file__).parents[1] / "edge" / "schemas" / "frame-result.schema.json").read_text())
+    enum = schema["properties"]["unclassified"]["items"]["properties"]["reason"]["enum"]
+    assert sorted(enum) == sorted(REASONS)

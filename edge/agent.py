@@ -29,6 +29,7 @@ from edge.classifier import Classifier
 from edge.commands import CommandHandler, agent_commands, answer, iso_now
 from edge.config import AgentConfig, load_config
 from edge.errors import UserError
+from edge.gate import DARK_FRAME_LEVEL, frame_light
 from edge.notify import notify, watchdog_interval
 from edge.outbox import Outbox
 from edge.pipeline import Analysis, Pipeline, ReviewWriter
@@ -185,8 +186,9 @@ class Agent:
             self.commands.update(self.updater.commands())
         self.counters = {"frames_captured": 0, "frames_dropped": 0, "frames_processed": 0, "frames_unreadable": 0,
                          "source_failures": 0, "results_refused_outbox_full": 0, "commands": 0, "command_errors": 0,
-                         "frames_out_of_focus": 0, "cells_unclassified": 0}
+                         "frames_out_of_focus": 0, "frames_dark": 0, "cells_unclassified": 0}
         self.out_of_focus = False
+        self.dark = False
         self.web = None  # the local page (edge/web), when [web] enabled: it watches the frame step too
         if config.web.enabled:
             from edge.web import WebPage
@@ -286,6 +288,7 @@ class Agent:
         self.scale_watch.observe(frame.image)  # type: ignore[arg-type]  # analysed frames have an image
         self.counters["cells_unclassified"] += result["counts"]["unclassified"]
         self._watch_focus(result)
+        self._watch_light(frame)
         self.counters["frames_processed"] += 1
         self.last_progress = time.monotonic()
         for stage, ms in result["timings_ms"].items():
@@ -314,6 +317,23 @@ class Agent:
             notify(f"STATUS={message}")
         else:
             log.info("back in focus at %s (nuclei focus %s)", result["source"], result["focus"])
+
+    def _watch_light(self, frame: Frame) -> None:
+        """Warn once when frames go dark (and once when light is back): with the lamp off the device
+        finds no cells, and without this it would say nothing about why."""
+        light = frame_light(frame.image)  # type: ignore[arg-type]  # analysed frames have an image
+        dark = light < DARK_FRAME_LEVEL
+        self.counters["frames_dark"] += dark
+        if dark == self.dark:
+            return
+        self.dark = dark
+        if dark:
+            message = (f"frames are dark: {frame.name} brightest 1% at {light:.0f} of 255 (below {DARK_FRAME_LEVEL}); "
+                       "is the lamp on and the light path to the camera open?")
+            log.warning("%s", message)
+            notify(f"STATUS={message}")
+        else:
+            log.info("light is back at %s (brightest 1%% at %.0f of 255)", frame.name, light)
 
     def _summary(self, *, final: bool) -> dict:
         """Store the open sample's summary (retained) for publishing; the caller holds the lock."""
@@ -416,6 +436,7 @@ class Agent:
             "mqtt_inflight": self.publisher.inflight() if self.publisher else 0,
             "scale": self.scale_watch.stats(),
             "out_of_focus": self.out_of_focus,
+            "dark": self.dark,
             **self.counters,
         }
 

@@ -159,3 +159,32 @@ def test_systemd_notify_ready_watchdog_stopping(tmp_path, monkeypatch):
     assert messages[0] == "READY=1"
     assert messages.count("WATCHDOG=1") >= 3  # every 0.1 s while frames are analysed
     assert messages[-1] == "STOPPING=1"
+
+
+def test_dark_frames_are_counted_and_warned_about_once(tmp_path, caplog):
+    """The lamp off: frames with no light find no cells, and the agent says why (once, not every frame),
+    counts them in stats, and says so again when light is back. The sample frames are real smears."""
+    import logging
+    import shutil
+
+    import cv2
+    import numpy as np
+
+    from edge.gate import frame_light
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    smears = sorted(FRAMES.glob("*.jpg"))[:2]
+    rng = np.random.default_rng(0)
+    for i in range(3):  # sensor noise on a shut light path, then the sample frames
+        cv2.imwrite(str(folder / f"a_dark_{i}.png"), np.clip(rng.normal(8, 6, (480, 640, 3)), 0, 255).astype(np.uint8))
+    for path in smears:
+        shutil.copy(path, folder / f"b_{path.name}")
+    assert all(frame_light(cv2.imread(str(p))) > 150 for p in smears)
+    agent = _agent(tmp_path, path=str(folder))
+    with caplog.at_level(logging.INFO, logger="edge.agent"):
+        assert agent.run() == 0
+    dark_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("frames are dark")]
+    assert len(dark_lines) == 1 and "a_dark_0.png" in dark_lines[0] and "lamp" in dark_lines[0]
+    assert any(r.getMessage().startswith("light is back at b_") for r in caplog.records)
+    assert agent.counters["frames_dark"] == 3 and agent.dark is False  # stats carries both (its schema requires them)

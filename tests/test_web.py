@@ -108,6 +108,24 @@ class Stream:
         return any(s == sequence for s, _ in self.parts)
 
 
+def test_the_live_panel_says_when_frames_are_dark(tmp_path):
+    """The lamp off: no cells, and the panel says why (the agent's dark-frame watch)."""
+    import cv2
+    import numpy as np
+
+    folder = tmp_path / "dark"
+    folder.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(folder / f"dark_{i}.png"), np.full((240, 320, 3), 6, np.uint8))
+    config = agent_config(tmp_path)
+    config["source"]["path"] = str(folder)
+    with RunningAgent(config) as running:
+        port = running.port
+        assert wait_for(lambda: request(port, "GET", "/api/live").json()["sequence"] is not None, 30)
+        warnings = request(port, "GET", "/api/live").json()["warnings"]
+        assert any(w.startswith("frames are dark") and "lamp" in w for w in warnings), warnings
+
+
 def test_the_live_panel_names_the_frame_in_the_picture(tmp_path):
     """The picture (MJPEG) and the numbers (JSON) are fetched apart; with the page's viewer id, the JSON is
     the frame last streamed to that page, each part names its frame, and the number is drawn in the picture."""

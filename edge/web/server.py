@@ -351,6 +351,8 @@ class WebPage:
             warnings.append(f"out of focus (nuclei focus {result['focus']}); refocus the microscope")
         if stats["scale"]["warning"]:
             warnings.append(stats["scale"]["warning"])
+        if stats["dark"]:
+            warnings.append("frames are dark: is the lamp on and the light path to the camera open?")
         cells = []
         if result:
             cells = [{"label": "ALL blast" if c["label"] == self.live.positive_label else "normal", "p_all": c["p_all"]}

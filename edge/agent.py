@@ -29,7 +29,7 @@ from edge.classifier import Classifier
 from edge.commands import CommandHandler, agent_commands, answer, iso_now
 from edge.config import AgentConfig, load_config
 from edge.errors import UserError
-from edge.gate import DARK_FRAME_LEVEL, frame_light
+from edge.gate import DARK_FRAME_HINT, DARK_FRAME_LEVEL, frame_light
 from edge.notify import notify, watchdog_interval
 from edge.outbox import Outbox
 from edge.pipeline import Analysis, Pipeline, ReviewWriter
@@ -328,8 +328,7 @@ class Agent:
             return
         self.dark = dark
         if dark:
-            message = (f"frames are dark: {frame.name} brightest 1% at {light:.0f} of 255 (below {DARK_FRAME_LEVEL}); "
-                       "is the lamp on and the light path to the camera open?")
+            message = f"frames are dark: {frame.name} brightest 1% at {light:.0f} of 255 (below {DARK_FRAME_LEVEL}); {DARK_FRAME_HINT}"
             log.warning("%s", message)
             notify(f"STATUS={message}")
         else:

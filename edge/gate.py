@@ -107,6 +107,8 @@ def frame_focus(verdicts: list[Verdict]) -> float | None:
 #: channel) the lamp is off or nearly so, or the light path is shut: BCCD's smear frames read >= 199, cells
 #: cut onto black (C-NMC's layout) >= 73.5, the lit centre of a frame with the lamp nearly off ~56.
 DARK_FRAME_LEVEL = 64
+#: What to check when frames are dark (the agent's log and status, the page).
+DARK_FRAME_HINT = "is the lamp on and the light path to the camera open?"
 
 
 def frame_light(frame_rgb: np.ndarray) -> float:

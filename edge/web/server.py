@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from edge.errors import UserError
+from edge.gate import DARK_FRAME_HINT
 from edge.pipeline import annotate
 from edge.sources import Frame
 from edge.step import Analysed
@@ -352,7 +353,7 @@ class WebPage:
         if stats["scale"]["warning"]:
             warnings.append(stats["scale"]["warning"])
         if stats["dark"]:
-            warnings.append("frames are dark: is the lamp on and the light path to the camera open?")
+            warnings.append(f"frames are dark: {DARK_FRAME_HINT}")
         cells = []
         if result:
             cells = [{"label": "ALL blast" if c["label"] == self.live.positive_label else "normal", "p_all": c["p_all"]}

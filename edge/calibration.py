@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -369,8 +370,9 @@ class Calibration:
                               for name, f in zip(names, self.frames)]}
 
 
-def calibrate(frames: list[np.ndarray]) -> Calibration:
-    """Measure every frame; the estimate is the median of the per-frame scales."""
+def calibrate(frames: Iterable[np.ndarray]) -> Calibration:
+    """Measure every frame (a generator is measured one frame at a time); the estimate is the median of the
+    per-frame scales."""
     return Calibration(tuple(measure_frame(f) for f in frames))
 
 
@@ -465,11 +467,12 @@ def _measured(source: Path, count: int) -> Calibration:
     from edge.preprocessing import read_rgb
     from edge.sources.folder import image_files
 
-    files = image_files(source)
-    scales = []
-    for path in files[::max(1, len(files) // count)][:count]:
-        try:
-            scales.append(measure_frame(read_rgb(path)))
-        except DataError:
-            continue
-    return Calibration(tuple(scales))
+    def readable() -> Iterator[np.ndarray]:
+        files = image_files(source)
+        for path in files[::max(1, len(files) // count)][:count]:
+            try:
+                yield read_rgb(path)
+            except DataError:
+                continue
+
+    return calibrate(readable())

@@ -170,9 +170,9 @@ def _replay(args: argparse.Namespace) -> int:
     from edge.results import SampleTally
     from edge.segmentation import SegmentationSettings
     from edge.sources.folder import FolderSourceSettings, open_source
-    from edge.step import FrameStep, count_from_one, in_order
     from contextlib import nullcontext
 
+    from edge.step import FrameStep, count_from_one, in_order
     from edge.workers import AnalysisProcesses
 
     settings = SegmentationSettings(um_per_px=frames_scale(args.source, args.um_per_px))

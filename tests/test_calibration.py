@@ -111,16 +111,12 @@ def test_12_mp_frames_at_a_lower_magnification_measure_their_scale(shown):
     """A 12 MP camera on a 40x-like objective: BCCD frames shown at half and a third of their size, tiled
     4056x3040. Red cells are then ~46 and ~30 px, 9 and 6 px in an 800 px look at the whole frame, which
     read 14% large and 29% small here before the closer look at the frame's own pixels."""
+    from benchmarks.bench_pipeline import tiled
     from trainer.crosslab import BCCD_UM_PER_PX
 
     sources = [read_rgb(p) for p in sorted((BCCD / "JPEGImages").glob("*.jpg"))[:60]]
     small = [cv2.resize(s, None, fx=shown, fy=shown, interpolation=cv2.INTER_AREA) for s in sources]
-    height, width = small[0].shape[:2]
-    frames = []
-    for k in range(4):
-        rows = [np.hstack([small[(7 * k + 13 * row + col) % len(small)] for col in range(-(-4056 // width))])
-                for row in range(-(-3040 // height))]
-        frames.append(np.ascontiguousarray(np.vstack(rows)[:3040, :4056]))
+    frames = [tiled(small[7 * k:] + small[:7 * k], 4056, 3040) for k in range(4)]
     measured = calibrate(frames).um_per_px
     assert measured and abs(measured * shown / BCCD_UM_PER_PX - 1) < 0.08
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from edge.gate import RED_CELL_BLUE_EXCESS, _red_cell_pixels, median_int, percentile_u8
 from edge.preprocessing import DEFAULT_CONTRACT, CropContract, normalise_colour
-from edge.segmentation import _brightest, _stained, components
+from edge.segmentation import _stained, brightest, components
 
 
 def test_percentile_from_histogram_is_numpys() -> None:
@@ -29,7 +29,7 @@ def test_stained_mask_is_the_numpy_one_for_every_colour() -> None:
         dark = (cv2.max(cv2.max(red, green), blue) < dark_level) & (cv2.add(blue, 10) >= red)
         expected = ((cv2.subtract(blue, red) > threshold) | dark).astype(np.uint8)
         assert np.array_equal(_stained(every, threshold, dark_level), expected)
-    assert np.array_equal(_brightest(every[:64]), every[:64].max(axis=2))
+    assert np.array_equal(brightest(every[:64]), every[:64].max(axis=2))
 
 
 def _normalised_by_numpy(cell: np.ndarray, mask: np.ndarray, contract: CropContract) -> np.ndarray:

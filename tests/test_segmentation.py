@@ -10,9 +10,10 @@ from edge.errors import UserError
 from edge.preprocessing import read_rgb
 from edge.segmentation import SegmentationSettings, find_cells
 from tests.conftest import BCCD, CNMC, needs_bccd, needs_cnmc
+from trainer.crosslab import BCCD_UM_PER_PX
 
 #: BCCD's scale, measured by `edge calibrate` on its red cells (tests/test_calibration.py).
-BCCD_SETTINGS = SegmentationSettings(um_per_px=0.083)
+BCCD_SETTINGS = SegmentationSettings(um_per_px=BCCD_UM_PER_PX)
 
 def _boxes(xml_path, kind="WBC"):
     boxes = []

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from edge.classifier import Classifier
 from edge.commands import CommandHandler, agent_commands, answer, iso_now
 from edge.config import AgentConfig, load_config
 from edge.errors import UserError
-from edge.gate import DARK_FRAME_HINT, DARK_FRAME_LEVEL, frame_light
+from edge.gate import DARK_FRAME_HINT, DARK_FRAME_LEVEL, NO_COLOUR_HINT, NO_COLOUR_LEVEL, look_at
 from edge.notify import notify, watchdog_interval
 from edge.outbox import Outbox
 from edge.pipeline import Analysis, Pipeline, ReviewWriter
@@ -186,9 +186,10 @@ class Agent:
             self.commands.update(self.updater.commands())
         self.counters = {"frames_captured": 0, "frames_dropped": 0, "frames_processed": 0, "frames_unreadable": 0,
                          "source_failures": 0, "results_refused_outbox_full": 0, "commands": 0, "command_errors": 0,
-                         "frames_out_of_focus": 0, "frames_dark": 0, "cells_unclassified": 0}
+                         "frames_out_of_focus": 0, "frames_dark": 0, "frames_no_colour": 0, "cells_unclassified": 0}
         self.out_of_focus = False
         self.dark = False
+        self.no_colour = False
         self.web = None  # the local page (edge/web), when [web] enabled: it watches the frame step too
         if config.web.enabled:
             from edge.web import WebPage
@@ -306,33 +307,40 @@ class Agent:
         log.warning("skipped %s: %s", frame.name, reason)
 
     def _watch_focus(self, result: dict) -> None:
-        """Warn once when frames go out of focus (and once when focus is back), not every frame."""
         self.counters["frames_out_of_focus"] += result["out_of_focus"]
-        if result["focus"] is None or result["out_of_focus"] == self.out_of_focus:
+        if result["focus"] is None:
             return
-        self.out_of_focus = result["out_of_focus"]
-        if self.out_of_focus:
-            message = f"out of focus: {result['source']} nuclei focus {result['focus']} (below 50); refocus the microscope"
-            log.warning("%s", message)
-            notify(f"STATUS={message}")
-        else:
-            log.info("back in focus at %s (nuclei focus %s)", result["source"], result["focus"])
+        self._warn_on_change("out_of_focus", result["out_of_focus"],
+                             lambda: f"out of focus: {result['source']} nuclei focus {result['focus']} (below 50); refocus the microscope",
+                             lambda: f"back in focus at {result['source']} (nuclei focus {result['focus']})")
 
     def _watch_light(self, frame: Frame) -> None:
-        """Warn once when frames go dark (and once when light is back): with the lamp off the device
-        finds no cells, and without this it would say nothing about why."""
-        light = frame_light(frame.image)  # type: ignore[arg-type]  # analysed frames have an image
-        dark = light < DARK_FRAME_LEVEL
-        self.counters["frames_dark"] += dark
-        if dark == self.dark:
+        """Frames without light or without colour yield no cells: without these warnings the device would
+        find none and say nothing about why."""
+        look = look_at(frame.image)  # type: ignore[arg-type]  # analysed frames have an image
+        self.counters["frames_dark"] += look.dark
+        self.counters["frames_no_colour"] += look.no_colour
+        self._warn_on_change("dark", look.dark,
+                             lambda: f"frames are dark: {frame.name} brightest 1% at {look.light:.0f} of 255 (below {DARK_FRAME_LEVEL}); {DARK_FRAME_HINT}",
+                             lambda: f"light is back at {frame.name} (brightest 1% at {look.light:.0f} of 255)")
+        if look.dark:
+            return  # colour is not read on a dark frame: it stays as it was
+        self._warn_on_change("no_colour", look.no_colour,
+                             lambda: f"frames show no colour: {frame.name} most colourful 1% at {look.colour:.0f} of 255 (below {NO_COLOUR_LEVEL}); {NO_COLOUR_HINT}",
+                             lambda: f"colour is back at {frame.name} (most colourful 1% at {look.colour:.0f} of 255)")
+
+    def _warn_on_change(self, state: str, now: bool, warning: Callable[[], str], recovery: Callable[[], str]) -> None:
+        """Warn once when a frame condition starts (log and systemd status) and say once when it ends, not
+        every frame; the messages are only written then."""
+        if now == getattr(self, state):
             return
-        self.dark = dark
-        if dark:
-            message = f"frames are dark: {frame.name} brightest 1% at {light:.0f} of 255 (below {DARK_FRAME_LEVEL}); {DARK_FRAME_HINT}"
+        setattr(self, state, now)
+        if now:
+            message = warning()
             log.warning("%s", message)
             notify(f"STATUS={message}")
         else:
-            log.info("light is back at %s (brightest 1%% at %.0f of 255)", frame.name, light)
+            log.info("%s", recovery())
 
     def _summary(self, *, final: bool) -> dict:
         """Store the open sample's summary (retained) for publishing; the caller holds the lock."""
@@ -436,6 +444,7 @@ class Agent:
             "scale": self.scale_watch.stats(),
             "out_of_focus": self.out_of_focus,
             "dark": self.dark,
+            "no_colour": self.no_colour,
             **self.counters,
         }
 

@@ -166,6 +166,7 @@ def _replay(args: argparse.Namespace) -> int:
     from edge.calibration import frames_scale
     from edge.classifier import Classifier
     from edge.config import interpreter_threads
+    from edge.gate import DARK_FRAME_HINT, NO_COLOUR_HINT
     from edge.pipeline import Pipeline
     from edge.results import SampleTally
     from edge.segmentation import SegmentationSettings
@@ -191,6 +192,9 @@ def _replay(args: argparse.Namespace) -> int:
     if not tally.frames:  # a sample of nothing is not a result: say so, and fail
         raise UserError(f"{args.source}: none of its {tally.unreadable_frames} image file(s) could be read; "
                         "point --source at smear frames (JPEG, PNG, BMP or TIFF)")
+    for count, what, hint in ((printer.dark, "were dark", DARK_FRAME_HINT), (printer.no_colour, "showed no colour", NO_COLOUR_HINT)):
+        if count:
+            print(f"edge: {count} of {tally.frames} frames {what} and yield no cells; {hint}", file=sys.stderr)
     summary = tally.summary(pipeline.device_id, final=True)
     if args.json:
         print(json.dumps(summary))
@@ -209,14 +213,20 @@ class _ReplayPrinter:
     """``edge replay``'s observer of the frame step: a line per frame (or its JSON), annotated frames."""
 
     def __init__(self, as_json: bool, positive_label: str, annotate: Path | None) -> None:
+        from edge.gate import look_at
         from edge.pipeline import ReviewWriter
 
+        self.look_at = look_at  # imported here: `edge --help` loads no OpenCV
         self.as_json = as_json
         self.positive_label = positive_label
         self.review = ReviewWriter(annotate, positive_label) if annotate else None
+        self.dark = self.no_colour = 0  # frames that cannot show cells: said once, after the table
 
     def analysed(self, done: Analysed) -> None:
         result = done.result
+        look = self.look_at(done.frame.image)  # type: ignore[arg-type]  # analysed frames have an image
+        self.dark += look.dark
+        self.no_colour += look.no_colour
         if self.review:
             self.review.write(done.frame.image, result, done.crops)
         if self.as_json:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edge.segmentation import Cell, SegmentationSettings, balanced, brightest, decimate, nucleus_pixels
+from edge.segmentation import Cell, SegmentationSettings, balanced, decimate, nucleus_pixels
 
 #: Focus is measured on the nucleus resampled to this scale, so that the number means the same at
 #: every objective (the variance of the Laplacian grows as pixels get finer).
@@ -109,11 +109,40 @@ def frame_focus(verdicts: list[Verdict]) -> float | None:
 DARK_FRAME_LEVEL = 64
 #: What to check when frames are dark (the agent's log and status, the page).
 DARK_FRAME_HINT = "is the lamp on and the light path to the camera open?"
+#: The most colourful 1% of a stained film (its brightest minus its dimmest channel, 0-255) is a violet nucleus
+#: or a red cell: BCCD's smear frames read >= 76, PBC's >= 74, C-NMC's cells on black >= 48. A monochrome
+#: camera, or a colour one delivering greyscale, reads 0; blank glass under a white-balanced lamp a few units.
+NO_COLOUR_LEVEL = 16
+#: What to check when frames show no colour (the agent's log and status, the page).
+NO_COLOUR_HINT = "is it a colour camera delivering colour (not greyscale), and is the slide stained?"
 
 
-def frame_light(frame_rgb: np.ndarray) -> float:
-    """The brightest 1% of the frame's brightest channel, on every 16th pixel each way (~0.1 ms at 1080p)."""
-    return percentile_u8(brightest(decimate(frame_rgb, 16)), 99)
+@dataclass(frozen=True)
+class FrameLight:
+    """Whether a frame can hold cells at all: lit (``light``) and coloured (``colour``, not read when dark:
+    a dark frame's colour is its sensor noise)."""
+
+    light: float
+    colour: float | None
+
+    @property
+    def dark(self) -> bool:
+        return self.light < DARK_FRAME_LEVEL
+
+    @property
+    def no_colour(self) -> bool:
+        return self.colour is not None and self.colour < NO_COLOUR_LEVEL
+
+
+def look_at(frame_rgb: np.ndarray) -> FrameLight:
+    """The brightest 1% of the frame's brightest channel, and its most colourful 1% (brightest minus dimmest
+    channel: stained nuclei are found by their colour), on every 16th pixel each way (~0.1 ms at 1080p)."""
+    red, green, blue = cv2.split(decimate(frame_rgb, 16))
+    top = cv2.max(cv2.max(red, green), blue)
+    light = percentile_u8(top, 99)
+    if light < DARK_FRAME_LEVEL:
+        return FrameLight(light, None)
+    return FrameLight(light, percentile_u8(cv2.subtract(top, cv2.min(cv2.min(red, green), blue)), 99))
 
 
 def percentile_u8(values: np.ndarray, q: float) -> float:

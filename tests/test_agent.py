@@ -170,7 +170,7 @@ def test_dark_frames_are_counted_and_warned_about_once(tmp_path, caplog):
     import cv2
     import numpy as np
 
-    from edge.gate import frame_light
+    from edge.gate import look_at
 
     folder = tmp_path / "frames"
     folder.mkdir()
@@ -180,7 +180,7 @@ def test_dark_frames_are_counted_and_warned_about_once(tmp_path, caplog):
         cv2.imwrite(str(folder / f"a_dark_{i}.png"), np.clip(rng.normal(8, 6, (480, 640, 3)), 0, 255).astype(np.uint8))
     for path in smears:
         shutil.copy(path, folder / f"b_{path.name}")
-    assert all(frame_light(cv2.imread(str(p))) > 150 for p in smears)
+    assert all(look_at(cv2.imread(str(p))).light > 150 for p in smears)
     agent = _agent(tmp_path, path=str(folder))
     with caplog.at_level(logging.INFO, logger="edge.agent"):
         assert agent.run() == 0
@@ -188,3 +188,34 @@ def test_dark_frames_are_counted_and_warned_about_once(tmp_path, caplog):
     assert len(dark_lines) == 1 and "a_dark_0.png" in dark_lines[0] and "lamp" in dark_lines[0]
     assert any(r.getMessage().startswith("light is back at b_") for r in caplog.records)
     assert agent.counters["frames_dark"] == 3 and agent.dark is False  # stats carries both (its schema requires them)
+
+
+def test_frames_without_colour_are_counted_and_warned_about_once(tmp_path, caplog):
+    """A monochrome camera (or a colour one delivering greyscale): real smears, lit and in focus, but nuclei are
+    found by their stain's colour, so no cells. The agent says why once, counts the frames, and says when
+    colour is back. Dark frames are not called colourless: their warning is the lamp's."""
+    import logging
+
+    import cv2
+    import numpy as np
+
+    from edge.gate import NO_COLOUR_LEVEL, look_at
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    smears = sorted(FRAMES.glob("*.jpg"))[:2]
+    for i, path in enumerate(smears):
+        grey = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2GRAY)
+        cv2.imwrite(str(folder / f"a_grey_{i}.png"), cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR))
+        cv2.imwrite(str(folder / f"b_colour_{i}.png"), cv2.imread(str(path)))
+    cv2.imwrite(str(folder / "c_dark.png"), np.full((480, 640, 3), 6, np.uint8))
+    assert all(look_at(cv2.imread(str(p))).colour > 4 * NO_COLOUR_LEVEL for p in smears)
+    agent = _agent(tmp_path, path=str(folder))
+    with caplog.at_level(logging.INFO, logger="edge.agent"):
+        assert agent.run() == 0
+    lines = [r.getMessage() for r in caplog.records]
+    warned = [line for line in lines if line.startswith("frames show no colour")]
+    assert len(warned) == 1 and "a_grey_0.png" in warned[0] and "colour camera" in warned[0], warned
+    assert any(line.startswith("colour is back at b_colour_0.png") for line in lines)
+    assert agent.counters["frames_no_colour"] == 2 and agent.counters["frames_dark"] == 1
+    assert agent.no_colour is False and agent.dark is True  # the dark frame was not called colourless

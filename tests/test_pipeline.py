@@ -108,6 +108,27 @@ def test_replay_of_a_folder_with_no_readable_frame_fails(tiny_bundle, tmp_path, 
     assert captured.err.splitlines()[-1].startswith(f"edge: error: {tmp_path}: none of its 2 image file(s) could be read")
 
 
+def test_replay_says_when_frames_are_dark_or_show_no_colour(tmp_path, capsys):
+    """Frames from a monochrome camera, or taken with the lamp off, yield no cells: the replay says how many
+    and what to check, once each, after its table (the agent's frame watch, on a folder)."""
+    import cv2
+
+    smears = sorted((ROOT / "samples" / "frames").glob("*.jpg"))[:3]
+    for i, path in enumerate(smears[:2]):
+        cv2.imwrite(str(tmp_path / f"grey_{i}.png"), cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2GRAY))
+    shutil.copy(smears[2], tmp_path / smears[2].name)
+    cv2.imwrite(str(tmp_path / "lamp_off.png"), cv2.imread(str(smears[2])) // 40)
+    shutil.copy(ROOT / "samples" / "frames" / SCALE_FILE, tmp_path / SCALE_FILE)
+    assert main(["replay", "--source", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    lines = {line.split(";")[0] for line in captured.err.splitlines() if line.startswith("edge: ")}
+    assert lines == {"edge: 1 of 4 frames were dark and yield no cells",
+                     "edge: 2 of 4 frames showed no colour and yield no cells"}, captured.err
+    cells = {line.split()[0]: int(line.split()[1]) for line in captured.out.splitlines()[1:5]}
+    assert cells["grey_0.png"] == cells["grey_1.png"] == cells["lamp_off.png"] == 0  # listed, with no cells
+    assert cells[smears[2].name] > 0
+
+
 @needs_cnmc
 def test_the_device_crops_cells_exactly_as_training_did():
     """A C-NMC file through the device pipeline and through the trainer's loader: the same model input."""

@@ -108,22 +108,25 @@ class Stream:
         return any(s == sequence for s, _ in self.parts)
 
 
-def test_the_live_panel_says_when_frames_are_dark(tmp_path):
-    """The lamp off: no cells, and the panel says why (the agent's dark-frame watch)."""
+@pytest.mark.parametrize("kind", ["dark", "grey"])
+def test_the_live_panel_says_when_frames_are_dark_or_colourless(tmp_path, kind):
+    """The lamp off, or a monochrome camera: no cells, and the panel says why (the agent's frame watch)."""
     import cv2
     import numpy as np
 
-    folder = tmp_path / "dark"
+    folder = tmp_path / kind
     folder.mkdir()
+    smear = cv2.cvtColor(cv2.cvtColor(cv2.imread(str(sorted(FRAMES.glob("*.jpg"))[0])), cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
     for i in range(2):
-        cv2.imwrite(str(folder / f"dark_{i}.png"), np.full((240, 320, 3), 6, np.uint8))
+        cv2.imwrite(str(folder / f"{kind}_{i}.png"), np.full((240, 320, 3), 6, np.uint8) if kind == "dark" else smear)
     config = agent_config(tmp_path)
     config["source"]["path"] = str(folder)
+    expected = ("frames are dark", "lamp") if kind == "dark" else ("frames show no colour", "colour camera")
     with RunningAgent(config) as running:
         port = running.port
         assert wait_for(lambda: request(port, "GET", "/api/live").json()["sequence"] is not None, 30)
         warnings = request(port, "GET", "/api/live").json()["warnings"]
-        assert any(w.startswith("frames are dark") and "lamp" in w for w in warnings), warnings
+        assert any(w.startswith(expected[0]) and expected[1] in w for w in warnings), warnings
 
 
 def test_the_live_panel_names_the_frame_in_the_picture(tmp_path):

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from edge.errors import UserError
-from edge.gate import DARK_FRAME_HINT
+from edge.gate import DARK_FRAME_HINT, NO_COLOUR_HINT
 from edge.pipeline import annotate
 from edge.sources import Frame
 from edge.step import Analysed
@@ -354,6 +354,8 @@ class WebPage:
             warnings.append(stats["scale"]["warning"])
         if stats["dark"]:
             warnings.append(f"frames are dark: {DARK_FRAME_HINT}")
+        if stats["no_colour"]:
+            warnings.append(f"frames show no colour: {NO_COLOUR_HINT}")
         cells = []
         if result:
             cells = [{"label": "ALL blast" if c["label"] == self.live.positive_label else "normal", "p_all": c["p_all"]}

@@ -111,10 +111,11 @@ DARK_FRAME_LEVEL = 64
 DARK_FRAME_HINT = "is the lamp on and the light path to the camera open?"
 #: The most colourful 1% of a stained film (its brightest minus its dimmest channel, 0-255) is a violet nucleus
 #: or a red cell: BCCD's smear frames read >= 76, PBC's >= 74, C-NMC's cells on black >= 48. A monochrome
-#: camera, or a colour one delivering greyscale, reads 0; blank glass under a white-balanced lamp a few units.
+#: camera, or a colour one delivering greyscale, reads 0. Their background alone (blank glass) reads 13-30 on
+#: BCCD's camera and 17-64 on PBC's: the warning is for a camera without colour, not for an empty field.
 NO_COLOUR_LEVEL = 16
 #: What to check when frames show no colour (the agent's log and status, the page).
-NO_COLOUR_HINT = "is it a colour camera delivering colour (not greyscale), and is the slide stained?"
+NO_COLOUR_HINT = "is it a colour camera, delivering colour frames (not greyscale)?"
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,13 @@ MIN_RED_CELLS_PER_FRAME = 3
 MIN_LONE_FRAMES = 3
 #: Plausible scales: a 4x objective on a small sensor is ~2 µm/px; 100x with a fine sensor ~0.03.
 MIN_UM_PER_PX, MAX_UM_PER_PX = 0.01, 5.0
+#: C-NMC's scale (training reads it, and `edge replay`'s hint for crops without one names it). Its crops
+#: show no red cells, so it was derived from the cells themselves: the median equivalent diameter of C-NMC
+#: normal B-cells (cnmc-dev hem, 200 cells: 183 px) was matched to that of PBC lymphocytes measured in µm
+#: through their red cells (200 cells: 10.1 µm at PBC's 0.1033 µm/px from `edge calibrate`), giving
+#: 10.1 / 183 = 0.0555 µm/px; both are mature lymphoid cells segmented by the same code. An estimate, good
+#: to the spread of lymphocyte sizes between donors (~5-10%).
+CNMC_UM_PER_PX = 0.0555
 #: A folder of frames may carry its scale in this file: ``{"um_per_px": F}`` (``edge calibrate --write``).
 SCALE_FILE = "leukoscope-scale.json"
 #: A measured scale further than this from the configured one means the optics changed.
@@ -437,7 +444,8 @@ def frames_scale(source: Path, given: float | None, measure_frames: int = 40) ->
         return stated
     if measured is None:
         raise UserError(f"the scale of the frames in {folder} is unknown and their red cells are too few to measure it: "
-                        f"pass --um-per-px, or write {SCALE_FILE} with `edge calibrate --source FRAMES --write`")
+                        f"pass --um-per-px (C-NMC's crops, cells cut onto black: {CNMC_UM_PER_PX}), or write {SCALE_FILE} with "
+                        "`edge calibrate --source FRAMES --write`")
     print(f"edge: scale {measured:.4f} µm per pixel, measured on the red cells of {len(calibration.frames)} frame(s) "
           f"(pass --um-per-px or write {SCALE_FILE} to fix it)", file=sys.stderr)
     return check_scale(round(measured, 5), f"scale measured on {folder}")

@@ -130,6 +130,20 @@ def test_replay_says_when_frames_are_dark_or_show_no_colour(tmp_path, capsys):
 
 
 @needs_cnmc
+def test_replay_of_cnmc_crops_without_a_scale_names_cnmc_s(tmp_path, capsys):
+    """Cells cut onto black show no red cells to measure the scale on: the one-line refusal names the flag and
+    C-NMC's reference scale, and with it each crop is one cell."""
+    for path in sorted((CNMC / "all").glob("*.png"))[:2] + sorted((CNMC / "hem").glob("*.png"))[:2]:
+        shutil.copy(path, tmp_path / path.name)
+    assert main(["replay", "--source", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--um-per-px (C-NMC's crops, cells cut onto black: {CNMC_UM_PER_PX})" in err, err
+    assert main(["replay", "--source", str(tmp_path), "--um-per-px", str(CNMC_UM_PER_PX), "--json"]) == 0
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()][:-1]
+    assert [r["counts"]["cells"] for r in results] == [1, 1, 1, 1]
+
+
+@needs_cnmc
 def test_the_device_crops_cells_exactly_as_training_did():
     """A C-NMC file through the device pipeline and through the trainer's loader: the same model input."""
     classifier = Classifier(DEFAULT_BUNDLE)

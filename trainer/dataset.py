@@ -37,6 +37,7 @@ import numpy as np
 
 from edge.bundle import LABELS  # the class contract: one home, shared with the bundle
 from edge.calibration import SCALE_FILE, calibrate, check_scale, read_scale_file
+from edge.calibration import CNMC_UM_PER_PX
 from edge.errors import DataError
 from edge.preprocessing import DEFAULT_CONTRACT, CropContract, crop_cell, read_rgb
 from edge.segmentation import SegmentationSettings, find_cells
@@ -48,12 +49,6 @@ IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 _NAME = re.compile(r"^UID_(?P<patient>H?\d+)_.*_(?P<label>all|hem)(?: \(\d+\))?$", re.IGNORECASE)
 #: Unreadable files tolerated (with a warning naming them) before loading fails.
 MAX_UNREADABLE_FRACTION = 0.01
-#: C-NMC's scale. Its crops show no red cells, so it was derived from the cells themselves: the median
-#: equivalent diameter of C-NMC normal B-cells (cnmc-dev hem, 200 cells: 183 px) was matched to that of
-#: PBC lymphocytes measured in µm through their red cells (200 cells: 10.1 µm at PBC's 0.1033 µm/px from
-#: `edge calibrate`), giving 10.1 / 183 = 0.0555 µm/px; both are mature lymphoid cells segmented by the
-#: same code. An estimate, good to the spread of lymphocyte sizes between donors (~5-10%).
-CNMC_UM_PER_PX = 0.0555
 #: Images measured for a source's scale when none is given (per-image spread ~7-13%: 150 images pin
 #: the median to ~1%).
 CALIBRATION_IMAGES = 150

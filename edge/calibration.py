@@ -383,6 +383,18 @@ def calibrate(frames: Iterable[np.ndarray]) -> Calibration:
     return Calibration(tuple(measure_frame(f) for f in frames))
 
 
+#: Images whose longer sides differ by more than this factor are not of one camera at one magnification.
+MIXED_SIZE_FACTOR = 1.25
+
+
+def mixed_sizes(sides: dict[int, str]) -> str | None:
+    """``"a.png: 640 px, b.png: 8000 px"`` where images (longer side -> a name) are of more than one camera or
+    magnification, else None: one scale cannot size them all (a training source's, a replayed folder's)."""
+    if sides and max(sides) > MIXED_SIZE_FACTOR * min(sides):
+        return f"{sides[min(sides)]}: {min(sides)} px, {sides[max(sides)]}: {max(sides)} px"
+    return None
+
+
 def check_scale(um_per_px: float, what: str) -> float:
     """A configured or declared scale must be plausible; one line naming ``what`` otherwise."""
     if not MIN_UM_PER_PX <= um_per_px <= MAX_UM_PER_PX:

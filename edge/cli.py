@@ -163,7 +163,7 @@ def _at_least_one(text: str) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from edge.calibration import frames_scale
+    from edge.calibration import frames_scale, mixed_sizes
     from edge.classifier import Classifier
     from edge.config import interpreter_threads
     from edge.gate import DARK_FRAME_HINT, NO_COLOUR_HINT
@@ -195,6 +195,11 @@ def _replay(args: argparse.Namespace) -> int:
     for count, what, hint in ((printer.dark, "were dark", DARK_FRAME_HINT), (printer.no_colour, "showed no colour", NO_COLOUR_HINT)):
         if count:
             print(f"edge: {count} of {tally.frames} frames {what} and yield no cells; {hint}", file=sys.stderr)
+    mixed = mixed_sizes(printer.sides)
+    if mixed:
+        print(f"edge: warning: {args.source} mixes frame sizes ({mixed}): one scale ({settings.um_per_px} µm per pixel) sized "
+              "every cell, right for one camera and objective at most; replay each one's frames from a folder of their own",
+              file=sys.stderr)
     summary = tally.summary(pipeline.device_id, final=True)
     if args.json:
         print(json.dumps(summary))
@@ -221,10 +226,12 @@ class _ReplayPrinter:
         self.positive_label = positive_label
         self.review = ReviewWriter(annotate, positive_label) if annotate else None
         self.dark = self.no_colour = 0  # frames that cannot show cells: said once, after the table
+        self.sides: dict[int, str] = {}  # a frame name for each longer side seen
 
     def analysed(self, done: Analysed) -> None:
         result = done.result
         look = self.look_at(done.frame.image)  # type: ignore[arg-type]  # analysed frames have an image
+        self.sides.setdefault(max(done.frame.image.shape[:2]), done.frame.name)  # type: ignore[union-attr]
         self.dark += look.dark
         self.no_colour += look.no_colour
         if self.review:

@@ -129,6 +129,22 @@ def test_replay_says_when_frames_are_dark_or_show_no_colour(tmp_path, capsys):
     assert cells[smears[2].name] > 0
 
 
+def test_replay_warns_when_a_folder_mixes_frame_sizes(tmp_path, capsys):
+    """Frames of two cameras or objectives in one folder: one scale sizes them all, so the replay says so
+    (the trainer's rule for a source, ``mixed_sizes``); frames of one size get no such line."""
+    import cv2
+
+    smear = sorted((ROOT / "samples" / "frames").glob("bccd_*.jpg"))[0]
+    shutil.copy(smear, tmp_path / "a_small.jpg")
+    shutil.copy(ROOT / "samples" / "frames" / SCALE_FILE, tmp_path / SCALE_FILE)
+    assert main(["replay", "--source", str(tmp_path)]) == 0
+    assert "mixes frame sizes" not in capsys.readouterr().err
+    cv2.imwrite(str(tmp_path / "b_large.png"), cv2.resize(cv2.imread(str(smear)), None, fx=2, fy=2))
+    assert main(["replay", "--source", str(tmp_path)]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "mixes frame sizes" in line]
+    assert len(warned) == 1 and "(a_small.jpg: 640 px, b_large.png: 1280 px)" in warned[0], warned
+
+
 @needs_cnmc
 def test_replay_of_cnmc_crops_without_a_scale_names_cnmc_s(tmp_path, capsys):
     """Cells cut onto black show no red cells to measure the scale on: the one-line refusal names the flag and

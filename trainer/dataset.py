@@ -37,7 +37,7 @@ import numpy as np
 
 from edge.bundle import LABELS  # the class contract: one home, shared with the bundle
 from edge.calibration import SCALE_FILE, calibrate, check_scale, read_scale_file
-from edge.calibration import CNMC_UM_PER_PX
+from edge.calibration import CNMC_UM_PER_PX, mixed_sizes
 from edge.errors import DataError
 from edge.preprocessing import DEFAULT_CONTRACT, CropContract, crop_cell, read_rgb
 from edge.segmentation import SegmentationSettings, find_cells
@@ -254,12 +254,12 @@ def load_arrays(
     finds no cell are left out and counted per source in the log: the device would not classify them.
     """
 
-    sides: dict[str, dict[int, Path]] = {}
+    sides: dict[str, dict[int, str]] = {}
 
     def load(sample: Sample) -> np.ndarray | DataError | None:
         try:
             image, scale = read_rgb(sample.path), sample.um_per_px
-            sides.setdefault(sample.source, {}).setdefault(max(image.shape[:2]), sample.path)
+            sides.setdefault(sample.source, {}).setdefault(max(image.shape[:2]), sample.path.name)
             if transform is not None:
                 image, scale = transform(image, sample)
             return cell_input(image, scale, contract)
@@ -274,9 +274,9 @@ def load_arrays(
             results = progress_bar(results, total=len(samples), desc=f"crop {contract.size}px", unit="img")
         loaded = list(results)
     for source, seen in sides.items():
-        if max(seen) > 1.25 * min(seen):
-            small, large = seen[min(seen)], seen[max(seen)]
-            raise DataError(f"source {source} mixes image sizes ({small.name}: {min(seen)} px, {large.name}: {max(seen)} px); "
+        mixed = mixed_sizes(seen)
+        if mixed:
+            raise DataError(f"source {source} mixes image sizes ({mixed}); "
                             "one source has one scale, so put images of another magnification in a folder of their own")
     bad = [s for s, r in zip(samples, loaded) if isinstance(r, DataError)]
     if bad:

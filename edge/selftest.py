@@ -46,6 +46,11 @@ def check(config_path: Path) -> int:
             failures.append(f"camera: source {config.source.type} delivered no readable frame")
     except UserError as error:
         failures.append(f"camera: {error}")
+    if frames:
+        try:
+            print(_check_light(frames))
+        except UserError as error:
+            failures.append(f"camera: {error}")
     if frames and config.segmentation.um_per_px is not None:
         try:
             print(f"ok   scale {_check_scale(config.segmentation.um_per_px, frames)}")
@@ -65,6 +70,23 @@ def check(config_path: Path) -> int:
     for failure in failures:
         print(f"FAIL {failure}")
     return 1 if failures else 0
+
+
+def _check_light(frames: list[Frame]) -> str:
+    """The source's first frames lit and in colour. Frames without colour fail: a monochrome camera or a greyscale
+    format never shows the stain nuclei are found by. Dark frames are a line, not a failure: this check is the
+    service's ExecStartPre, and a lamp still off at boot must not keep the service from starting."""
+    from edge.gate import DARK_FRAME_HINT, DARK_FRAME_LEVEL, NO_COLOUR_HINT, NO_COLOUR_LEVEL, look_at
+
+    looks = [look_at(f.image) for f in frames]  # type: ignore[arg-type]  # readable frames only
+    lit = [look for look in looks if not look.dark]
+    if not lit:
+        return (f"note light: {len(looks)} frame(s) dark (brightest 1% at {max(look.light for look in looks):.0f} of 255, "
+                f"below {DARK_FRAME_LEVEL}); {DARK_FRAME_HINT} No cells are found until frames are lit")
+    colour = max(look.colour for look in lit)  # type: ignore[type-var]  # lit frames have their colour read
+    if colour < NO_COLOUR_LEVEL:
+        raise UserError(f"frames show no colour (most colourful 1% at {colour:.0f} of 255, below {NO_COLOUR_LEVEL}); {NO_COLOUR_HINT}")
+    return f"ok   light: frames lit (brightest 1% at {min(look.light for look in lit):.0f} of 255) and in colour"
 
 
 def _check_scale(configured: float, frames: list[Frame]) -> str:

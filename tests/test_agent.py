@@ -219,3 +219,39 @@ def test_frames_without_colour_are_counted_and_warned_about_once(tmp_path, caplo
     assert any(line.startswith("colour is back at b_colour_0.png") for line in lines)
     assert agent.counters["frames_no_colour"] == 2 and agent.counters["frames_dark"] == 1
     assert agent.no_colour is False and agent.dark is True  # the dark frame was not called colourless
+
+
+def test_edge_check_fails_a_camera_without_colour_and_notes_dark_frames(tmp_path, capsys):
+    """`edge check` (the service's ExecStartPre) on the source's first frames: greyscale ones fail in one line (a
+    monochrome camera never works); dark ones are a note, not a failure (a lamp off at boot must not keep the
+    service from starting); real colour frames pass."""
+    import cv2
+    import numpy as np
+
+    from edge.cli import main
+
+    smears = sorted(FRAMES.glob("*.jpg"))[:3]
+
+    def check(kind: str) -> tuple[int, list[str]]:
+        folder = tmp_path / kind
+        folder.mkdir()
+        for i, path in enumerate(smears):
+            image = cv2.imread(str(path))
+            if kind == "grey":
+                image = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+            elif kind == "dark":
+                image = np.full_like(image, 5)
+            cv2.imwrite(str(folder / f"{i}.png"), image)
+        config = tmp_path / f"{kind}.toml"
+        config.write_text(f'[source]\ntype = "folder"\npath = "{folder}"\n[segmentation]\num_per_px = {SAMPLE_UM_PER_PX}\n'
+                          f'[mqtt]\nenabled = false\n[outbox]\npath = "{tmp_path / "o.db"}"\n')
+        status = main(["check", "--config", str(config)])
+        return status, [line for line in capsys.readouterr().out.splitlines() if line.startswith(("ok   light", "note light", "FAIL"))]
+
+    status, lines = check("colour")
+    assert status == 0 and len(lines) == 1 and lines[0].startswith("ok   light: frames lit") and lines[0].endswith("and in colour")
+    status, lines = check("grey")
+    assert status == 1 and lines == ["FAIL camera: frames show no colour (most colourful 1% at 0 of 255, below 16); "
+                                     "is it a colour camera, delivering colour frames (not greyscale)?"]
+    status, lines = check("dark")
+    assert status == 0 and len(lines) == 1 and lines[0].startswith("note light: 3 frame(s) dark") and "lamp" in lines[0]

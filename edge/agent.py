@@ -29,7 +29,7 @@ from edge.classifier import Classifier
 from edge.commands import CommandHandler, agent_commands, answer, iso_now
 from edge.config import AgentConfig, load_config
 from edge.errors import UserError
-from edge.gate import DARK_FRAME_HINT, DARK_FRAME_LEVEL, NO_COLOUR_HINT, NO_COLOUR_LEVEL, look_at
+from edge.gate import FRAME_PROBLEM_ENDED, FRAME_PROBLEMS, look_at
 from edge.notify import notify, watchdog_interval
 from edge.outbox import Outbox
 from edge.pipeline import Analysis, Pipeline, ReviewWriter
@@ -186,10 +186,11 @@ class Agent:
             self.commands.update(self.updater.commands())
         self.counters = {"frames_captured": 0, "frames_dropped": 0, "frames_processed": 0, "frames_unreadable": 0,
                          "source_failures": 0, "results_refused_outbox_full": 0, "commands": 0, "command_errors": 0,
-                         "frames_out_of_focus": 0, "frames_dark": 0, "frames_no_colour": 0, "cells_unclassified": 0}
+                         "frames_out_of_focus": 0, **{f"frames_{problem}": 0 for problem in FRAME_PROBLEMS},
+                         "cells_unclassified": 0}
         self.out_of_focus = False
-        self.dark = False
-        self.no_colour = False
+        #: What keeps the last frame from showing cells (``gate.FRAME_PROBLEMS``), or None.
+        self.frame_problem: str | None = None
         self.web = None  # the local page (edge/web), when [web] enabled: it watches the frame step too
         if config.web.enabled:
             from edge.web import WebPage
@@ -315,23 +316,19 @@ class Agent:
                              lambda: f"back in focus at {result['source']} (nuclei focus {result['focus']})")
 
     def _watch_light(self, frame: Frame) -> None:
-        """Frames without light or without colour yield no cells: without these warnings the device would
-        find none and say nothing about why."""
+        """Frames without light, washed out or without colour yield no cells (or few): without these warnings the
+        device would find none and say nothing about why."""
         look = look_at(frame.image)  # type: ignore[arg-type]  # analysed frames have an image
-        self.counters["frames_dark"] += look.dark
-        self.counters["frames_no_colour"] += look.no_colour
-        self._warn_on_change("dark", look.dark,
-                             lambda: f"frames are dark: {frame.name} brightest 1% at {look.light:.0f} of 255 (below {DARK_FRAME_LEVEL}); {DARK_FRAME_HINT}",
-                             lambda: f"light is back at {frame.name} (brightest 1% at {look.light:.0f} of 255)")
-        if look.dark:
-            return  # colour is not read on a dark frame: it stays as it was
-        self._warn_on_change("no_colour", look.no_colour,
-                             lambda: f"frames show no colour: {frame.name} most colourful 1% at {look.colour:.0f} of 255 (below {NO_COLOUR_LEVEL}); {NO_COLOUR_HINT}",
-                             lambda: f"colour is back at {frame.name} (most colourful 1% at {look.colour:.0f} of 255)")
+        problem = look.problem
+        if problem:
+            self.counters[f"frames_{problem}"] += 1
+        ended = self.frame_problem
+        self._warn_on_change("frame_problem", problem, lambda: look.warning(frame.name),
+                             lambda: f"{FRAME_PROBLEM_ENDED[ended]} at {frame.name} ({look.measured()})")  # type: ignore[index]
 
-    def _warn_on_change(self, state: str, now: bool, warning: Callable[[], str], recovery: Callable[[], str]) -> None:
-        """Warn once when a frame condition starts (log and systemd status) and say once when it ends, not
-        every frame; the messages are only written then."""
+    def _warn_on_change(self, state: str, now: object, warning: Callable[[], str], ended: Callable[[], str]) -> None:
+        """Warn once when a frame condition starts (log and systemd status) and say once when it ends, not every
+        frame; the messages are only written then. ``state``: the attribute holding the condition (falsy: none)."""
         if now == getattr(self, state):
             return
         setattr(self, state, now)
@@ -340,7 +337,7 @@ class Agent:
             log.warning("%s", message)
             notify(f"STATUS={message}")
         else:
-            log.info("%s", recovery())
+            log.info("%s", ended())
 
     def _summary(self, *, final: bool) -> dict:
         """Store the open sample's summary (retained) for publishing; the caller holds the lock."""
@@ -443,8 +440,7 @@ class Agent:
             "mqtt_inflight": self.publisher.inflight() if self.publisher else 0,
             "scale": self.scale_watch.stats(),
             "out_of_focus": self.out_of_focus,
-            "dark": self.dark,
-            "no_colour": self.no_colour,
+            **{problem: self.frame_problem == problem for problem in FRAME_PROBLEMS},
             **self.counters,
         }
 

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from edge.errors import DataError, UserError
+from edge.gate import look_at
 
 #: Mean red-cell diameter in a dried, stained blood film (textbook 7.5-8 µm; the value every
 #: scale in leukoscope is relative to, including the training crops').
@@ -55,6 +56,9 @@ STATED_SCALE_WARNING = 0.25
 #: (2-2.5x). Red cells without a central pallor spread by 22% between frames (BCCD), so nothing finer is
 #: read from them: the bundled composed sample frames measure 0.061 against their true 0.083.
 STATED_SCALE_FACTOR = 2.0
+#: Frame problems (``gate.FRAME_PROBLEMS``) under which red cells are not measured. Frames without colour are:
+#: their green is their grey.
+UNMEASURABLE = ("dark", "overexposed")
 #: Frames measured for that check: reading and measuring six 1080p PNG frames adds ~0.2 s to a replay (bench_pipeline.py).
 STATED_SCALE_CHECK_FRAMES = 6
 
@@ -68,6 +72,9 @@ class FrameScale:
     lone: bool = True
     #: Whether lone discocytes (central pallor visible) alone set it: the most trusted frames.
     discocytes: bool = False
+    #: Why the frame was not measured at all: ``gate.FRAME_PROBLEMS``' "dark" or "overexposed" (red cells washed out
+    #: measure as specks: BCCD frames brightened 1.7x read 3.4x the scale), else None.
+    light_problem: str | None = None
 
     @property
     def count(self) -> int:
@@ -189,6 +196,9 @@ def measure_frame(frame_rgb: np.ndarray, *, expected_um_per_px: float | None = N
     30% of the size expected (the optics changed): then every look is taken."""
     if frame_rgb is None or frame_rgb.ndim != 3 or frame_rgb.size == 0:
         raise UserError("empty frame: the camera or file delivered no pixels; check the source")
+    light_problem = look_at(frame_rgb).problem
+    if light_problem in UNMEASURABLE:
+        return FrameScale((), light_problem=light_problem)
     if expected_um_per_px is not None:
         expected_px = RED_CELL_DIAMETER_UM / expected_um_per_px
         zoom = min(1.0, MEASURE_RED_CELL_PX / expected_px)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,13 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from edge.calibration import calibrate, drift, read_scale_file, write_scale_file, DRIFT_WARNING
+    from edge.gate import FRAME_PROBLEMS
 
     names, frames, configured, what = _calibration_frames(args.source, args.frames)
     calibration = calibrate(frames)
     if calibration.um_per_px is None:
-        black = sum(1 for f in frames if float(f.std()) < 2.0)
-        why = f"{black} of {len(frames)} frame(s) are blank or black" if black else \
-            "a thick or thin film, or pre-cropped cells, show too few separate red cells"
+        unlit = Counter(f.light_problem for f in calibration.frames if f.light_problem)
+        blank = sum(1 for f in frames if float(f.std()) < 2.0)
+        why = "; ".join(f"{count} of {len(frames)} frame(s) {FRAME_PROBLEMS[problem][0]}: {FRAME_PROBLEMS[problem][1]}"
+                        for problem, count in unlit.items())
+        if not why:
+            why = f"{blank} of {len(frames)} frame(s) are blank" if blank else \
+                "a thick or thin film, or pre-cropped cells, show too few separate red cells"
         raise UserError(f"{args.source}: too few red cells to measure the scale ({calibration.red_cells} in {len(frames)} "
                         f"frame(s), need 3 in a frame; {why}); use other frames or set segmentation.um_per_px by hand "
                         "(stage micrometer)")
@@ -166,7 +172,7 @@ def _replay(args: argparse.Namespace) -> int:
     from edge.calibration import frames_scale, mixed_sizes
     from edge.classifier import Classifier
     from edge.config import interpreter_threads
-    from edge.gate import DARK_FRAME_HINT, NO_COLOUR_HINT
+    from edge.gate import FRAME_PROBLEMS
     from edge.pipeline import Pipeline
     from edge.results import SampleTally
     from edge.segmentation import SegmentationSettings
@@ -192,9 +198,9 @@ def _replay(args: argparse.Namespace) -> int:
     if not tally.frames:  # a sample of nothing is not a result: say so, and fail
         raise UserError(f"{args.source}: none of its {tally.unreadable_frames} image file(s) could be read; "
                         "point --source at smear frames (JPEG, PNG, BMP or TIFF)")
-    for count, what, hint in ((printer.dark, "were dark", DARK_FRAME_HINT), (printer.no_colour, "showed no colour", NO_COLOUR_HINT)):
-        if count:
-            print(f"edge: {count} of {tally.frames} frames {what} and yield no cells; {hint}", file=sys.stderr)
+    for problem, count in printer.problems.items():
+        what, hint = FRAME_PROBLEMS[problem]
+        print(f"edge: {count} of {tally.frames} frames {what}: no cells are found in them; {hint}", file=sys.stderr)
     mixed = mixed_sizes(printer.sides)
     if mixed:
         print(f"edge: warning: {args.source} mixes frame sizes ({mixed}): one scale ({settings.um_per_px} µm per pixel) sized "
@@ -225,15 +231,15 @@ class _ReplayPrinter:
         self.as_json = as_json
         self.positive_label = positive_label
         self.review = ReviewWriter(annotate, positive_label) if annotate else None
-        self.dark = self.no_colour = 0  # frames that cannot show cells: said once, after the table
+        self.problems: Counter[str] = Counter()  # frames that cannot show cells (gate.FRAME_PROBLEMS): said after the table
         self.sides: dict[int, str] = {}  # a frame name for each longer side seen
 
     def analysed(self, done: Analysed) -> None:
         result = done.result
         look = self.look_at(done.frame.image)  # type: ignore[arg-type]  # analysed frames have an image
         self.sides.setdefault(max(done.frame.image.shape[:2]), done.frame.name)  # type: ignore[union-attr]
-        self.dark += look.dark
-        self.no_colour += look.no_colour
+        if look.problem:
+            self.problems[look.problem] += 1
         if self.review:
             self.review.write(done.frame.image, result, done.crops)
         if self.as_json:

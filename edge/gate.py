@@ -107,43 +107,65 @@ def frame_focus(verdicts: list[Verdict]) -> float | None:
 #: channel) the lamp is off or nearly so, or the light path is shut: BCCD's smear frames read >= 199, cells
 #: cut onto black (C-NMC's layout) >= 73.5, the lit centre of a frame with the lamp nearly off ~56.
 DARK_FRAME_LEVEL = 64
-#: What to check when frames are dark (the agent's log and status, the page).
-DARK_FRAME_HINT = "is the lamp on and the light path to the camera open?"
+#: The darkest 1% of a frame's brightest channel is its nuclei and red cells. From this up (0-255) they are
+#: clipped in some channel and nuclei lose the colour they are found by: BCCD's frames read 158-181 as recorded,
+#: PBC's 113-166. BCCD frames brightened as a lamp turned up under a fixed exposure would (x1.3-1.7, every third
+#: frame) kept 0.97-0.98 of their white cells where they read below 240, 0.92 at 240-245, 0.80 at 245-250 and
+#: 0.49 at 254-255.
+OVEREXPOSED_LEVEL = 245
 #: The most colourful 1% of a stained film (its brightest minus its dimmest channel, 0-255) is a violet nucleus
 #: or a red cell: BCCD's smear frames read >= 76, PBC's >= 74, C-NMC's cells on black >= 48. A monochrome
 #: camera, or a colour one delivering greyscale, reads 0. Their background alone (blank glass) reads 13-30 on
 #: BCCD's camera and 17-64 on PBC's: the warning is for a camera without colour, not for an empty field.
 NO_COLOUR_LEVEL = 16
-#: What to check when frames show no colour (the agent's log and status, the page).
-NO_COLOUR_HINT = "is it a colour camera, delivering colour frames (not greyscale)?"
+#: Why a frame can show no cells, in the order judged: what frames with it do ("frames are dark"), and what to
+#: check (the agent's log and status, the page, `edge replay`, `edge check`, `edge calibrate`).
+FRAME_PROBLEMS: dict[str, tuple[str, str]] = {
+    "dark": ("are dark", "is the lamp on and the light path to the camera open?"),
+    "overexposed": ("are overexposed", "turn the lamp down, or shorten source.exposure_us"),
+    "no_colour": ("show no colour", "is it a colour camera, delivering colour frames (not greyscale)?"),
+}
+#: What the agent logs when a frame problem ends.
+FRAME_PROBLEM_ENDED = {"dark": "light is back", "overexposed": "exposure is back in range", "no_colour": "colour is back"}
 
 
 @dataclass(frozen=True)
 class FrameLight:
-    """Whether a frame can hold cells at all: lit (``light``) and coloured (``colour``, not read when dark:
-    a dark frame's colour is its sensor noise)."""
+    """Whether a frame can show cells at all: lit (``light``: its brightest 1%), not washed out (``shadows``: its
+    darkest 1%), in colour (``colour``: its most colourful 1%)."""
 
     light: float
-    colour: float | None
+    shadows: float
+    colour: float
 
     @property
-    def dark(self) -> bool:
-        return self.light < DARK_FRAME_LEVEL
+    def problem(self) -> str | None:
+        """The first of ``FRAME_PROBLEMS`` the frame has (a dark frame's colour is its sensor noise), or None."""
+        if self.light < DARK_FRAME_LEVEL:
+            return "dark"
+        if self.shadows >= OVEREXPOSED_LEVEL:
+            return "overexposed"
+        return "no_colour" if self.colour < NO_COLOUR_LEVEL else None
 
-    @property
-    def no_colour(self) -> bool:
-        return self.colour is not None and self.colour < NO_COLOUR_LEVEL
+    def warning(self, frame_name: str) -> str:
+        """The one-line warning of the frame's problem: what, where, measured how, what to check."""
+        what, hint = FRAME_PROBLEMS[self.problem]  # type: ignore[index]  # only asked of a frame with a problem
+        return f"frames {what}: {frame_name} {self.measured()}; {hint}"
+
+    def measured(self) -> str:
+        """What found the frame's problem, in words: "brightest 1% at 5 of 255 (below 64)"."""
+        return {"dark": f"brightest 1% at {self.light:.0f} of 255 (below {DARK_FRAME_LEVEL})",
+                "overexposed": f"darkest 1% at {self.shadows:.0f} of 255 ({OVEREXPOSED_LEVEL} or more)",
+                "no_colour": f"most colourful 1% at {self.colour:.0f} of 255 (below {NO_COLOUR_LEVEL})",
+                None: f"brightest 1% at {self.light:.0f}, darkest at {self.shadows:.0f}, most colourful at {self.colour:.0f} of 255"}[self.problem]
 
 
 def look_at(frame_rgb: np.ndarray) -> FrameLight:
-    """The brightest 1% of the frame's brightest channel, and its most colourful 1% (brightest minus dimmest
-    channel: stained nuclei are found by their colour), on every 16th pixel each way (~0.1 ms at 1080p)."""
+    """A frame's light and colour, on every 16th pixel each way (~0.1 ms at 1080p)."""
     red, green, blue = cv2.split(decimate(frame_rgb, 16))
     top = cv2.max(cv2.max(red, green), blue)
-    light = percentile_u8(top, 99)
-    if light < DARK_FRAME_LEVEL:
-        return FrameLight(light, None)
-    return FrameLight(light, percentile_u8(cv2.subtract(top, cv2.min(cv2.min(red, green), blue)), 99))
+    return FrameLight(percentile_u8(top, 99), percentile_u8(top, 1),
+                      percentile_u8(cv2.subtract(top, cv2.min(cv2.min(red, green), blue)), 99))
 
 
 def percentile_u8(values: np.ndarray, q: float) -> float:

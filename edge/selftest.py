@@ -73,20 +73,20 @@ def check(config_path: Path) -> int:
 
 
 def _check_light(frames: list[Frame]) -> str:
-    """The source's first frames lit and in colour. Frames without colour fail: a monochrome camera or a greyscale
-    format never shows the stain nuclei are found by. Dark frames are a line, not a failure: this check is the
-    service's ExecStartPre, and a lamp still off at boot must not keep the service from starting."""
-    from edge.gate import DARK_FRAME_HINT, DARK_FRAME_LEVEL, NO_COLOUR_HINT, NO_COLOUR_LEVEL, look_at
+    """The source's first frames lit, not washed out, and in colour. Frames without colour fail: a monochrome camera
+    or a greyscale format never shows the stain nuclei are found by. Dark or overexposed frames are a note, not a
+    failure: this check is the service's ExecStartPre, and a lamp off or turned up at boot must not keep the service
+    from starting."""
+    from edge.gate import look_at
 
     looks = [look_at(f.image) for f in frames]  # type: ignore[arg-type]  # readable frames only
-    lit = [look for look in looks if not look.dark]
-    if not lit:
-        return (f"note light: {len(looks)} frame(s) dark (brightest 1% at {max(look.light for look in looks):.0f} of 255, "
-                f"below {DARK_FRAME_LEVEL}); {DARK_FRAME_HINT} No cells are found until frames are lit")
-    colour = max(look.colour for look in lit)  # type: ignore[type-var]  # lit frames have their colour read
-    if colour < NO_COLOUR_LEVEL:
-        raise UserError(f"frames show no colour (most colourful 1% at {colour:.0f} of 255, below {NO_COLOUR_LEVEL}); {NO_COLOUR_HINT}")
-    return f"ok   light: frames lit (brightest 1% at {min(look.light for look in lit):.0f} of 255) and in colour"
+    fine = [look for look in looks if look.problem is None]
+    if fine:
+        return f"ok   light: {fine[0].measured()}"
+    if all(look.problem == "no_colour" for look in looks):
+        raise UserError(looks[0].warning(f"the first of {len(looks)},"))
+    shown = next(i for i, look in enumerate(looks) if look.problem != "no_colour")
+    return f"note light: {looks[shown].warning(f'frame {shown + 1} of {len(looks)},')}"
 
 
 def _check_scale(configured: float, frames: list[Frame]) -> str:

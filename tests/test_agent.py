@@ -187,13 +187,14 @@ def test_dark_frames_are_counted_and_warned_about_once(tmp_path, caplog):
     dark_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("frames are dark")]
     assert len(dark_lines) == 1 and "a_dark_0.png" in dark_lines[0] and "lamp" in dark_lines[0]
     assert any(r.getMessage().startswith("light is back at b_") for r in caplog.records)
-    assert agent.counters["frames_dark"] == 3 and agent.dark is False  # stats carries both (its schema requires them)
+    assert agent.counters["frames_dark"] == 3 and agent.frame_problem is None  # stats carries both (its schema requires them)
 
 
-def test_frames_without_colour_are_counted_and_warned_about_once(tmp_path, caplog):
+def test_frames_without_colour_or_overexposed_are_counted_and_warned_about_once(tmp_path, caplog):
     """A monochrome camera (or a colour one delivering greyscale): real smears, lit and in focus, but nuclei are
     found by their stain's colour, so no cells. The agent says why once, counts the frames, and says when
-    colour is back. Dark frames are not called colourless: their warning is the lamp's."""
+    colour is back. Dark frames are not called colourless: their warning is the lamp's. Real smears brightened as
+    a lamp turned up under the fixed exposure (x1.7) lose their white cells: said too."""
     import logging
 
     import cv2
@@ -208,6 +209,7 @@ def test_frames_without_colour_are_counted_and_warned_about_once(tmp_path, caplo
         grey = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2GRAY)
         cv2.imwrite(str(folder / f"a_grey_{i}.png"), cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR))
         cv2.imwrite(str(folder / f"b_colour_{i}.png"), cv2.imread(str(path)))
+        cv2.imwrite(str(folder / f"d_bright_{i}.png"), np.clip(cv2.imread(str(path)) * 1.7, 0, 255).astype(np.uint8))
     cv2.imwrite(str(folder / "c_dark.png"), np.full((480, 640, 3), 6, np.uint8))
     assert all(look_at(cv2.imread(str(p))).colour > 4 * NO_COLOUR_LEVEL for p in smears)
     agent = _agent(tmp_path, path=str(folder))
@@ -217,8 +219,10 @@ def test_frames_without_colour_are_counted_and_warned_about_once(tmp_path, caplo
     warned = [line for line in lines if line.startswith("frames show no colour")]
     assert len(warned) == 1 and "a_grey_0.png" in warned[0] and "colour camera" in warned[0], warned
     assert any(line.startswith("colour is back at b_colour_0.png") for line in lines)
+    bright = [line for line in lines if line.startswith("frames are overexposed")]
+    assert len(bright) == 1 and "d_bright_0.png" in bright[0] and "exposure_us" in bright[0], bright
     assert agent.counters["frames_no_colour"] == 2 and agent.counters["frames_dark"] == 1
-    assert agent.no_colour is False and agent.dark is True  # the dark frame was not called colourless
+    assert agent.counters["frames_overexposed"] == 2 and agent.frame_problem == "overexposed"
 
 
 def test_edge_check_fails_a_camera_without_colour_and_notes_dark_frames(tmp_path, capsys):
@@ -249,9 +253,9 @@ def test_edge_check_fails_a_camera_without_colour_and_notes_dark_frames(tmp_path
         return status, [line for line in capsys.readouterr().out.splitlines() if line.startswith(("ok   light", "note light", "FAIL"))]
 
     status, lines = check("colour")
-    assert status == 0 and len(lines) == 1 and lines[0].startswith("ok   light: frames lit") and lines[0].endswith("and in colour")
+    assert status == 0 and len(lines) == 1 and lines[0].startswith("ok   light: brightest 1% at"), lines
     status, lines = check("grey")
-    assert status == 1 and lines == ["FAIL camera: frames show no colour (most colourful 1% at 0 of 255, below 16); "
+    assert status == 1 and lines == ["FAIL camera: frames show no colour: the first of 3, most colourful 1% at 0 of 255 (below 16); "
                                      "is it a colour camera, delivering colour frames (not greyscale)?"]
     status, lines = check("dark")
-    assert status == 0 and len(lines) == 1 and lines[0].startswith("note light: 3 frame(s) dark") and "lamp" in lines[0]
+    assert status == 0 and len(lines) == 1 and lines[0].startswith("note light: frames are dark: frame 1 of 3") and "lamp" in lines[0]

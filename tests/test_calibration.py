@@ -256,6 +256,24 @@ def test_replay_warns_at_a_quarter_off_where_discocytes_set_the_measure(tmp_path
     assert "% from --um-per-px = 0.075" in capsys.readouterr().err
 
 
+def test_overexposed_frames_are_not_measured_and_calibrate_says_why(tmp_path, capsys):
+    """Red cells washed out by a lamp turned up under a fixed exposure measure as specks (BCCD's sample frames x1.7
+    read several times their scale): such frames give no estimate, and `edge calibrate` says they are overexposed
+    in its one line, not that the film is thick or thin."""
+    from tests.conftest import ROOT
+
+    frames = sorted((ROOT / "samples" / "frames").glob("bccd_*.jpg"))
+    for path in frames:
+        bright = np.clip(cv2.imread(str(path)) * 1.7, 0, 255).astype(np.uint8)
+        cv2.imwrite(str(tmp_path / f"{path.stem}.png"), bright)
+        measured = measure_frame(cv2.cvtColor(bright, cv2.COLOR_BGR2RGB))
+        assert measured.um_per_px is None and measured.light_problem == "overexposed"
+        assert measure_frame(read_rgb(path)).light_problem is None
+    assert main(["calibrate", "--source", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and f"{len(frames)} of {len(frames)} frame(s) are overexposed: turn the lamp down" in error, error
+
+
 def test_edge_check_fails_a_configured_scale_the_red_cells_contradict_twice_over(tmp_path, capsys):
     """`edge check` (the service's ExecStartPre) measures the source's first frames: the bundled sample frames (true
     scale 0.083, their few red cells read ~0.06) pass at 0.083 with a note; 0.2, a wrong objective's, fails in one line."""

@@ -122,8 +122,8 @@ def test_replay_says_when_frames_are_dark_or_show_no_colour(tmp_path, capsys):
     assert main(["replay", "--source", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     lines = {line.split(";")[0] for line in captured.err.splitlines() if line.startswith("edge: ")}
-    assert lines == {"edge: 1 of 4 frames were dark and yield no cells",
-                     "edge: 2 of 4 frames showed no colour and yield no cells"}, captured.err
+    assert lines == {"edge: 1 of 4 frames are dark: no cells are found in them",
+                     "edge: 2 of 4 frames show no colour: no cells are found in them"}, captured.err
     cells = {line.split()[0]: int(line.split()[1]) for line in captured.out.splitlines()[1:5]}
     assert cells["grey_0.png"] == cells["grey_1.png"] == cells["lamp_off.png"] == 0  # listed, with no cells
     assert cells[smears[2].name] > 0

@@ -612,7 +612,7 @@ def test_the_readme_local_broker_recipe_works(broker, tmp_path):
     sub = Subscriber(broker.port)
     check = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config", str(path)], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
-    assert check.returncode == 0 and check.stdout.count("ok   ") == 6 and "ok   scale 0.083" in check.stdout, \
+    assert check.returncode == 0 and check.stdout.count("ok   ") == 7 and "ok   scale 0.083" in check.stdout, \
         check.stdout + check.stderr
     agent = start_agent(path)
     assert agent.wait(timeout=120) == 0, agent.log()

@@ -108,9 +108,10 @@ class Stream:
         return any(s == sequence for s, _ in self.parts)
 
 
-@pytest.mark.parametrize("kind", ["dark", "grey"])
-def test_the_live_panel_says_when_frames_are_dark_or_colourless(tmp_path, kind):
-    """The lamp off, or a monochrome camera: no cells, and the panel says why (the agent's frame watch)."""
+@pytest.mark.parametrize("kind", ["dark", "grey", "bright"])
+def test_the_live_panel_says_when_frames_are_dark_colourless_or_overexposed(tmp_path, kind):
+    """The lamp off, a monochrome camera, or the lamp turned up: no cells, and the panel says why (the agent's
+    frame watch)."""
     import cv2
     import numpy as np
 
@@ -118,10 +119,12 @@ def test_the_live_panel_says_when_frames_are_dark_or_colourless(tmp_path, kind):
     folder.mkdir()
     smear = cv2.cvtColor(cv2.cvtColor(cv2.imread(str(sorted(FRAMES.glob("*.jpg"))[0])), cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
     for i in range(2):
-        cv2.imwrite(str(folder / f"{kind}_{i}.png"), np.full((240, 320, 3), 6, np.uint8) if kind == "dark" else smear)
+        bright = np.clip(cv2.imread(str(sorted(FRAMES.glob("*.jpg"))[0])) * 1.7, 0, 255).astype(np.uint8)
+        cv2.imwrite(str(folder / f"{kind}_{i}.png"), {"dark": np.full((240, 320, 3), 6, np.uint8), "grey": smear, "bright": bright}[kind])
     config = agent_config(tmp_path)
     config["source"]["path"] = str(folder)
-    expected = ("frames are dark", "lamp") if kind == "dark" else ("frames show no colour", "colour camera")
+    expected = {"dark": ("frames are dark", "lamp"), "grey": ("frames show no colour", "colour camera"),
+                "bright": ("frames are overexposed", "exposure_us")}[kind]
     with RunningAgent(config) as running:
         port = running.port
         assert wait_for(lambda: request(port, "GET", "/api/live").json()["sequence"] is not None, 30)

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from edge.errors import UserError
-from edge.gate import DARK_FRAME_HINT, NO_COLOUR_HINT
+from edge.gate import FRAME_PROBLEMS
 from edge.pipeline import annotate
 from edge.sources import Frame
 from edge.step import Analysed
@@ -352,10 +352,7 @@ class WebPage:
             warnings.append(f"out of focus (nuclei focus {result['focus']}); refocus the microscope")
         if stats["scale"]["warning"]:
             warnings.append(stats["scale"]["warning"])
-        if stats["dark"]:
-            warnings.append(f"frames are dark: {DARK_FRAME_HINT}")
-        if stats["no_colour"]:
-            warnings.append(f"frames show no colour: {NO_COLOUR_HINT}")
+        warnings += [f"frames {what}: {hint}" for problem, (what, hint) in FRAME_PROBLEMS.items() if stats[problem]]
         cells = []
         if result:
             cells = [{"label": "ALL blast" if c["label"] == self.live.positive_label else "normal", "p_all": c["p_all"]}

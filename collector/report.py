@@ -44,6 +44,8 @@ class SampleReport:
     blasts: int = 0
     unclassified: Counter = field(default_factory=Counter)
     out_of_focus_frames: int = 0
+    #: Frames that could show no cells, by why (the result's ``light.problem``: dark, overexposed, no_colour).
+    frame_problems: Counter = field(default_factory=Counter)
     scores: list[float] = field(default_factory=list)
     reviews: list[dict] = field(default_factory=list)  #: the latest label of each reviewed crop (payloads)
 
@@ -81,8 +83,15 @@ def build_report(store: Store, sample_id: str) -> SampleReport:
         report.blasts += frame["counts"]["blasts"]
         report.unclassified.update(cell["reason"] for cell in frame["unclassified"])
         report.out_of_focus_frames += bool(frame["out_of_focus"])
+        if problem := _light_problem(frame):
+            report.frame_problems[problem] += 1
         report.scores += [cell["p_all"] for cell in frame["cells"]]
     return report
+
+
+def _light_problem(frame: dict) -> str:
+    """Why the frame could show no cells ("" when it could, or its device is older than ``light``)."""
+    return (frame.get("light") or {}).get("problem") or ""
 
 
 def _fraction(report: SampleReport) -> str:
@@ -98,7 +107,10 @@ def summary_rows(report: SampleReport) -> list[tuple[str, str]]:
             ("classified cells", str(report.cells)), (f"{in_words('all')}s", str(report.blasts)),
             ("blast fraction", _fraction(report)), ("unclassified cells", str(sum(report.unclassified.values())))]
     rows += [(f"unclassified: {reason}", str(count)) for reason, count in sorted(report.unclassified.items())]
-    rows += [("out-of-focus frames", str(report.out_of_focus_frames))]
+    rows += [("out-of-focus frames", str(report.out_of_focus_frames)),
+             ("frames that could show no cells", str(sum(report.frame_problems.values())))]
+    rows += [(f"frames that could show no cells: {problem.replace('_', ' ')}", str(count))
+             for problem, count in sorted(report.frame_problems.items())]
     for d in report.devices:
         tally = d.device_tally
         rows += [(f"device {d.device_id}: runs", ", ".join(d.run_ids) or "none stored"),
@@ -139,12 +151,13 @@ def review_rows(reviews: list[dict]) -> list[tuple[str, str]]:
     return rows
 
 
-FRAME_COLUMNS = ("device_id", "run_id", "sequence", "time", "source", "cells", "blasts", "unclassified", "focus", "out_of_focus")
+FRAME_COLUMNS = ("device_id", "run_id", "sequence", "time", "source", "cells", "blasts", "unclassified", "focus", "out_of_focus",
+                 "light_problem")
 
 
 def _frame_row(frame: dict) -> list:
     return [frame["device_id"], frame["run_id"], frame["sequence"], frame["time"], frame["source"], frame["counts"]["cells"],
-            frame["counts"]["blasts"], frame["counts"]["unclassified"], frame["focus"], frame["out_of_focus"]]
+            frame["counts"]["blasts"], frame["counts"]["unclassified"], frame["focus"], frame["out_of_focus"], _light_problem(frame)]
 
 
 def to_csv(report: SampleReport) -> str:

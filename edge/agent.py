@@ -29,7 +29,7 @@ from edge.classifier import Classifier
 from edge.commands import CommandHandler, agent_commands, answer, iso_now
 from edge.config import AgentConfig, load_config
 from edge.errors import UserError
-from edge.gate import FRAME_PROBLEM_ENDED, FRAME_PROBLEMS, look_at
+from edge.gate import FRAME_PROBLEM_ENDED, FRAME_PROBLEMS, FrameLight
 from edge.notify import notify, watchdog_interval
 from edge.outbox import Outbox
 from edge.pipeline import Analysis, Pipeline, ReviewWriter
@@ -290,7 +290,7 @@ class Agent:
         self.scale_watch.observe(frame.image)  # type: ignore[arg-type]  # analysed frames have an image
         self.counters["cells_unclassified"] += result["counts"]["unclassified"]
         self._watch_focus(result)
-        self._watch_light(frame)
+        self._watch_light(result)
         self.counters["frames_processed"] += 1
         self.last_progress = time.monotonic()
         for stage, ms in result["timings_ms"].items():
@@ -315,16 +315,16 @@ class Agent:
                              lambda: f"out of focus: {result['source']} nuclei focus {result['focus']} (below 50); refocus the microscope",
                              lambda: f"back in focus at {result['source']} (nuclei focus {result['focus']})")
 
-    def _watch_light(self, frame: Frame) -> None:
+    def _watch_light(self, result: dict) -> None:
         """Frames without light, washed out or without colour yield no cells (or few): without these warnings the
         device would find none and say nothing about why."""
-        look = look_at(frame.image)  # type: ignore[arg-type]  # analysed frames have an image
+        look = FrameLight.from_dict(result["light"])
         problem = look.problem
         if problem:
             self.counters[f"frames_{problem}"] += 1
         ended = self.frame_problem
-        self._warn_on_change("frame_problem", problem, lambda: look.warning(frame.name),
-                             lambda: f"{FRAME_PROBLEM_ENDED[ended]} at {frame.name} ({look.measured()})")  # type: ignore[index]
+        self._warn_on_change("frame_problem", problem, lambda: look.warning(result["source"]),
+                             lambda: f"{FRAME_PROBLEM_ENDED[ended]} at {result['source']} ({look.measured()})")  # type: ignore[index]
 
     def _warn_on_change(self, state: str, now: object, warning: Callable[[], str], ended: Callable[[], str]) -> None:
         """Warn once when a frame condition starts (log and systemd status) and say once when it ends, not every

@@ -198,7 +198,7 @@ def _replay(args: argparse.Namespace) -> int:
     if not tally.frames:  # a sample of nothing is not a result: say so, and fail
         raise UserError(f"{args.source}: none of its {tally.unreadable_frames} image file(s) could be read; "
                         "point --source at smear frames (JPEG, PNG, BMP or TIFF)")
-    for problem, count in printer.problems.items():
+    for problem, count in tally.frame_problems.items():
         what, hint = FRAME_PROBLEMS[problem]
         print(f"edge: {count} of {tally.frames} frames {what}: no cells are found in them; {hint}", file=sys.stderr)
     mixed = mixed_sizes(printer.sides)
@@ -224,22 +224,16 @@ class _ReplayPrinter:
     """``edge replay``'s observer of the frame step: a line per frame (or its JSON), annotated frames."""
 
     def __init__(self, as_json: bool, positive_label: str, annotate: Path | None) -> None:
-        from edge.gate import look_at
         from edge.pipeline import ReviewWriter
 
-        self.look_at = look_at  # imported here: `edge --help` loads no OpenCV
         self.as_json = as_json
         self.positive_label = positive_label
         self.review = ReviewWriter(annotate, positive_label) if annotate else None
-        self.problems: Counter[str] = Counter()  # frames that cannot show cells (gate.FRAME_PROBLEMS): said after the table
         self.sides: dict[int, str] = {}  # a frame name for each longer side seen
 
     def analysed(self, done: Analysed) -> None:
         result = done.result
-        look = self.look_at(done.frame.image)  # type: ignore[arg-type]  # analysed frames have an image
         self.sides.setdefault(max(done.frame.image.shape[:2]), done.frame.name)  # type: ignore[union-attr]
-        if look.problem:
-            self.problems[look.problem] += 1
         if self.review:
             self.review.write(done.frame.image, result, done.crops)
         if self.as_json:

@@ -131,21 +131,22 @@ FRAME_PROBLEM_ENDED = {"dark": "light is back", "overexposed": "exposure is back
 
 @dataclass(frozen=True)
 class FrameLight:
-    """Whether a frame can show cells at all: lit (``light``: its brightest 1%), not washed out (``shadows``: its
-    darkest 1%), in colour (``colour``: its most colourful 1%)."""
+    """Whether a frame can show cells at all: lit (``brightest``: its brightest 1%), not washed out (``darkest``: its
+    darkest 1%, both of its brightest channel), in colour (``colourful``: its most colourful 1%, brightest minus dimmest
+    channel). Every frame result carries it (``light``), so a sample's record says which frames could show no cells."""
 
-    light: float
-    shadows: float
-    colour: float
+    brightest: float
+    darkest: float
+    colourful: float
 
     @property
     def problem(self) -> str | None:
         """The first of ``FRAME_PROBLEMS`` the frame has (a dark frame's colour is its sensor noise), or None."""
-        if self.light < DARK_FRAME_LEVEL:
+        if self.brightest < DARK_FRAME_LEVEL:
             return "dark"
-        if self.shadows >= OVEREXPOSED_LEVEL:
+        if self.darkest >= OVEREXPOSED_LEVEL:
             return "overexposed"
-        return "no_colour" if self.colour < NO_COLOUR_LEVEL else None
+        return "no_colour" if self.colourful < NO_COLOUR_LEVEL else None
 
     def warning(self, frame_name: str) -> str:
         """The one-line warning of the frame's problem: what, where, measured how, what to check."""
@@ -154,18 +155,28 @@ class FrameLight:
 
     def measured(self) -> str:
         """What found the frame's problem, in words: "brightest 1% at 5 of 255 (below 64)"."""
-        return {"dark": f"brightest 1% at {self.light:.0f} of 255 (below {DARK_FRAME_LEVEL})",
-                "overexposed": f"darkest 1% at {self.shadows:.0f} of 255 ({OVEREXPOSED_LEVEL} or more)",
-                "no_colour": f"most colourful 1% at {self.colour:.0f} of 255 (below {NO_COLOUR_LEVEL})",
-                None: f"brightest 1% at {self.light:.0f}, darkest at {self.shadows:.0f}, most colourful at {self.colour:.0f} of 255"}[self.problem]
+        return {"dark": f"brightest 1% at {self.brightest:.0f} of 255 (below {DARK_FRAME_LEVEL})",
+                "overexposed": f"darkest 1% at {self.darkest:.0f} of 255 ({OVEREXPOSED_LEVEL} or more)",
+                "no_colour": f"most colourful 1% at {self.colourful:.0f} of 255 (below {NO_COLOUR_LEVEL})",
+                None: f"brightest 1% at {self.brightest:.0f}, darkest at {self.darkest:.0f}, most colourful at {self.colourful:.0f} of 255"
+                }[self.problem]
+
+    def to_dict(self) -> dict:
+        """The frame result's ``light`` (edge/schemas/frame-result.schema.json)."""
+        return {"brightest": int(self.brightest), "darkest": int(self.darkest), "colourful": int(self.colourful),
+                "problem": self.problem}
+
+    @classmethod
+    def from_dict(cls, light: dict) -> "FrameLight":
+        return cls(light["brightest"], light["darkest"], light["colourful"])
 
 
 def look_at(frame_rgb: np.ndarray) -> FrameLight:
-    """A frame's light and colour, on every 16th pixel each way (~0.1 ms at 1080p)."""
+    """A frame's light and colour (whole levels of 0-255), on every 16th pixel each way (~0.1 ms at 1080p)."""
     red, green, blue = cv2.split(decimate(frame_rgb, 16))
     top = cv2.max(cv2.max(red, green), blue)
-    return FrameLight(percentile_u8(top, 99), percentile_u8(top, 1),
-                      percentile_u8(cv2.subtract(top, cv2.min(cv2.min(red, green), blue)), 99))
+    colourful = percentile_u8(cv2.subtract(top, cv2.min(cv2.min(red, green), blue)), 99)
+    return FrameLight(*(float(round(level)) for level in (percentile_u8(top, 99), percentile_u8(top, 1), colourful)))
 
 
 def percentile_u8(values: np.ndarray, q: float) -> float:

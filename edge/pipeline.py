@@ -17,7 +17,7 @@ import numpy as np
 
 from edge import in_words
 from edge.classifier import Classifier
-from edge.gate import MIN_FOCUS, Verdict, frame_focus, judge
+from edge.gate import MIN_FOCUS, FrameLight, Verdict, frame_focus, judge, look_at
 from edge.preprocessing import crop_cell
 from edge.results import frame_result
 from edge.segmentation import Cell, SegmentationSettings, find_cells
@@ -53,6 +53,7 @@ class Pipeline:
         classifier = self.classifier  # one model for the whole frame, even if another is installed meanwhile
         started = time.perf_counter()
         found = find_cells(frame.image, self.segmentation, classifier.splitter if self.segmentation.learned_split else None)
+        light = look_at(frame.image)  # after find_cells, which refuses a frame without pixels in one line
         verdicts = [judge(frame.image, cell, self.um_per_px, self.segmentation) for cell in found]
         cells = [cell for cell, verdict in zip(found, verdicts) if verdict.classify]
         segmented = time.perf_counter()
@@ -60,9 +61,9 @@ class Pipeline:
         cropped = time.perf_counter()
         scores = classifier.scores(batch)
         classified = time.perf_counter()
-        return Analysis(frame, found, verdicts, cells, batch, scores, classifier.labels(scores),
+        return Analysis(frame, light, found, verdicts, cells, batch, scores, classifier.labels(scores),
                         positive_label=classifier.bundle.positive_label, bundle=classifier.bundle.id,
-                        # "segment" includes the quality gate.
+                        # "segment" includes the frame's light and the quality gate.
                         timings_ms={"segment": 1000 * (segmented - started), "crop": 1000 * (cropped - segmented),
                                     "classify": 1000 * (classified - cropped), "total": 1000 * (classified - started)})
 
@@ -77,7 +78,7 @@ class Pipeline:
                    for cell, score, label in zip(analysis.cells, analysis.scores, analysis.labels)],
             unclassified=[{"bbox": list(cell.bbox), "area": cell.area, "reason": verdict.reason, "focus": round(verdict.focus, 1)}
                           for cell, verdict in zip(analysis.found, analysis.verdicts) if not verdict.classify],
-            focus=frame_focus(analysis.verdicts), min_focus=MIN_FOCUS, timings_ms=analysis.timings_ms,
+            focus=frame_focus(analysis.verdicts), min_focus=MIN_FOCUS, light=analysis.light.to_dict(), timings_ms=analysis.timings_ms,
             captured_at=analysis.frame.timestamp, positive_label=analysis.positive_label, bundle=analysis.bundle,
         )
 
@@ -93,6 +94,7 @@ class Analysis:
     the classified ones with their model inputs, scores and labels, and the model that scored them."""
 
     frame: Frame
+    light: FrameLight
     found: list[Cell]
     verdicts: list[Verdict]
     cells: list[Cell]

@@ -37,10 +37,11 @@ def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float,
 def frame_result(*, device_id: str, sample_id: str | None, source: str, cells: list[dict],
                  timings_ms: dict[str, float], captured_at: float, positive_label: str,
                  unclassified: list[dict] | None = None, focus: float | None = None, min_focus: float | None = None,
-                 bundle: str | None = None) -> dict:
+                 light: dict | None = None, bundle: str | None = None) -> dict:
     """One frame's payload, its ``sequence`` still None (see ``numbered``). ``cells`` were classified and
     are counted; ``unclassified`` were found but stopped by the quality gate (``reason``) and are not.
-    ``focus``: the median nucleus focus, with ``out_of_focus`` when it is below ``min_focus``."""
+    ``focus``: the median nucleus focus, with ``out_of_focus`` when it is below ``min_focus``. ``light``: the frame's
+    light and colour, and what kept it from showing cells (``gate.FrameLight.to_dict``)."""
     blasts = sum(1 for c in cells if c["label"] == positive_label)
     unclassified = unclassified or []
     return {
@@ -58,6 +59,7 @@ def frame_result(*, device_id: str, sample_id: str | None, source: str, cells: l
         "counts": {"cells": len(cells), "blasts": blasts, "unclassified": len(unclassified)},
         "focus": None if focus is None else round(focus, 1),
         "out_of_focus": focus is not None and min_focus is not None and focus < min_focus,
+        **({"light": light} if light is not None else {}),
         "timings_ms": {k: round(v, 2) for k, v in timings_ms.items()},
         "bundle": bundle,
     }
@@ -84,6 +86,8 @@ class SampleTally:
     #: Found but not classified (quality gate), by reason: never part of cells or blasts.
     unclassified: dict[str, int] = field(default_factory=dict)
     out_of_focus_frames: int = 0
+    #: Frames that could show no cells, by why (``gate.FRAME_PROBLEMS``: dark, overexposed, no colour).
+    frame_problems: dict[str, int] = field(default_factory=dict)
     #: Ids of the model bundles that scored the sample's frames (two after an update mid-sample).
     bundles: set[str] = field(default_factory=set)
 
@@ -94,6 +98,9 @@ class SampleTally:
         for cell in result.get("unclassified", []):
             self.unclassified[cell["reason"]] = self.unclassified.get(cell["reason"], 0) + 1
         self.out_of_focus_frames += bool(result.get("out_of_focus"))
+        problem = (result.get("light") or {}).get("problem")
+        if problem:
+            self.frame_problems[problem] = self.frame_problems.get(problem, 0) + 1
         if result.get("bundle"):
             self.bundles.add(result["bundle"])
 
@@ -115,6 +122,7 @@ class SampleTally:
             "unclassified": sum(self.unclassified.values()),
             "unclassified_reasons": dict(self.unclassified),
             "out_of_focus_frames": self.out_of_focus_frames,
+            "frame_problems": dict(self.frame_problems),
             "blast_fraction": self.blasts / self.cells if self.cells else None,
             "blast_fraction_ci95": [low, high] if self.cells else None,
             "bundles": sorted(self.bundles),

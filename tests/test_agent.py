@@ -180,7 +180,7 @@ def test_dark_frames_are_counted_and_warned_about_once(tmp_path, caplog):
         cv2.imwrite(str(folder / f"a_dark_{i}.png"), np.clip(rng.normal(8, 6, (480, 640, 3)), 0, 255).astype(np.uint8))
     for path in smears:
         shutil.copy(path, folder / f"b_{path.name}")
-    assert all(look_at(cv2.imread(str(p))).light > 150 for p in smears)
+    assert all(look_at(cv2.imread(str(p))).brightest > 150 for p in smears)
     agent = _agent(tmp_path, path=str(folder))
     with caplog.at_level(logging.INFO, logger="edge.agent"):
         assert agent.run() == 0
@@ -211,7 +211,7 @@ def test_frames_without_colour_or_overexposed_are_counted_and_warned_about_once(
         cv2.imwrite(str(folder / f"b_colour_{i}.png"), cv2.imread(str(path)))
         cv2.imwrite(str(folder / f"d_bright_{i}.png"), np.clip(cv2.imread(str(path)) * 1.7, 0, 255).astype(np.uint8))
     cv2.imwrite(str(folder / "c_dark.png"), np.full((480, 640, 3), 6, np.uint8))
-    assert all(look_at(cv2.imread(str(p))).colour > 4 * NO_COLOUR_LEVEL for p in smears)
+    assert all(look_at(cv2.imread(str(p))).colourful > 4 * NO_COLOUR_LEVEL for p in smears)
     agent = _agent(tmp_path, path=str(folder))
     with caplog.at_level(logging.INFO, logger="edge.agent"):
         assert agent.run() == 0

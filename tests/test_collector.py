@@ -105,11 +105,17 @@ def publish(client: mqtt.Client, topic: str, payload: bytes, *, retain: bool = F
     client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(timeout=5)
 
 
-def result(sequence: int, *, device_id: str = "scope-01", sample: str = "BM-42", scores: tuple[float, ...] = (0.9, 0.2)) -> bytes:
+FINE_LIGHT = {"brightest": 226, "darkest": 164, "colourful": 86, "problem": None}
+OVEREXPOSED = {"brightest": 255, "darkest": 255, "colourful": 40, "problem": "overexposed"}
+
+
+def result(sequence: int, *, device_id: str = "scope-01", sample: str = "BM-42", scores: tuple[float, ...] = (0.9, 0.2),
+           light: dict = FINE_LIGHT) -> bytes:
     cells = [{"bbox": [10, 10, 50, 50], "area": 2000, "p_all": p, "label": "all" if p >= 0.5 else "hem", "focus": 300.0} for p in scores]
     gated = [{"bbox": [0, 0, 40, 40], "area": 900, "reason": "cut by border", "focus": 120.0}]
     body = frame_result(device_id=device_id, sample_id=sample, source=f"test#{sequence}", cells=cells, timings_ms={"total": 5.0},
-                        captured_at=1_790_000_000 + sequence, positive_label="all", unclassified=gated, focus=300.0, min_focus=50.0)
+                        captured_at=1_790_000_000 + sequence, positive_label="all", unclassified=gated, focus=300.0, min_focus=50.0,
+                        light=light)
     return numbered(body, sequence)
 
 
@@ -140,7 +146,7 @@ def test_repeats_stored_once_dead_letters_kept_gap_reported_and_report(tmp_path,
     collector.wait_connected()
     scope = device(broker.port)
     second = result(2)
-    for payload in (result(1), second, second, result(4)):  # #2 twice (a QoS 1 redelivery), #3 never sent
+    for payload in (result(1), second, second, result(4, light=OVEREXPOSED)):  # #2 twice (a QoS 1 redelivery), #3 never sent
         publish(scope, "leukoscope/scope-01/results", payload)
     invalid = json.loads(result(5))
     invalid["counts"]["cells"] = -1
@@ -148,7 +154,8 @@ def test_repeats_stored_once_dead_letters_kept_gap_reported_and_report(tmp_path,
     publish(scope, "leukoscope/scope-01/results", b"{not json")
     tally = SampleTally("BM-42")
     for sequence in (1, 2, 3, 4):
-        tally.add(json.loads(result(sequence)))
+        tally.add(json.loads(result(sequence, light=OVEREXPOSED if sequence == 4 else FINE_LIGHT)))
+    assert tally.summary("scope-01")["frame_problems"] == {"overexposed": 1}
     publish(scope, "leukoscope/scope-01/samples/BM-42", json.dumps(tally.summary("scope-01", final=True)).encode(), retain=True)
     publish(scope, "leukoscope/scope-01/status", b"online", retain=True)
     publish(scope, "leukoscope/scope-01/stats", json.dumps({"device_id": "scope-01", "scale": {"um_per_px": 0.083}}).encode())
@@ -182,6 +189,8 @@ def test_repeats_stored_once_dead_letters_kept_gap_reported_and_report(tmp_path,
     assert summary["missing results"] == "scope-01 #3..3 (1)" and summary["device scope-01: scale"] == "0.083 µm/px"
     assert summary["disclaimer"] == DISCLAIMER
     assert [int(row[2]) for row in frames] == [1, 2, 4]  # one row per stored frame, the repeat once
+    assert summary["frames that could show no cells"] == summary["frames that could show no cells: overexposed"] == "1"
+    assert [row[-1] for row in frames] == ["", "", "overexposed"] and rows[blank + 1][-1] == "light_problem"
 
     out_file = tmp_path / "BM-42.html"
     assert main(["report", "BM-42", "--out", str(out_file), "--config", str(config)]) == 0

@@ -127,6 +127,21 @@ def test_replay_says_when_frames_are_dark_or_show_no_colour(tmp_path, capsys):
     cells = {line.split()[0]: int(line.split()[1]) for line in captured.out.splitlines()[1:5]}
     assert cells["grey_0.png"] == cells["grey_1.png"] == cells["lamp_off.png"] == 0  # listed, with no cells
     assert cells[smears[2].name] > 0
+    assert main(["replay", "--source", str(tmp_path), "--json"]) == 0  # the results and the summary say it too
+    *results, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for body in results:
+        jsonschema.validate(body, FRAME_SCHEMA)
+    jsonschema.validate(summary, SAMPLE_SCHEMA)
+    assert {r["source"]: r["light"]["problem"] for r in results} == \
+        {smears[2].name: None, "grey_0.png": "no_colour", "grey_1.png": "no_colour", "lamp_off.png": "dark"}
+    assert summary["frame_problems"] == {"no_colour": 2, "dark": 1}
+
+
+def test_the_schemas_allow_the_frame_problems_the_gate_knows_and_no_other():
+    from edge.gate import FRAME_PROBLEMS
+
+    assert FRAME_SCHEMA["properties"]["light"]["properties"]["problem"]["enum"] == [None, *FRAME_PROBLEMS]
+    assert SAMPLE_SCHEMA["properties"]["frame_problems"]["propertyNames"]["enum"] == [*FRAME_PROBLEMS]
 
 
 def test_replay_warns_when_a_folder_mixes_frame_sizes(tmp_path, capsys):

@@ -29,7 +29,7 @@ from edge.classifier import Classifier
 from edge.commands import CommandHandler, agent_commands, answer, iso_now
 from edge.config import AgentConfig, load_config
 from edge.errors import UserError
-from edge.gate import FRAME_PROBLEM_ENDED, FRAME_PROBLEMS, FrameLight
+from edge.gate import FRAME_PROBLEMS, FrameLight
 from edge.notify import notify, watchdog_interval
 from edge.outbox import Outbox
 from edge.pipeline import Analysis, Pipeline, ReviewWriter
@@ -324,7 +324,7 @@ class Agent:
             self.counters[f"frames_{problem}"] += 1
         ended = self.frame_problem
         self._warn_on_change("frame_problem", problem, lambda: look.warning(result["source"]),
-                             lambda: f"{FRAME_PROBLEM_ENDED[ended]} at {result['source']} ({look.measured()})")  # type: ignore[index]
+                             lambda: f"{FRAME_PROBLEMS[ended].ended} at {result['source']} ({look.measured()})")  # type: ignore[index]
 
     def _warn_on_change(self, state: str, now: object, warning: Callable[[], str], ended: Callable[[], str]) -> None:
         """Warn once when a frame condition starts (log and systemd status) and say once when it ends, not every

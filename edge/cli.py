@@ -101,7 +101,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     if calibration.um_per_px is None:
         unlit = Counter(f.light_problem for f in calibration.frames if f.light_problem)
         blank = sum(1 for f in frames if float(f.std()) < 2.0)
-        why = "; ".join(f"{count} of {len(frames)} frame(s) {FRAME_PROBLEMS[problem][0]}: {FRAME_PROBLEMS[problem][1]}"
+        why = "; ".join(f"{count} of {len(frames)} frame(s) {FRAME_PROBLEMS[problem].doing}: {FRAME_PROBLEMS[problem].hint}"
                         for problem, count in unlit.items())
         if not why:
             why = f"{blank} of {len(frames)} frame(s) are blank" if blank else \
@@ -199,8 +199,8 @@ def _replay(args: argparse.Namespace) -> int:
         raise UserError(f"{args.source}: none of its {tally.unreadable_frames} image file(s) could be read; "
                         "point --source at smear frames (JPEG, PNG, BMP or TIFF)")
     for problem, count in tally.frame_problems.items():
-        what, hint = FRAME_PROBLEMS[problem]
-        print(f"edge: {count} of {tally.frames} frames {what}: no cells are found in them; {hint}", file=sys.stderr)
+        print(f"edge: {count} of {tally.frames} frames {FRAME_PROBLEMS[problem].doing}: no cells are found in them; "
+              f"{FRAME_PROBLEMS[problem].hint}", file=sys.stderr)
     mixed = mixed_sizes(printer.sides)
     if mixed:
         print(f"edge: warning: {args.source} mixes frame sizes ({mixed}): one scale ({settings.um_per_px} µm per pixel) sized "

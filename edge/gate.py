@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -118,15 +119,22 @@ OVEREXPOSED_LEVEL = 245
 #: camera, or a colour one delivering greyscale, reads 0. Their background alone (blank glass) reads 13-30 on
 #: BCCD's camera and 17-64 on PBC's: the warning is for a camera without colour, not for an empty field.
 NO_COLOUR_LEVEL = 16
-#: Why a frame can show no cells, in the order judged: what frames with it do ("frames are dark"), and what to
-#: check (the agent's log and status, the page, `edge replay`, `edge check`, `edge calibrate`).
-FRAME_PROBLEMS: dict[str, tuple[str, str]] = {
-    "dark": ("are dark", "is the lamp on and the light path to the camera open?"),
-    "overexposed": ("are overexposed", "turn the lamp down, or shorten source.exposure_us"),
-    "no_colour": ("show no colour", "is it a colour camera, delivering colour frames (not greyscale)?"),
+class FrameProblem(NamedTuple):
+    """Why a frame can show no cells, in words: what frames with it do ("are dark"), what to check, and what the
+    agent logs when it ends."""
+
+    doing: str
+    hint: str
+    ended: str
+
+
+#: Frame problems, in the order judged (the agent's log and status, the page, `edge replay`, `edge check`,
+#: `edge calibrate`, the results' ``light.problem``).
+FRAME_PROBLEMS = {
+    "dark": FrameProblem("are dark", "is the lamp on and the light path to the camera open?", "light is back"),
+    "overexposed": FrameProblem("are overexposed", "turn the lamp down, or shorten source.exposure_us", "exposure is back in range"),
+    "no_colour": FrameProblem("show no colour", "is it a colour camera, delivering colour frames (not greyscale)?", "colour is back"),
 }
-#: What the agent logs when a frame problem ends.
-FRAME_PROBLEM_ENDED = {"dark": "light is back", "overexposed": "exposure is back in range", "no_colour": "colour is back"}
 
 
 @dataclass(frozen=True)
@@ -150,8 +158,8 @@ class FrameLight:
 
     def warning(self, frame_name: str) -> str:
         """The one-line warning of the frame's problem: what, where, measured how, what to check."""
-        what, hint = FRAME_PROBLEMS[self.problem]  # type: ignore[index]  # only asked of a frame with a problem
-        return f"frames {what}: {frame_name} {self.measured()}; {hint}"
+        problem = FRAME_PROBLEMS[self.problem]  # type: ignore[index]  # only asked of a frame with a problem
+        return f"frames {problem.doing}: {frame_name} {self.measured()}; {problem.hint}"
 
     def measured(self) -> str:
         """What found the frame's problem, in words: "brightest 1% at 5 of 255 (below 64)"."""

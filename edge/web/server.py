@@ -352,7 +352,7 @@ class WebPage:
             warnings.append(f"out of focus (nuclei focus {result['focus']}); refocus the microscope")
         if stats["scale"]["warning"]:
             warnings.append(stats["scale"]["warning"])
-        warnings += [f"frames {what}: {hint}" for problem, (what, hint) in FRAME_PROBLEMS.items() if stats[problem]]
+        warnings += [f"frames {problem.doing}: {problem.hint}" for name, problem in FRAME_PROBLEMS.items() if stats[name]]
         cells = []
         if result:
             cells = [{"label": "ALL blast" if c["label"] == self.live.positive_label else "normal", "p_all": c["p_all"]}

@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="self-test: config, bundle, camera and broker; non-zero exit on failure",
                                 description="Check a device before trusting it: the config validates, the bundle verifies and "
-                                            "loads, the camera gives colour frames (dark ones are noted: the lamp may be off) whose "
-                                            "red cells agree with the configured scale (within 2x), the outbox opens and the broker answers. One line per check; non-zero "
-                                            "exit when any fails.",
+                                            "loads, the camera gives colour frames (dark or overexposed ones are noted: the lamp "
+                                            "may be off or turned up) whose red cells agree with the configured scale (within 2x), "
+                                            "the outbox opens and the broker answers. One line per check; non-zero exit when any "
+                                            "fails.",
                                 epilog="Example: edge check --config /etc/leukoscope/leukoscope.toml")
     check.add_argument("--config", type=Path, required=True, help="agent config file (TOML)")
     return parser

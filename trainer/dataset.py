@@ -36,8 +36,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from edge.bundle import LABELS  # the class contract: one home, shared with the bundle
-from edge.calibration import SCALE_FILE, calibrate, check_scale, read_scale_file
-from edge.calibration import CNMC_UM_PER_PX, mixed_sizes
+from edge.calibration import CNMC_UM_PER_PX, SCALE_FILE, calibrate, check_scale, mixed_sizes, read_scale_file
 from edge.errors import DataError
 from edge.preprocessing import DEFAULT_CONTRACT, CropContract, crop_cell, read_rgb
 from edge.segmentation import SegmentationSettings, find_cells

@@ -39,14 +39,16 @@ from edge.preprocessing import read_rgb  # noqa: E402
 from edge.segmentation import SegmentationSettings  # noqa: E402
 from edge.sources import Frame  # noqa: E402
 from trainer.crosslab import iou, wbc_boxes  # noqa: E402
-from benchmarks.bench_robustness import COLOUR_SHIFTS, cast, hue  # noqa: E402
+from benchmarks.bench_robustness import COLOUR_SHIFTS, cast, hue, uneven  # noqa: E402
 
 
 #: ``--shifts``' report keys -> the colour shifts ``bench_robustness.py`` measures segmentation under:
-#: another camera's or lamp's channel gains, and a redder stain (every colour turned +20 degrees).
+#: another camera's or lamp's channel gains, a redder stain (every colour turned +20 degrees), and a lamp off-centre
+#: (the light falling to 60% across the frame).
 SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     **dict(zip(("blue_cast", "magenta_cast", "yellow_lamp", "underexposed"), map(cast, COLOUR_SHIFTS.values()))),
     "hue_plus_20": hue(20),
+    "lamp_off_centre": uneven(0.6, (0.3, 0.2)),
 }
 
 

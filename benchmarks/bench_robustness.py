@@ -75,6 +75,18 @@ def _jpeg(quality: int) -> Callable[[np.ndarray], np.ndarray]:
     return lambda image: cv2.imdecode(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])[1], cv2.IMREAD_UNCHANGED)
 
 
+def uneven(dimmest: float, centre: tuple[float, float] = (0.0, 0.0)) -> Callable[[np.ndarray], np.ndarray]:
+    """The lamp's light falling off from ``centre`` (a share of the frame from its middle: an off-centre lamp or
+    condenser) to ``dimmest`` of it at the far corner (vignetting when centred), quadratically."""
+    def apply(image: np.ndarray) -> np.ndarray:
+        height, width = image.shape[:2]
+        y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+        reach = np.hypot((x - width * (0.5 + centre[0])) / (width / 2), (y - height * (0.5 + centre[1])) / (height / 2)) / np.sqrt(2)
+        light = 1 - (1 - dimmest) * np.clip(reach, 0, 1) ** 2
+        return np.clip(image * light[..., None], 0, 255).astype(np.uint8)
+    return apply
+
+
 #: name -> (how the frame changes, how much larger it is shown: the scale is divided by this)
 PERTURBATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
     "as recorded": (lambda image: image, 1.0),
@@ -89,6 +101,10 @@ PERTURBATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
     "shown 2x": (lambda image: cv2.resize(image, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_LINEAR), 2.0),
     "sensor noise sigma 12": (_noise(12), 1.0),
     "JPEG quality 30": (_jpeg(30), 1.0),
+    "vignetting (corners 60%)": (uneven(0.6), 1.0),
+    "lamp off-centre (dimmest 75%)": (uneven(0.75, (0.3, 0.2)), 1.0),
+    "lamp off-centre (dimmest 60%)": (uneven(0.6, (0.3, 0.2)), 1.0),
+    "lamp off-centre sideways (dimmest 60%)": (uneven(0.6, (-0.4, 0.0)), 1.0),
 }
 
 

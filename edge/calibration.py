@@ -27,6 +27,7 @@ import numpy as np
 
 from edge.errors import DataError, UserError
 from edge.gate import look_at
+from edge.segmentation import flattened
 
 #: Mean red-cell diameter in a dried, stained blood film (textbook 7.5-8 µm; the value every
 #: scale in leukoscope is relative to, including the training crops').
@@ -242,6 +243,9 @@ def _measure_at(frame_rgb: np.ndarray, zoom: float, pixels: int = MEASURE_PIXELS
     scale = size[0] / crop_w
     if float(small.std()) < 2.0:
         return FrameScale(())  # a blank or black frame holds no cells
+    # Otsu's split of red cells from the background is frame-wide: under a lamp off-centre the dim side's bare glass
+    # reads as red cells (BCCD lit off-centre to 60%: 0.280 µm/px measured against 0.082).
+    small, _ = flattened(small)
     green = _smoothed_green(small)
     mask = _red_cell_mask(small, green)
     background = float(np.percentile(green[::2, ::2], 90))

@@ -49,13 +49,16 @@ def test_white_cells_found_on_bccd_frames(learned):
 
 @needs_bccd
 @pytest.mark.parametrize("perturbation", ["blue white balance (x0.9, 1, 1.15)", "magenta cast (x1, 0.9, 1.1)",
-                                          "yellow lamp (x0.85, 0.85, 1)", "underexposed (x0.8)"],
-                         ids=["blue-cast", "magenta-cast", "yellow-lamp", "underexposed"])
+                                          "yellow lamp (x0.85, 0.85, 1)", "underexposed (x0.8)",
+                                          "lamp off-centre (dimmest 60%)", "lamp off-centre sideways (dimmest 60%)"],
+                         ids=["blue-cast", "magenta-cast", "yellow-lamp", "underexposed", "off-centre", "off-centre-sideways"])
 def test_white_cells_found_under_another_white_balance_or_exposure(perturbation):
-    """Another camera's white balance, another lamp, a darker exposure: the same BCCD frames, each
-    channel scaled. The colour rules read B - R and absolute levels, so before the frame's background
-    was brought back to the colours they were set on, a 15% blue gain found ~700 red cells as white
-    cells on half the frames, and a yellow lamp lost a third of the white cells."""
+    """Another camera's white balance, another lamp, a darker exposure, a lamp off-centre: the same BCCD frames,
+    each channel scaled (uniformly, or falling off across the frame). The colour rules read B - R and absolute
+    levels, so before the frame's background was brought back to the colours they were set on, a 15% blue gain
+    found ~700 red cells as white cells on half the frames, and a yellow lamp lost a third of the white cells;
+    before uneven light was flattened, red cells in the dim part read as nuclei (off-centre to 60%: 0.655 found,
+    13 cells counted on no white cell)."""
     recall, precision = _found_on_bccd(sorted((BCCD / "Annotations").glob("*.xml"))[::3], None, perturbation)
     assert recall >= 0.97 and precision >= 0.98
 
@@ -97,6 +100,27 @@ def test_white_balance_leaves_the_backgrounds_the_rules_were_set_on_and_corrects
         red, green, blue = background
         assert 0.78 - 0.01 <= blue / red <= 0.99 + 0.01 and 0.88 - 0.01 <= green / red <= 1.03 + 0.01, (cast, background)
         assert background.max() >= 189, (cast, background)
+
+
+def test_uneven_light_is_flattened_and_even_light_left_as_it_is():
+    """The bundled BCCD sample frames (bare clone), lit as they were and with the lamp off-centre (dimmest 55%):
+    the light is flattened only where it is uneven, the same white cells are found at the same places, none
+    more, and each is read with the gain of the light where it lies (the gate and the crop mask see it lit)."""
+    from benchmarks.bench_robustness import uneven
+    from edge.segmentation import _downscale, illumination
+    from tests.conftest import ROOT
+
+    for path in sorted((ROOT / "samples" / "frames").glob("bccd_*.jpg")):
+        frame = read_rgb(path)
+        dim = uneven(0.55, (0.3, 0.2))(frame)
+        assert illumination(_downscale(frame, 480 / frame.shape[1])) is None
+        gain = illumination(_downscale(dim, 480 / dim.shape[1]))
+        assert gain is not None and 1.0 <= gain.min() and gain.max() > 1.5
+        even, flattened = find_cells(frame, BCCD_SETTINGS), find_cells(dim, BCCD_SETTINGS)
+        assert len(flattened) == len(even) > 0, (path.name, len(even), len(flattened))
+        for a, b in zip(sorted(even, key=lambda c: c.bbox), sorted(flattened, key=lambda c: c.bbox)):
+            assert max(abs(p - q) for p, q in zip(a.bbox, b.bbox)) <= 0.1 * max(a.bbox[2:]), (path.name, a.bbox, b.bbox)
+            assert b.balance[0] > a.balance[0]  # read brighter than the dimmed pixels it lies on
 
 
 def _found_on_bccd(annotations, splitter=None, perturbation="as recorded") -> tuple[float, float]:

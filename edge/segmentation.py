@@ -5,7 +5,9 @@ object. Blue excess (B - R) separates it from pink red cells and the pale backgr
 stains better than hue alone; platelets are also violet but small, so size removes them. Lobed
 nuclei (neutrophils) are merged by a closing sized to the cell; touching cells are split by a
 distance-transform watershed. Detection runs on a reduced copy of the frame (OpenCV's basic steps
-on a full 1080p frame already cost ~20 ms on a 2-core x86); masks are mapped back to full size.
+on a full 1080p frame already cost ~20 ms on a 2-core x86); masks are mapped back to full size. The
+rules' levels are absolute, so that copy's light is made even first where a lamp lights the frame
+unevenly, and its colour brought to the background the rules were set on.
 """
 
 from __future__ import annotations
@@ -107,9 +109,10 @@ BACKGROUND_LEVEL = 190.0
 #: Where the lamp's light across a frame falls below this share of its brightest, the detection copy is flattened
 #: before cells are looked for. The dark and pale-nucleus levels are absolute, so in a dim part of the field (an
 #: off-centre lamp, a misaligned condenser, vignetting) red cells read as nuclei: BCCD frames (every third) lit
-#: off-centre, dimmest 75% / 60% of the brightest, kept 0.920 / 0.655 of their white cells with 12 / 13 cells
-#: counted on no white cell; flattened, 0.989 with none, as recorded. BCCD's own frames read 0.80-0.85 at their
-#: dimmest (PBC's 0.89-0.98): 0.8 leaves most as they are, and flattening them measured the same.
+#: off-centre, dimmest 75% / 60% of the brightest, kept 0.920 / 0.655 of their white cells with 12 / 60 cells
+#: counted on no white cell (``bench_robustness.py``); flattened, 0.989 with none, as recorded. BCCD's own frames
+#: read 0.80-0.85 at their dimmest (PBC's 0.89-0.98): 0.8 leaves most as they are, and flattening them measured
+#: the same.
 EVEN_LIGHT = 0.8
 #: Blocks (pixels of the detection copy, read at every second pixel) whose brightest tenth is the background's light.
 LIGHT_BLOCK = 24
@@ -404,7 +407,8 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
         if cut and stained <= SMALL_PAIR_DISCS * disc:
             continue  # cut by the frame border: half a cell is no evidence
         if splitter is not None and stained > LEARNED_SPLIT_ABOVE_DISCS * disc:
-            learned = _split_learned(frame_rgb, splitter, component, (x0, y0), scale, settings, gains_at((x0 + x1) / 2, (y0 + y1) / 2))
+            learned = _split_learned(frame_rgb, splitter, component, (x0, y0), scale, settings,
+                                     gains_at((x0 + x1) / 2, (y0 + y1) / 2))
             if learned is not None:
                 cells.extend(learned)
                 continue

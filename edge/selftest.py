@@ -48,7 +48,7 @@ def check(config_path: Path) -> int:
         failures.append(f"camera: {error}")
     if frames:
         try:
-            print(_check_light(frames))
+            print(_check_light(frames, config.segmentation.detect_width))
         except UserError as error:
             failures.append(f"camera: {error}")
     if frames and config.segmentation.um_per_px is not None:
@@ -72,7 +72,7 @@ def check(config_path: Path) -> int:
     return 1 if failures else 0
 
 
-def _check_light(frames: list[Frame]) -> str:
+def _check_light(frames: list[Frame], detect_width: int) -> str:
     """The source's first frames lit, not washed out, and in colour. Frames without colour fail: a monochrome camera
     or a greyscale format never shows the stain nuclei are found by. Dark or overexposed frames are a note, not a
     failure: this check is the service's ExecStartPre, and a lamp off or turned up at boot must not keep the service
@@ -82,11 +82,26 @@ def _check_light(frames: list[Frame]) -> str:
     looks = [look_at(f.image) for f in frames]  # type: ignore[arg-type]  # readable frames only
     fine = [look for look in looks if look.problem is None]
     if fine:
-        return f"ok   light: {fine[0].measured()}"
+        return f"ok   light: {fine[0].measured()}{_evenness(frames[looks.index(fine[0])].image, detect_width)}"  # type: ignore[arg-type]
     if all(look.problem == "no_colour" for look in looks):
         raise UserError(looks[0].warning(f"the first of {len(looks)},"))
     shown = next(i for i, look in enumerate(looks) if look.problem != "no_colour")
     return f"note light: {looks[shown].warning(f'frame {shown + 1} of {len(looks)},')}"
+
+
+def _evenness(image: np.ndarray, detect_width: int) -> str:
+    """How unevenly the lamp lights the frame, where it does (``segmentation.illumination``, on the detection copy's
+    size): cells are still found, but an engineer aligning the microscope wants to know."""
+    import cv2
+
+    from edge.segmentation import illumination
+
+    scale = min(1.0, detect_width / image.shape[1])
+    gain = illumination(cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image)
+    if gain is None:
+        return ""
+    return (f"; uneven across the frame (dimmest {1 / float(gain.max()):.0%} of the brightest): evened out before cells "
+            "are looked for, but centring the lamp and condenser (Koehler) gives an even field")
 
 
 def _check_scale(configured: float, frames: list[Frame]) -> str:

@@ -228,10 +228,11 @@ def test_frames_without_colour_or_overexposed_are_counted_and_warned_about_once(
 def test_edge_check_fails_a_camera_without_colour_and_notes_dark_frames(tmp_path, capsys):
     """`edge check` (the service's ExecStartPre) on the source's first frames: greyscale ones fail in one line (a
     monochrome camera never works); dark ones are a note, not a failure (a lamp off at boot must not keep the
-    service from starting); real colour frames pass."""
+    service from starting); real colour frames pass, and where a lamp off-centre lights them unevenly, it says so."""
     import cv2
     import numpy as np
 
+    from benchmarks.bench_robustness import uneven
     from edge.cli import main
 
     smears = sorted(FRAMES.glob("*.jpg"))[:3]
@@ -245,6 +246,8 @@ def test_edge_check_fails_a_camera_without_colour_and_notes_dark_frames(tmp_path
                 image = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
             elif kind == "dark":
                 image = np.full_like(image, 5)
+            elif kind == "uneven":
+                image = uneven(0.55, (0.3, 0.2))(image)
             cv2.imwrite(str(folder / f"{i}.png"), image)
         config = tmp_path / f"{kind}.toml"
         config.write_text(f'[source]\ntype = "folder"\npath = "{folder}"\n[segmentation]\num_per_px = {SAMPLE_UM_PER_PX}\n'
@@ -254,6 +257,9 @@ def test_edge_check_fails_a_camera_without_colour_and_notes_dark_frames(tmp_path
 
     status, lines = check("colour")
     assert status == 0 and len(lines) == 1 and lines[0].startswith("ok   light: brightest 1% at"), lines
+    assert "uneven" not in lines[0]
+    status, lines = check("uneven")  # a lamp off-centre: cells are still found, and the engineer is told
+    assert status == 0 and len(lines) == 1 and "uneven across the frame (dimmest" in lines[0] and "Koehler" in lines[0], lines
     status, lines = check("grey")
     assert status == 1 and lines == ["FAIL camera: frames show no colour: the first of 3, most colourful 1% at 0 of 255 (below 16); "
                                      "is it a colour camera, delivering colour frames (not greyscale)?"]

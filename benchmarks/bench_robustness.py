@@ -101,6 +101,7 @@ PERTURBATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
     "shown 2x": (lambda image: cv2.resize(image, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_LINEAR), 2.0),
     "sensor noise sigma 12": (_noise(12), 1.0),
     "JPEG quality 30": (_jpeg(30), 1.0),
+    "dim lamp (x0.45)": (cast((0.45, 0.45, 0.45)), 1.0),
     "vignetting (corners 60%)": (uneven(0.6), 1.0),
     "lamp off-centre (dimmest 75%)": (uneven(0.75, (0.3, 0.2)), 1.0),
     "lamp off-centre (dimmest 60%)": (uneven(0.6, (0.3, 0.2)), 1.0),

@@ -43,12 +43,13 @@ from benchmarks.bench_robustness import COLOUR_SHIFTS, cast, hue, uneven  # noqa
 
 
 #: ``--shifts``' report keys -> the colour shifts ``bench_robustness.py`` measures segmentation under:
-#: another camera's or lamp's channel gains, a redder stain (every colour turned +20 degrees), and a lamp off-centre
-#: (the light falling to 60% across the frame).
+#: another camera's or lamp's channel gains, a redder stain (every colour turned +20 degrees), a lamp off-centre
+#: (the light falling to 60% across the frame), and a lamp turned down to 45%.
 SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     **dict(zip(("blue_cast", "magenta_cast", "yellow_lamp", "underexposed"), map(cast, COLOUR_SHIFTS.values()))),
     "hue_plus_20": hue(20),
     "lamp_off_centre": uneven(0.6, (0.3, 0.2)),
+    "dim_lamp": cast((0.45, 0.45, 0.45)),
 }
 
 

@@ -117,10 +117,12 @@ def test_the_live_panel_says_when_frames_are_dark_colourless_or_overexposed(tmp_
 
     folder = tmp_path / kind
     folder.mkdir()
-    smear = cv2.cvtColor(cv2.cvtColor(cv2.imread(str(sorted(FRAMES.glob("*.jpg"))[0])), cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+    smear = cv2.imread(str(sorted(FRAMES.glob("*.jpg"))[0]))
+    frame = {"dark": np.full((240, 320, 3), 6, np.uint8),
+             "grey": cv2.cvtColor(cv2.cvtColor(smear, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR),
+             "bright": np.clip(smear * 1.7, 0, 255).astype(np.uint8)}[kind]
     for i in range(2):
-        bright = np.clip(cv2.imread(str(sorted(FRAMES.glob("*.jpg"))[0])) * 1.7, 0, 255).astype(np.uint8)
-        cv2.imwrite(str(folder / f"{kind}_{i}.png"), {"dark": np.full((240, 320, 3), 6, np.uint8), "grey": smear, "bright": bright}[kind])
+        cv2.imwrite(str(folder / f"{kind}_{i}.png"), frame)
     config = agent_config(tmp_path)
     config["source"]["path"] = str(folder)
     expected = {"dark": ("frames are dark", "lamp"), "grey": ("frames show no colour", "colour camera"),

@@ -252,12 +252,14 @@ def judge(frame_rgb: np.ndarray, cell: Cell, um_per_px: float,
         crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
         mask = cv2.resize(mask.view(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
         um_per_px = FOCUS_UM_PER_PX
-    stained = nucleus_pixels(balanced(crop, cell.balance), settings).astype(bool)
+    # The colour rules, the focus and the red cells around are read at the balance and exposure the cell was found
+    # at: the Laplacian's variance scales with the square of the light, and blue-minus-red differences with the
+    # light, so a dim lamp or the dim side of a frame passed for blur and for cytoplasm on red cells. BCCD frames at
+    # 45% / 35% of their light kept 0.805 / 0.391 of their white cells read on the raw pixels, 0.989 / 0.989 now.
+    seen = balanced(crop, cell.balance)
+    stained = nucleus_pixels(seen, settings).astype(bool)
     nucleus = stained & mask if not cell.pre_cropped else mask
-    # Read at the exposure the cell was found at (its green gain, squared: the Laplacian's variance scales with the
-    # light), so a dim lamp or the dim side of a frame does not pass for blur: BCCD frames at 45% / 35% of their
-    # light kept 0.805 / 0.391 of their white cells when focus was read on the raw pixels, 0.966 / 0.747 now.
-    focus = nucleus_focus(crop, nucleus, um_per_px) * cell.balance[1] ** 2
+    focus = nucleus_focus(seen, nucleus, um_per_px)
     if not cell.pre_cropped and border_um > MAX_BORDER_CONTACT_UM:
         return Verdict("cut by border", focus)
     pixel_um2 = um_per_px * um_per_px
@@ -288,6 +290,6 @@ def judge(frame_rgb: np.ndarray, cell: Cell, um_per_px: float,
         outline = np.zeros(mask.shape, np.uint8)
         cv2.fillConvexPoly(outline, hull, 1)
         outline = outline.astype(bool)
-        if float(_red_cell_pixels(crop, stained)[outline].mean()) > MAX_RED_OVERLAP:
+        if float(_red_cell_pixels(seen, stained)[outline].mean()) > MAX_RED_OVERLAP:
             return Verdict("overlapping red cells", focus)
     return Verdict(None, focus)

@@ -103,12 +103,12 @@ def test_white_balance_leaves_the_backgrounds_the_rules_were_set_on_and_corrects
 
 
 @needs_bccd
-def test_a_dim_lamp_is_not_taken_for_blur():
-    """A lamp turned down to 45%: the Laplacian's variance falls with the square of the light, so read on the raw
-    pixels the gate called sharp nuclei out of focus (0.805 of BCCD's white cells kept). Focus is read at the
-    exposure the cell was found at."""
+def test_a_dim_lamp_is_not_taken_for_blur_or_for_red_cells():
+    """A lamp turned down to 45%: the Laplacian's variance falls with the square of the light and blue-minus-red
+    with the light, so read on the raw pixels the gate called sharp nuclei out of focus and cytoplasm red cells
+    (0.805 of BCCD's white cells kept). It reads a cell at the balance and exposure it was found at."""
     recall, precision = _found_on_bccd(sorted((BCCD / "Annotations").glob("*.xml"))[::3], None, "dim lamp (x0.45)")
-    assert recall >= 0.95 and precision >= 0.98
+    assert recall >= 0.97 and precision >= 0.98
 
 
 def test_uneven_light_is_flattened_and_even_light_left_as_it_is():

@@ -39,17 +39,24 @@ from edge.preprocessing import read_rgb  # noqa: E402
 from edge.segmentation import SegmentationSettings  # noqa: E402
 from edge.sources import Frame  # noqa: E402
 from trainer.crosslab import iou, wbc_boxes  # noqa: E402
-from benchmarks.bench_robustness import COLOUR_SHIFTS, cast, hue, uneven  # noqa: E402
+from benchmarks.bench_robustness import COLOUR_SHIFTS, camera_tone, cast, hue, uneven  # noqa: E402
 
 
 #: ``--shifts``' report keys -> the colour shifts ``bench_robustness.py`` measures segmentation under:
-#: another camera's or lamp's channel gains, a redder stain (every colour turned +20 degrees), a lamp off-centre
-#: (the light falling to 60% across the frame), and a lamp turned down to 45%.
+#: another camera's or lamp's channel gains, a redder or bluer stain (every colour turned +-20 degrees), a lamp
+#: off-centre (the light falling to 60% across the frame), a lamp turned down to 45%, and the camera's own picture
+#: settings (saturation, contrast, gamma).
 SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     **dict(zip(("blue_cast", "magenta_cast", "yellow_lamp", "underexposed"), map(cast, COLOUR_SHIFTS.values()))),
     "hue_plus_20": hue(20),
+    "hue_minus_20": hue(-20),
     "lamp_off_centre": uneven(0.6, (0.3, 0.2)),
     "dim_lamp": cast((0.45, 0.45, 0.45)),
+    "camera_saturation_x0.6": camera_tone(saturation=0.6),
+    "camera_saturation_x1.5": camera_tone(saturation=1.5),
+    "camera_contrast_x1.3": camera_tone(contrast=1.3),
+    "camera_gamma_0.7": camera_tone(gamma=0.7),
+    "camera_gamma_1.4": camera_tone(gamma=1.4),
 }
 
 

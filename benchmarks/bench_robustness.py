@@ -75,7 +75,7 @@ def _jpeg(quality: int) -> Callable[[np.ndarray], np.ndarray]:
     return lambda image: cv2.imdecode(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])[1], cv2.IMREAD_UNCHANGED)
 
 
-def _camera_tone(saturation: float = 1.0, contrast: float = 1.0, gamma: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
+def camera_tone(saturation: float = 1.0, contrast: float = 1.0, gamma: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
     """A camera's own picture settings (picamera2's Saturation and Contrast controls, a tone curve): colour
     saturation scaled in HSV, contrast stretched about mid-grey, then a gamma curve."""
     curve = np.clip(255 * (np.arange(256) / 255) ** gamma, 0, 255).astype(np.uint8)
@@ -114,12 +114,12 @@ PERTURBATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
     "shown 2x": (lambda image: cv2.resize(image, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_LINEAR), 2.0),
     "sensor noise sigma 12": (_noise(12), 1.0),
     "JPEG quality 30": (_jpeg(30), 1.0),
-    "camera saturation x0.6": (_camera_tone(saturation=0.6), 1.0),
-    "camera saturation x1.5": (_camera_tone(saturation=1.5), 1.0),
-    "camera contrast x1.3": (_camera_tone(contrast=1.3), 1.0),
-    "camera contrast x0.75": (_camera_tone(contrast=0.75), 1.0),
-    "camera gamma 0.7": (_camera_tone(gamma=0.7), 1.0),
-    "camera gamma 1.4": (_camera_tone(gamma=1.4), 1.0),
+    "camera saturation x0.6": (camera_tone(saturation=0.6), 1.0),
+    "camera saturation x1.5": (camera_tone(saturation=1.5), 1.0),
+    "camera contrast x1.3": (camera_tone(contrast=1.3), 1.0),
+    "camera contrast x0.75": (camera_tone(contrast=0.75), 1.0),
+    "camera gamma 0.7": (camera_tone(gamma=0.7), 1.0),
+    "camera gamma 1.4": (camera_tone(gamma=1.4), 1.0),
     "dim lamp (x0.45)": (cast((0.45, 0.45, 0.45)), 1.0),
     "vignetting (corners 60%)": (uneven(0.6), 1.0),
     "lamp off-centre (dimmest 75%)": (uneven(0.75, (0.3, 0.2)), 1.0),

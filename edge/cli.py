@@ -101,10 +101,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     calibration = calibrate(frames)
     if calibration.um_per_px is None:
         unlit = Counter(f.light_problem for f in calibration.frames if f.light_problem)
-        blank = sum(1 for f in frames if float(f.std()) < 2.0)
         why = "; ".join(f"{count} of {len(frames)} frame(s) {FRAME_PROBLEMS[problem].doing}: {FRAME_PROBLEMS[problem].hint}"
                         for problem, count in unlit.items())
         if not why:
+            blank = sum(1 for f in frames if float(f.std()) < 2.0)
             why = f"{blank} of {len(frames)} frame(s) are blank" if blank else \
                 "a thick or thin film, or pre-cropped cells, show too few separate red cells"
         raise UserError(f"{args.source}: too few red cells to measure the scale ({calibration.red_cells} in {len(frames)} "

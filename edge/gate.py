@@ -119,6 +119,8 @@ OVEREXPOSED_LEVEL = 245
 #: camera, or a colour one delivering greyscale, reads 0. Their background alone (blank glass) reads 13-30 on
 #: BCCD's camera and 17-64 on PBC's: the warning is for a camera without colour, not for an empty field.
 NO_COLOUR_LEVEL = 16
+
+
 class FrameProblem(NamedTuple):
     """Why a frame can show no cells, in words: what frames with it do ("are dark"), what to check, and what the
     agent logs when it ends."""

@@ -248,6 +248,12 @@ def decimate(frame_rgb: np.ndarray, step: int) -> np.ndarray:
     return np.ascontiguousarray(rows[:, ::step])
 
 
+def detection_copy(frame_rgb: np.ndarray, detect_width: int) -> tuple[np.ndarray, float]:
+    """(the reduced copy cells are looked for on, no wider than ``detect_width``; its scale to the frame)."""
+    scale = min(1.0, detect_width / frame_rgb.shape[1])
+    return _downscale(frame_rgb, scale), scale
+
+
 def _downscale(frame_rgb: np.ndarray, scale: float) -> np.ndarray:
     """The detection copy. Area averaging over a 12 MP frame costs ~25 ms; for strong reductions,
     decimate by an integer step first (nuclei are blobs many pixels wide), then average the rest."""
@@ -372,8 +378,8 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
     if _is_black_background(frame_rgb, settings.black_level):
         return _find_on_black(frame_rgb, settings)
     height, width = frame_rgb.shape[:2]
-    scale = min(1.0, settings.detect_width / width)
-    small, flat = flattened(_downscale(frame_rgb, scale))
+    small, scale = detection_copy(frame_rgb, settings.detect_width)
+    small, flat = flattened(small)
     gains = white_balance(small)
     small = balanced(small, gains)
 

@@ -92,12 +92,9 @@ def _check_light(frames: list[Frame], detect_width: int) -> str:
 def _evenness(image: np.ndarray, detect_width: int) -> str:
     """How unevenly the lamp lights the frame, where it does (``segmentation.illumination``, on the detection copy's
     size): cells are still found, but an engineer aligning the microscope wants to know."""
-    import cv2
+    from edge.segmentation import detection_copy, illumination
 
-    from edge.segmentation import illumination
-
-    scale = min(1.0, detect_width / image.shape[1])
-    gain = illumination(cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image)
+    gain = illumination(detection_copy(image, detect_width)[0])
     if gain is None:
         return ""
     return (f"; uneven across the frame (dimmest {1 / float(gain.max()):.0%} of the brightest): evened out before cells "

@@ -116,14 +116,14 @@ def test_uneven_light_is_flattened_and_even_light_left_as_it_is():
     the light is flattened only where it is uneven, the same white cells are found at the same places, none
     more, and each is read with the gain of the light where it lies (the gate and the crop mask see it lit)."""
     from benchmarks.bench_robustness import uneven
-    from edge.segmentation import _downscale, illumination
+    from edge.segmentation import detection_copy, illumination
     from tests.conftest import ROOT
 
     for path in sorted((ROOT / "samples" / "frames").glob("bccd_*.jpg")):
         frame = read_rgb(path)
         dim = uneven(0.55, (0.3, 0.2))(frame)
-        assert illumination(_downscale(frame, 480 / frame.shape[1])) is None
-        gain = illumination(_downscale(dim, 480 / dim.shape[1]))
+        assert illumination(detection_copy(frame, BCCD_SETTINGS.detect_width)[0]) is None
+        gain = illumination(detection_copy(dim, BCCD_SETTINGS.detect_width)[0])
         assert gain is not None and 1.0 <= gain.min() and gain.max() > 1.5
         even, flattened = find_cells(frame, BCCD_SETTINGS), find_cells(dim, BCCD_SETTINGS)
         assert len(flattened) == len(even) > 0, (path.name, len(even), len(flattened))

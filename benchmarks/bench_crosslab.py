@@ -8,8 +8,9 @@
   their red cells; classified cells that match an annotated white cell are normal, so the share called
   ALL is the false-blast rate.
 * With ``--shifts``: the same, with every frame's channels scaled as another camera's white balance, another
-  lamp or a darker exposure would, or its colours turned as a redder stain shows them (``SHIFTS``), the
-  scale measured again on the shifted frames: another lab's colours on the same cells.
+  lamp or a darker exposure would, or its colours turned as a redder stain shows them, or blurred as a focus
+  a little off shows them (``SHIFTS``), the scale measured again on the changed frames: another lab's colours
+  and a careless focus on the same cells.
 * With ``--run`` (the run the bundle was exported from): its validation cells (patients and images never
   trained on) per source and cell type with the int8 model, and the float-vs-int8 decision agreement on them.
 
@@ -39,13 +40,13 @@ from edge.preprocessing import read_rgb  # noqa: E402
 from edge.segmentation import SegmentationSettings  # noqa: E402
 from edge.sources import Frame  # noqa: E402
 from trainer.crosslab import iou, wbc_boxes  # noqa: E402
-from benchmarks.bench_robustness import COLOUR_SHIFTS, camera_tone, cast, hue, uneven  # noqa: E402
+from benchmarks.bench_robustness import COLOUR_SHIFTS, camera_tone, cast, defocus, hue, uneven  # noqa: E402
 
 
-#: ``--shifts``' report keys -> the colour shifts ``bench_robustness.py`` measures segmentation under:
+#: ``--shifts``' report keys -> the changes ``bench_robustness.py`` measures segmentation under:
 #: another camera's or lamp's channel gains, a redder or bluer stain (every colour turned +-20 degrees), a lamp
-#: off-centre (the light falling to 60% across the frame), a lamp turned down to 45%, and the camera's own picture
-#: settings (saturation, contrast, gamma).
+#: off-centre (the light falling to 60% across the frame), a lamp turned down to 45%, the camera's own picture
+#: settings (saturation, contrast, gamma), and a focus a little off (a Gaussian blur of 0.25 and 0.5 µm).
 SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     **dict(zip(("blue_cast", "magenta_cast", "yellow_lamp", "underexposed"), map(cast, COLOUR_SHIFTS.values()))),
     "hue_plus_20": hue(20),
@@ -57,6 +58,8 @@ SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "camera_contrast_x1.3": camera_tone(contrast=1.3),
     "camera_gamma_0.7": camera_tone(gamma=0.7),
     "camera_gamma_1.4": camera_tone(gamma=1.4),
+    "defocus_0.25um": defocus(0.25),
+    "defocus_0.5um": defocus(0.5),
 }
 
 
@@ -114,7 +117,7 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=ROOT / "models" / "default")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--run", type=Path, default=None, help="the training run the bundle came from")
-    parser.add_argument("--shifts", action="store_true", help="BCCD again under each colour shift in SHIFTS")
+    parser.add_argument("--shifts", action="store_true", help="BCCD again under each change in SHIFTS (colour, light, focus)")
     parser.add_argument("--blue-threshold", type=int, default=SegmentationSettings.blue_threshold,
                         help="segmentation.blue_threshold to measure (default: the device's, %(default)s; 30 is the "
                              "README's setting for a redder stain)")

@@ -3,7 +3,7 @@
     python benchmarks/bench_robustness.py [--data ../shared/data] [--step 3] [--blue-threshold 35]
 
 Every ``step``-th BCCD frame, changed as another microscope would show it (a camera's white balance, a
-lamp, exposure, stain strength and hue, magnification with the matching scale, sensor noise, JPEG), goes
+lamp, exposure, stain strength and hue, magnification with the matching scale, sensor noise, JPEG, focus), goes
 through ``find_cells`` and the gate at its scale. Recall: interior annotated white cells matched one to
 one (IoU > 0.5) by a cell the gate lets through. Precision: found cells that lie on an annotated white
 cell (IoU > 0.3). The classifier is not run here (``bench_crosslab.py --shifts`` runs the whole pipeline
@@ -66,6 +66,11 @@ def hue(degrees: int) -> Callable[[np.ndarray], np.ndarray]:
     return apply
 
 
+def defocus(sigma_um: float, um_per_px: float = BCCD_UM_PER_PX) -> Callable[[np.ndarray], np.ndarray]:
+    """The frame blurred as a focus a little off would show it: a Gaussian of ``sigma_um`` micrometres."""
+    return lambda image: cv2.GaussianBlur(image, (0, 0), sigma_um / um_per_px)
+
+
 def _noise(sigma: float) -> Callable[[np.ndarray], np.ndarray]:
     rng = np.random.default_rng(0)
     return lambda image: np.clip(image + rng.normal(0, sigma, image.shape), 0, 255).astype(np.uint8)
@@ -114,6 +119,8 @@ PERTURBATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
     "shown 2x": (lambda image: cv2.resize(image, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_LINEAR), 2.0),
     "sensor noise sigma 12": (_noise(12), 1.0),
     "JPEG quality 30": (_jpeg(30), 1.0),
+    "defocus (blur 0.25 µm)": (defocus(0.25), 1.0),
+    "defocus (blur 0.5 µm)": (defocus(0.5), 1.0),
     "camera saturation x0.6": (camera_tone(saturation=0.6), 1.0),
     "camera saturation x1.5": (camera_tone(saturation=1.5), 1.0),
     "camera contrast x1.3": (camera_tone(contrast=1.3), 1.0),

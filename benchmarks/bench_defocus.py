@@ -83,10 +83,11 @@ def main() -> None:
     pipeline = Pipeline(classifier, SegmentationSettings(um_per_px=BCCD_UM_PER_PX))
     positive = classifier.bundle.positive_label
     composed = frames(args.step)
-    sharp = measure(pipeline, composed, 0.0, positive)[1]
+    blurs = sorted({0.0, *(float(value) for value in args.blur_um.split(","))})  # the sharp frame is the reference
+    runs = {blur: measure(pipeline, composed, blur, positive) for blur in blurs}
+    sharp = runs[0.0][1]
     report: dict = {"bundle": str(args.bundle), "um_per_px": BCCD_UM_PER_PX, "frames": len(composed), "blur": {}}
-    for blur in (float(value) for value in args.blur_um.split(",")):
-        counts, decisions = measure(pipeline, composed, blur, positive)
+    for blur, (counts, decisions) in runs.items():
         for name, row in counts.items():
             row["called_all_rate"] = round(row["called_all"] / max(row["classified"], 1), 3)
             both = [(decision, sharp[key][1]) for key, (of, decision) in decisions.items()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from collector.store import Gap, Store
 from edge import DISCLAIMER, in_words
 from edge.errors import UserError
-from edge.results import wilson_interval
+from edge.results import light_problem, wilson_interval
 
 
 @dataclass
@@ -83,15 +83,10 @@ def build_report(store: Store, sample_id: str) -> SampleReport:
         report.blasts += frame["counts"]["blasts"]
         report.unclassified.update(cell["reason"] for cell in frame["unclassified"])
         report.out_of_focus_frames += bool(frame["out_of_focus"])
-        if problem := _light_problem(frame):
+        if problem := light_problem(frame):
             report.frame_problems[problem] += 1
         report.scores += [cell["p_all"] for cell in frame["cells"]]
     return report
-
-
-def _light_problem(frame: dict) -> str:
-    """Why the frame could show no cells ("" when it could, or its device is older than ``light``)."""
-    return (frame.get("light") or {}).get("problem") or ""
 
 
 def _fraction(report: SampleReport) -> str:
@@ -157,7 +152,7 @@ FRAME_COLUMNS = ("device_id", "run_id", "sequence", "time", "source", "cells", "
 
 def _frame_row(frame: dict) -> list:
     return [frame["device_id"], frame["run_id"], frame["sequence"], frame["time"], frame["source"], frame["counts"]["cells"],
-            frame["counts"]["blasts"], frame["counts"]["unclassified"], frame["focus"], frame["out_of_focus"], _light_problem(frame)]
+            frame["counts"]["blasts"], frame["counts"]["unclassified"], frame["focus"], frame["out_of_focus"], light_problem(frame) or ""]
 
 
 def to_csv(report: SampleReport) -> str:

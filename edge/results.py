@@ -34,6 +34,12 @@ def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float,
     return max(0.0, centre - spread), min(1.0, centre + spread)
 
 
+def light_problem(result: dict) -> str | None:
+    """What kept a frame from showing cells (its result's ``light.problem``: dark, overexposed, no_colour), or None
+    (none, or a result from a device older than ``light``)."""
+    return (result.get("light") or {}).get("problem")
+
+
 def frame_result(*, device_id: str, sample_id: str | None, source: str, cells: list[dict],
                  timings_ms: dict[str, float], captured_at: float, positive_label: str,
                  unclassified: list[dict] | None = None, focus: float | None = None, min_focus: float | None = None,
@@ -98,7 +104,7 @@ class SampleTally:
         for cell in result.get("unclassified", []):
             self.unclassified[cell["reason"]] = self.unclassified.get(cell["reason"], 0) + 1
         self.out_of_focus_frames += bool(result.get("out_of_focus"))
-        problem = (result.get("light") or {}).get("problem")
+        problem = light_problem(result)
         if problem:
             self.frame_problems[problem] = self.frame_problems.get(problem, 0) + 1
         if result.get("bundle"):

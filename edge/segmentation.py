@@ -446,7 +446,7 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
             cell_gains = gains_at((x + w / 2) * scale, (y + h / 2) * scale)
             cell = _keep_stained(frame_rgb, cell, settings, cell_gains)
             cell = _tight(cell) if owner is not None else cell
-            cells.append(replace(cell, balance=cell_gains) if cell_gains != (1.0, 1.0, 1.0) else cell)
+            cells.append(replace(cell, balance=cell_gains))
     return cells
 
 
@@ -486,8 +486,7 @@ def _split_learned(frame_rgb: np.ndarray, splitter: CellSplitter, component: np.
             continue  # cut by the frame border
         own = mask[box[1] - top:box[3] - top, box[0] - left:box[2] - left]
         cell = Cell(bbox=(box[0], box[1], box[2] - box[0], box[3] - box[1]), area=int(np.count_nonzero(own)), mask=own)
-        cell = _tight(_keep_stained(frame_rgb, cell, settings, gains))
-        cells.append(replace(cell, balance=gains) if gains != (1.0, 1.0, 1.0) else cell)
+        cells.append(replace(_tight(_keep_stained(frame_rgb, cell, settings, gains)), balance=gains))
     return cells
 
 

@@ -22,7 +22,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import cv2
+from typing import Callable
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,6 +33,7 @@ from edge.classifier import Classifier  # noqa: E402
 from edge.pipeline import Pipeline  # noqa: E402
 from edge.segmentation import SegmentationSettings  # noqa: E402
 from edge.sources import Frame  # noqa: E402
+from benchmarks.bench_robustness import defocus  # noqa: E402
 from tests.composing import BCCD_UM_PER_PX, background, box_iou, cnmc_cell, cnmc_files, kind, paste  # noqa: E402
 
 #: Where the four cells of a frame go (fractions of the 1280x960 field): far enough apart to be found alone.
@@ -50,17 +53,18 @@ def frames(step: int) -> list[tuple[int, list, list]]:
     return composed
 
 
-def measure(pipeline: Pipeline, composed: list, blur_um: float, positive: str) -> tuple[dict, dict]:
-    """Per kind: counts at this blur; and each cell's (kind, decision) (True: ALL; None: not classified)."""
+def measure(pipeline: Pipeline, composed: list, change: Callable[[np.ndarray], np.ndarray], positive: str,
+            zoom: float = 1.0) -> tuple[dict, dict]:
+    """Per kind: counts on the frames changed by ``change`` (shown ``zoom`` times larger: the pipeline's scale must
+    match); and each cell's (kind, decision) (True: ALL; None: not classified)."""
     counts: dict[str, Counter] = {}
     decisions: dict = {}
     for index, placed, kinds in composed:
         frame = background(index)
         boxes = [paste(frame, cell, centre) for cell, centre in placed]
-        if blur_um > 0:
-            frame = cv2.GaussianBlur(frame, (0, 0), blur_um / BCCD_UM_PER_PX)
-        result, _, _ = pipeline.process(Frame(image=frame, name=f"field_{index}"))
+        result, _, _ = pipeline.process(Frame(image=change(frame), name=f"field_{index}"))
         for number, (box, name) in enumerate(zip(boxes, kinds)):
+            box = tuple(round(v * zoom) for v in box)
             row = counts.setdefault(name, Counter())
             row["placed"] += 1
             classified = [c for c in result["cells"] if box_iou(c["bbox"], box) >= 0.5]
@@ -70,6 +74,19 @@ def measure(pipeline: Pipeline, composed: list, blur_um: float, positive: str) -
             row["called_all"] += bool(classified) and classified[0]["label"] == positive
             row["out_of_focus"] += any(c["reason"] == "out of focus" for c in aside)
     return {name: dict(row) for name, row in sorted(counts.items())}, decisions
+
+
+def compared(runs: dict[str, tuple[dict, dict]], reference: str, same: str) -> dict:
+    """Each run's counts with the share called ALL, and (key ``same``) the share of decisions that are those of the
+    ``reference`` run, per kind; cells classified in both only."""
+    first = runs[reference][1]
+    for counts, decisions in runs.values():
+        for name, row in counts.items():
+            row["called_all_rate"] = round(row["called_all"] / max(row["classified"], 1), 3)
+            both = [(decision, first[key][1]) for key, (of, decision) in decisions.items()
+                    if of == name and decision is not None and first[key][1] is not None]
+            row[same] = round(sum(a == b for a, b in both) / max(len(both), 1), 3)
+    return {label: counts for label, (counts, _) in runs.items()}
 
 
 def main() -> None:
@@ -84,16 +101,9 @@ def main() -> None:
     positive = classifier.bundle.positive_label
     composed = frames(args.step)
     blurs = sorted({0.0, *(float(value) for value in args.blur_um.split(","))})  # the sharp frame is the reference
-    runs = {blur: measure(pipeline, composed, blur, positive) for blur in blurs}
-    sharp = runs[0.0][1]
-    report: dict = {"bundle": str(args.bundle), "um_per_px": BCCD_UM_PER_PX, "frames": len(composed), "blur": {}}
-    for blur, (counts, decisions) in runs.items():
-        for name, row in counts.items():
-            row["called_all_rate"] = round(row["called_all"] / max(row["classified"], 1), 3)
-            both = [(decision, sharp[key][1]) for key, (of, decision) in decisions.items()
-                    if of == name and decision is not None and sharp[key][1] is not None]
-            row["same_decision_as_sharp"] = round(sum(a == b for a, b in both) / max(len(both), 1), 3)
-        report["blur"][f"{blur:g} um"] = counts
+    runs = {f"{blur:g} um": measure(pipeline, composed, defocus(blur), positive) for blur in blurs}
+    report: dict = {"bundle": str(args.bundle), "um_per_px": BCCD_UM_PER_PX, "frames": len(composed),
+                    "blur": compared(runs, "0 um", "same_decision_as_sharp")}
     report["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))
 

@@ -67,7 +67,9 @@ def hue(degrees: int) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def defocus(sigma_um: float, um_per_px: float = BCCD_UM_PER_PX) -> Callable[[np.ndarray], np.ndarray]:
-    """The frame blurred as a focus a little off would show it: a Gaussian of ``sigma_um`` micrometres."""
+    """The frame blurred as a focus a little off would show it: a Gaussian of ``sigma_um`` micrometres (0: as it is)."""
+    if sigma_um <= 0:
+        return lambda image: image
     return lambda image: cv2.GaussianBlur(image, (0, 0), sigma_um / um_per_px)
 
 
@@ -117,6 +119,7 @@ PERTURBATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
     "hue +20 degrees": (hue(20), 1.0),
     "shown 0.5x": (lambda image: cv2.resize(image, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA), 0.5),
     "shown 2x": (lambda image: cv2.resize(image, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_LINEAR), 2.0),
+    "sensor noise sigma 6": (_noise(6), 1.0),
     "sensor noise sigma 12": (_noise(12), 1.0),
     "JPEG quality 30": (_jpeg(30), 1.0),
     "defocus (blur 0.25 µm)": (defocus(0.25), 1.0),

@@ -1,6 +1,6 @@
 """Blasts on a smear under everything another microscope changes: does the device still call them ALL?
 
-    python benchmarks/bench_blast_shifts.py [--step 10]
+    python benchmarks/bench_blast_shifts.py [--step 10] [--noise-sweep]
 
 ``bench_robustness.py`` changes BCCD frames (healthy blood) as another lab's microscope would show them: a camera's
 white balance, a lamp, exposure, stain strength and hue, magnification, sensor noise, JPEG, focus, a camera's
@@ -27,7 +27,7 @@ from edge.classifier import Classifier  # noqa: E402
 from edge.pipeline import Pipeline  # noqa: E402
 from edge.segmentation import SegmentationSettings  # noqa: E402
 from benchmarks.bench_defocus import compared, frames, measure  # noqa: E402
-from benchmarks.bench_robustness import PERTURBATIONS  # noqa: E402
+from benchmarks.bench_robustness import NOISE_SWEEP, PERTURBATIONS  # noqa: E402
 from tests.composing import BCCD_UM_PER_PX  # noqa: E402
 
 
@@ -35,14 +35,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=ROOT / "models" / "default")
     parser.add_argument("--step", type=int, default=10, help="every N-th C-NMC image of each class")
+    parser.add_argument("--noise-sweep", action="store_true", help="camera noise of every strength and grain instead "
+                        "(bench_robustness.NOISE_SWEEP), compared with the frames as composed")
     args = parser.parse_args()
+    changes = {"as recorded": PERTURBATIONS["as recorded"], **NOISE_SWEEP} if args.noise_sweep else PERTURBATIONS
     started = time.perf_counter()
     classifier = Classifier(args.bundle)
     positive = classifier.bundle.positive_label
     composed = frames(args.step)
     runs = {name: measure(Pipeline(classifier, SegmentationSettings(um_per_px=BCCD_UM_PER_PX / zoom)), composed, change,
                           positive, zoom)
-            for name, (change, zoom) in PERTURBATIONS.items()}
+            for name, (change, zoom) in changes.items()}
     report = {"bundle": str(args.bundle), "um_per_px": BCCD_UM_PER_PX, "frames": len(composed),
               "changes": compared(runs, "as recorded", "same_decision_as_composed"),
               "seconds": round(time.perf_counter() - started, 1)}

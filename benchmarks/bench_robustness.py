@@ -1,6 +1,6 @@
 """Segmentation and the quality gate on another lab's colours, scale and camera: BCCD frames perturbed.
 
-    python benchmarks/bench_robustness.py [--data ../shared/data] [--step 3] [--blue-threshold 35]
+    python benchmarks/bench_robustness.py [--data ../shared/data] [--step 3] [--blue-threshold 35] [--noise-sweep]
 
 Every ``step``-th BCCD frame, changed as another microscope would show it (a camera's white balance, a
 lamp, exposure, stain strength and hue, magnification with the matching scale, sensor noise, JPEG, focus), goes
@@ -73,9 +73,27 @@ def defocus(sigma_um: float, um_per_px: float = BCCD_UM_PER_PX) -> Callable[[np.
     return lambda image: cv2.GaussianBlur(image, (0, 0), sigma_um / um_per_px)
 
 
-def _noise(sigma: float) -> Callable[[np.ndarray], np.ndarray]:
+def noise(sigma: float, grain_px: float = 0.0) -> Callable[[np.ndarray], np.ndarray]:
+    """A camera's noise: Gaussian, ``sigma`` levels per channel, white or blurred over ``grain_px`` pixels (a Gaussian's
+    sigma) as demosaicing and a camera's own processing leave it; drawn afresh for each frame, from a fixed seed."""
     rng = np.random.default_rng(0)
-    return lambda image: np.clip(image + rng.normal(0, sigma, image.shape), 0, 255).astype(np.uint8)
+
+    def apply(image: np.ndarray) -> np.ndarray:
+        grain = rng.normal(0, 1, image.shape).astype(np.float32)
+        if grain_px:
+            grain = cv2.GaussianBlur(grain, (0, 0), grain_px)
+            grain /= grain.std()
+        return np.clip(image + sigma * grain, 0, 255).astype(np.uint8)
+    return apply
+
+
+#: ``--noise-sweep``: camera noise (sigma per channel) white and blurred over 0.7 / 1 pixel, on sharp frames and on frames
+#: blurred by 0.5 µm (the focus gate's side).
+NOISE_SWEEP: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
+    **{f"noise sigma {sigma}{f' grain {grain} px' if grain else ''}{', defocus 0.5 µm' if blur else ''}":
+       ((lambda n, b: lambda image: n(b(image)))(noise(sigma, grain), defocus(blur)), 1.0)
+       for blur in (0.0, 0.5) for grain in (0.0, 0.7, 1.0) for sigma in (2, 4, 6, 8, 12)},
+}
 
 
 def _jpeg(quality: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -119,8 +137,8 @@ PERTURBATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
     "hue +20 degrees": (hue(20), 1.0),
     "shown 0.5x": (lambda image: cv2.resize(image, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA), 0.5),
     "shown 2x": (lambda image: cv2.resize(image, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_LINEAR), 2.0),
-    "sensor noise sigma 6": (_noise(6), 1.0),
-    "sensor noise sigma 12": (_noise(12), 1.0),
+    "sensor noise sigma 6": (noise(6), 1.0),
+    "sensor noise sigma 12": (noise(12), 1.0),
     "JPEG quality 30": (_jpeg(30), 1.0),
     "defocus (blur 0.25 µm)": (defocus(0.25), 1.0),
     "defocus (blur 0.5 µm)": (defocus(0.5), 1.0),
@@ -175,13 +193,16 @@ def main() -> None:
     parser.add_argument("--blue-threshold", type=int, default=SegmentationSettings.blue_threshold,
                         help="segmentation.blue_threshold to measure (default: the device's, %(default)s; 30 is the "
                              "README's setting for a redder stain)")
+    parser.add_argument("--noise-sweep", action="store_true", help="camera noise of every strength and grain instead, on "
+                        "sharp frames and frames blurred by 0.5 µm (NOISE_SWEEP)")
     args = parser.parse_args()
+    changes = NOISE_SWEEP if args.noise_sweep else PERTURBATIONS
     started = time.perf_counter()
     bccd = args.data / "bccd"
     annotations = sorted((bccd / "Annotations").glob("*.xml"))[::args.step]
     report = {"frames": len(annotations), "blue_threshold": args.blue_threshold,
               "perturbations": {name: measure(annotations, bccd / "JPEGImages", change, zoom, blue_threshold=args.blue_threshold)
-                                for name, (change, zoom) in PERTURBATIONS.items()}}
+                                for name, (change, zoom) in changes.items()}}
     report["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))
 

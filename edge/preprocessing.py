@@ -156,10 +156,30 @@ def crop_cell(frame_rgb: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int
     return canvas
 
 
+#: Bit depths a camera's deeper frames are saved at (in 16-bit containers: TIFF, PNG).
+CAMERA_BIT_DEPTHS = (10, 12, 14, 16)
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8; a clear error when it cannot be decoded."""
+    """Read an image file as RGB uint8; a clear error when it cannot be decoded. A frame deeper than 8 bits is brought
+    to 8 by the smallest of ``CAMERA_BIT_DEPTHS`` that holds its brightest pixel, not by its container's 16 bits: a
+    microscope camera saving 12-bit data in a 16-bit TIFF would otherwise read 16 times too dark (a lit BCCD frame
+    came out "dark", without cells)."""
     data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH) if data.size else None
     if image is None or image.size == 0:
         raise DataError(f"{path}: not a readable image (empty or corrupt file); replace or remove it")
+    if image.dtype != np.uint8:
+        image = _to_8_bits(image)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _to_8_bits(image: np.ndarray) -> np.ndarray:
+    """A deeper frame (16-bit, or float) as uint8: floats up to 1 are read as 0-1; anything else by its bit depth."""
+    brightest = float(image.max())
+    if image.dtype.kind == "f" and brightest <= 1.0:
+        full = 1.0
+    else:
+        bits = next((depth for depth in CAMERA_BIT_DEPTHS if brightest < 2 ** depth), int(np.ceil(np.log2(brightest + 1))))
+        full = float(2 ** bits - 1)
+    return cv2.convertScaleAbs(image.astype(np.float32), alpha=255.0 / full)

@@ -13,7 +13,7 @@ from edge.pipeline import Pipeline
 from edge.calibration import SCALE_FILE
 from trainer.dataset import CNMC_UM_PER_PX, cell_input
 from edge.preprocessing import read_rgb
-from edge.segmentation import SegmentationSettings
+from edge.segmentation import SegmentationSettings, find_cells
 from edge.results import SampleTally, wilson_interval
 from edge.sources import Frame
 from tests.conftest import BCCD, CNMC, ROOT, needs_cnmc
@@ -135,6 +135,27 @@ def test_replay_says_when_frames_are_dark_or_show_no_colour(tmp_path, capsys):
     assert {r["source"]: r["light"]["problem"] for r in results} == \
         {smears[2].name: None, "grey_0.png": "no_colour", "grey_1.png": "no_colour", "lamp_off.png": "dark"}
     assert summary["frame_problems"] == {"no_colour": 2, "dark": 1}
+
+
+@pytest.mark.parametrize("bits, suffix", [(10, ".png"), (12, ".tif"), (14, ".tif"), (16, ".png")])
+def test_deeper_frames_are_read_at_their_own_bit_depth(tmp_path, bits, suffix):
+    """A microscope camera's 10-14-bit frames, saved in 16-bit TIFF or PNG, read as the same picture as its 8-bit one
+    (a bundled BCCD frame), and show the same cells. Read by the container's 16 bits, 12-bit data came out 16 times
+    too dark: the frame was reported "dark" and no cell was found."""
+    import cv2
+
+    from edge.gate import look_at
+
+    source = ROOT / "samples" / "frames" / "bccd_BloodImage_00000.jpg"
+    eight = read_rgb(source)
+    deeper = tmp_path / f"frame{suffix}"
+    full = 2 ** bits - 1
+    cv2.imwrite(str(deeper), np.round(cv2.cvtColor(eight, cv2.COLOR_RGB2BGR).astype(np.float64) * full / 255).astype(np.uint16))
+    read = read_rgb(deeper)
+    assert read.dtype == np.uint8 and np.abs(read.astype(int) - eight.astype(int)).max() <= 1
+    assert look_at(read).problem is None
+    settings = SegmentationSettings(um_per_px=0.083)
+    assert [c.bbox for c in find_cells(read, settings)] == [c.bbox for c in find_cells(eight, settings)]
 
 
 def test_the_schemas_allow_the_frame_problems_the_gate_knows_and_no_other():

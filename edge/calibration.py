@@ -27,7 +27,7 @@ import numpy as np
 
 from edge.errors import DataError, UserError
 from edge.gate import look_at
-from edge.segmentation import flattened
+from edge.segmentation import SegmentationSettings, field_of_view, flattened
 
 #: Mean red-cell diameter in a dried, stained blood film (textbook 7.5-8 µm; the value every
 #: scale in leukoscope is relative to, including the training crops').
@@ -200,6 +200,11 @@ def measure_frame(frame_rgb: np.ndarray, *, expected_um_per_px: float | None = N
     light_problem = look_at(frame_rgb).problem
     if light_problem in UNMEASURABLE:
         return FrameScale((), light_problem=light_problem)
+    # Seen through a round field stop: inside the circle only, as black would take Otsu's split of red cells from glass.
+    field = field_of_view(frame_rgb, SegmentationSettings.black_level)
+    if field is not None:
+        x, y, w, h = field
+        frame_rgb = frame_rgb[y:y + h, x:x + w]
     if expected_um_per_px is not None:
         expected_px = RED_CELL_DIAMETER_UM / expected_um_per_px
         zoom = min(1.0, MEASURE_RED_CELL_PX / expected_px)

@@ -266,11 +266,13 @@ def _red_cell_pixels(crop_rgb: np.ndarray, stained: np.ndarray) -> np.ndarray:
 
 
 def _border_contact(cell: Cell, shape: tuple[int, int]) -> int:
-    """Pixels of the cell's outline that lie on the frame's edge (a straight cut shows as a long run)."""
+    """Pixels of the cell's outline that lie on the edge of the part of the frame it was found in (the frame, or the
+    lit field inside a field stop: ``Cell.field``; a straight cut shows as a long run)."""
+    left, top, width, height = cell.field or (0, 0, shape[1], shape[0])
     x, y, w, h = cell.bbox
     mask = cell.mask
-    return int((mask[:, 0].sum() if x <= 0 else 0) + (mask[0].sum() if y <= 0 else 0)
-               + (mask[:, -1].sum() if x + w >= shape[1] else 0) + (mask[-1].sum() if y + h >= shape[0] else 0))
+    return int((mask[:, 0].sum() if x <= left else 0) + (mask[0].sum() if y <= top else 0)
+               + (mask[:, -1].sum() if x + w >= left + width else 0) + (mask[-1].sum() if y + h >= top + height else 0))
 
 
 def judge(frame_rgb: np.ndarray, cell: Cell, um_per_px: float,

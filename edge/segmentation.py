@@ -70,6 +70,9 @@ class Cell:
     balance: tuple[float, float, float] = (1.0, 1.0, 1.0)
     #: The sensor noise of the frame it was found in (``frame_noise``): the gate reads its focus net of it.
     noise: float = 0.0
+    #: The part of the frame it was found in (x, y, width, height: the lit field inside a field stop,
+    #: ``field_of_view``), or None for the whole frame: the gate takes its edge for the frame's.
+    field: tuple[int, int, int, int] | None = None
 
     def full_mask(self, shape: tuple[int, int]) -> np.ndarray:
         full = np.zeros(shape, bool)
@@ -274,6 +277,69 @@ def brightest(rgb: np.ndarray) -> np.ndarray:
     return cv2.max(cv2.max(red, green), blue)
 
 
+#: A frame with black beyond this share of it may be a smear seen through a round field stop (``field_of_view``).
+FIELD_STOP_BLACK = 0.03
+#: ... when its lit part covers at least this share of it (a round field in a 16:9 frame: 0.44; a cell cut onto black,
+#: C-NMC's layout, at most 0.24) and at least ``FIELD_STOP_GLASS`` of that is bare glass (within 20% of its brightest).
+FIELD_STOP_LIT = 0.35
+FIELD_STOP_GLASS = 0.2
+#: The rectangle kept inside the field is this much smaller than the largest that fits: the field's edge is soft.
+FIELD_STOP_MARGIN = 0.03
+
+
+def field_of_view(frame_rgb: np.ndarray, black_level: int, inscribed: bool = True) -> tuple[int, int, int, int] | None:
+    """(x, y, width, height) of the round field of view a black field stop leaves lit, as an eyepiece or phone camera
+    sees a smear: the circle's box within the frame, or (``inscribed``) the largest upright rectangle inside the circle,
+    a little smaller (``FIELD_STOP_MARGIN``), which holds no black at all. None for a frame lit edge to edge (a camera
+    on the microscope's photo port) and for a cell already cut onto black. Why: a frame over 30% black was taken for a
+    cell cut onto black, one huge object; BCCD frames seen through a round stop showed no cell at all, without a word,
+    and no red cell was measured in them. The field is the circle through the lit region's edge where that edge is not
+    the frame's own (a least-squares fit), so a field wider than the frame is measured too."""
+    step = 8
+    small = brightest(decimate(frame_rgb, step))
+    lit = (small > black_level).astype(np.uint8)
+    if cv2.countNonZero(lit) > (1 - FIELD_STOP_BLACK) * lit.size:
+        return None
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(lit, connectivity=8)
+    if count < 2:
+        return None
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    if stats[largest, cv2.CC_STAT_AREA] < FIELD_STOP_LIT * lit.size:
+        return None
+    region = labels == largest
+    values = small[region]
+    if np.count_nonzero(values >= 0.8 * np.percentile(values, 99)) < FIELD_STOP_GLASS * values.size:
+        return None
+    contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    edge = max(contours, key=len).reshape(-1, 2).astype(np.float64)
+    height, width = small.shape
+    arc = edge[(edge[:, 0] > 0) & (edge[:, 1] > 0) & (edge[:, 0] < width - 1) & (edge[:, 1] < height - 1)]
+    if len(arc) < 20:
+        return None
+    # The circle x^2 + y^2 + D x + E y + F = 0 through the arc, by least squares (Kasa's fit).
+    (d, e, f), *_ = np.linalg.lstsq(np.column_stack([arc, np.ones(len(arc))]), -(arc ** 2).sum(axis=1), rcond=None)
+    cx, cy = -d / 2, -e / 2
+    radius = np.sqrt(max(cx * cx + cy * cy - f, 0.0)) * (1 - FIELD_STOP_MARGIN * inscribed)
+    if not inscribed:  # the circle's box, within the frame
+        full_h, full_w = frame_rgb.shape[:2]
+        x0, y0 = max(0, int((cx - radius) * step)), max(0, int((cy - radius) * step))
+        x1, y1 = min(full_w, int(np.ceil((cx + radius) * step))), min(full_h, int(np.ceil((cy + radius) * step)))
+        return (x0, y0, x1 - x0, y1 - y0) if x1 - x0 > 16 and y1 - y0 > 16 else None
+    # The largest rectangle centred on the field's centre within both the circle and the frame.
+    room_x, room_y = min(cx, width - cx), min(cy, height - cy)
+    if min(room_x, room_y, radius) <= 0:
+        return None
+    half_x = half_y = radius / np.sqrt(2)
+    if half_y > room_y:
+        half_y, half_x = room_y, np.sqrt(radius * radius - room_y * room_y)
+    if half_x > room_x:
+        half_x, half_y = room_x, min(room_y, np.sqrt(radius * radius - room_x * room_x))
+    full_h, full_w = frame_rgb.shape[:2]
+    x0, y0 = max(0, int(np.ceil((cx - half_x) * step))), max(0, int(np.ceil((cy - half_y) * step)))
+    x1, y1 = min(full_w, int((cx + half_x) * step)), min(full_h, int((cy + half_y) * step))
+    return (x0, y0, x1 - x0, y1 - y0) if x1 - x0 > 16 and y1 - y0 > 16 else None
+
+
 def _is_black_background(frame: np.ndarray, level: int) -> bool:
     small = brightest(decimate(frame, 8))
     return cv2.countNonZero((small <= level).view(np.uint8)) > 0.3 * small.size
@@ -377,8 +443,20 @@ def find_cells(frame_rgb: np.ndarray, settings: SegmentationSettings = Segmentat
     sees two or more cells there, they are the cells, otherwise the classical split decides."""
     if frame_rgb is None or frame_rgb.size == 0 or frame_rgb.ndim != 3:
         raise UserError("empty frame: the camera or file delivered no pixels; check the source")
+    # Seen through a round field stop: the circle's box, whose black corners (at most ~21%) the smear path reads as it
+    # reads a field wider than the frame (the same cells as the frame seen plainly; tests/test_segmentation.py).
+    field = field_of_view(frame_rgb, settings.black_level, inscribed=False)
+    if field is not None:
+        x, y, w, h = field
+        return [replace(cell, bbox=(cell.bbox[0] + x, cell.bbox[1] + y, cell.bbox[2], cell.bbox[3]), field=field)
+                for cell in _find_in_smear(frame_rgb[y:y + h, x:x + w], settings, splitter)]
     if _is_black_background(frame_rgb, settings.black_level):
         return _find_on_black(frame_rgb, settings)
+    return _find_in_smear(frame_rgb, settings, splitter)
+
+
+def _find_in_smear(frame_rgb: np.ndarray, settings: SegmentationSettings, splitter: CellSplitter | None) -> list[Cell]:
+    """``find_cells`` on a smear frame (or the box of the round field a field stop leaves lit)."""
     height, width = frame_rgb.shape[:2]
     noise = frame_noise(frame_rgb)
     small, scale = detection_copy(frame_rgb, settings.detect_width)

@@ -122,3 +122,16 @@ def postgres_server():
     server = Postgres().start()
     yield server
     server.stop()
+
+
+def through_field_stop(frame_rgb: np.ndarray, pad: int = 80, radius: float = 0.5) -> np.ndarray:
+    """``frame_rgb`` as an eyepiece or phone camera sees a smear: padded by ``pad`` pixels of the frame's own glass
+    colour, then black outside a circle of ``radius`` times the padded frame's shorter side, centred."""
+    pixels = frame_rgb.reshape(-1, 3)
+    glass = np.median(pixels[pixels.max(axis=1) >= np.percentile(pixels.max(axis=1), 80)], axis=0)
+    padded = cv2.copyMakeBorder(frame_rgb, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=[float(v) for v in glass])
+    height, width = padded.shape[:2]
+    disc = np.zeros((height, width), np.uint8)
+    cv2.circle(disc, (width // 2, height // 2), int(min(height, width) * radius), 1, -1)
+    padded[disc == 0] = 0
+    return padded

@@ -8,8 +8,8 @@ import pytest
 
 from edge.errors import UserError
 from edge.preprocessing import read_rgb
-from edge.segmentation import NOISY_ABOVE, SegmentationSettings, find_cells, frame_noise
-from tests.conftest import BCCD, CNMC, ROOT, needs_bccd, needs_cnmc
+from edge.segmentation import NOISY_ABOVE, SegmentationSettings, field_of_view, find_cells, frame_noise
+from tests.conftest import BCCD, CNMC, ROOT, needs_bccd, needs_cnmc, through_field_stop
 from trainer.crosslab import BCCD_UM_PER_PX
 
 #: BCCD's scale, measured by `edge calibrate` on its red cells (tests/test_calibration.py).
@@ -105,6 +105,32 @@ def test_camera_noise_leaves_each_cell_s_outline_as_it_was(grain_px):
             same = [c for c in found if _iou((x, y, x + w, y + h), (c.bbox[0], c.bbox[1], c.bbox[0] + c.bbox[2], c.bbox[1] + c.bbox[3])) > 0.5]
             assert same, f"{path.name}: the cell at {cell.bbox} was lost to the noise"
             assert abs(same[0].area / cell.area - 1) <= 0.05, f"{path.name}: {cell.area} px clean, {same[0].area} px noisy"
+
+
+@pytest.mark.parametrize("radius", [0.5, 0.62], ids=["whole-field", "field-wider-than-the-frame"])
+def test_a_smear_seen_through_a_round_field_stop_shows_its_cells(radius):
+    """An eyepiece or phone camera sees the smear through the microscope's round field stop, black outside it: the
+    bundled BCCD frames so framed show the cells they show plainly, in the same places. Before, a frame more than 30%
+    black was taken for a cell cut onto black (C-NMC's layout): one huge object, and no cell at all."""
+    pad = 80
+    for path in sorted((ROOT / "samples" / "frames").glob("bccd_*.jpg")):
+        frame = read_rgb(path)
+        framed = through_field_stop(frame, pad, radius)
+        assert field_of_view(frame, BCCD_SETTINGS.black_level) is None  # lit edge to edge: left as it is
+        assert field_of_view(framed, BCCD_SETTINGS.black_level) is not None
+        plain = [(x + pad, y + pad, w, h) for x, y, w, h in (cell.bbox for cell in find_cells(frame, BCCD_SETTINGS))]
+        found = [cell.bbox for cell in find_cells(framed, BCCD_SETTINGS)]
+        assert len(found) == len(plain), path.name
+        for box in plain:
+            assert any(_iou((box[0], box[1], box[0] + box[2], box[1] + box[3]), (b[0], b[1], b[0] + b[2], b[1] + b[3])) > 0.9
+                       for b in found), f"{path.name}: {box} not found in {found}"
+
+
+@needs_cnmc
+def test_a_cell_cut_onto_black_is_not_taken_for_a_field_stop():
+    """C-NMC's crops are black but for one cell: no field of view is looked for in them (all 2,812 measured)."""
+    for path in sorted((CNMC / "all").glob("*.png"))[::40] + sorted((CNMC / "hem").glob("*.png"))[::40]:
+        assert field_of_view(read_rgb(path), BCCD_SETTINGS.black_level) is None, path.name
 
 
 def test_white_balance_leaves_the_backgrounds_the_rules_were_set_on_and_corrects_others():

@@ -137,6 +137,7 @@ PERTURBATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
     "hue +20 degrees": (hue(20), 1.0),
     "shown 0.5x": (lambda image: cv2.resize(image, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA), 0.5),
     "shown 2x": (lambda image: cv2.resize(image, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_LINEAR), 2.0),
+    "shown 0.25x (coarser than the model)": (lambda image: cv2.resize(image, None, fx=0.25, fy=0.25, interpolation=cv2.INTER_AREA), 0.25),
     "sensor noise sigma 6": (noise(6), 1.0),
     "sensor noise sigma 12": (noise(12), 1.0),
     "JPEG quality 30": (_jpeg(30), 1.0),

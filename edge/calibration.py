@@ -27,6 +27,7 @@ import numpy as np
 
 from edge.errors import DataError, UserError
 from edge.gate import look_at
+from edge.preprocessing import DEFAULT_CONTRACT
 from edge.segmentation import SegmentationSettings, field_of_view, flattened
 
 #: Mean red-cell diameter in a dried, stained blood film (textbook 7.5-8 µm; the value every
@@ -62,6 +63,20 @@ STATED_SCALE_FACTOR = 2.0
 UNMEASURABLE = ("dark", "overexposed")
 #: Frames measured for that check: reading and measuring six 1080p PNG frames adds ~0.2 s to a replay (bench_pipeline.py).
 STATED_SCALE_CHECK_FRAMES = 6
+
+
+#: A frame scale this much coarser than the model's input is warned about (a calibration is good to a few per cent).
+COARSE_TOLERANCE = 1.1
+
+
+def coarse_scale(um_per_px: float, model_um_per_px: float = DEFAULT_CONTRACT.um_per_px) -> str | None:
+    """One line on what a frame scale coarser than the model's input costs, or None. Why: the crop contract enlarges such
+    cells to the model's scale, so they show it less detail than it was trained on, and nothing else says so."""
+    if um_per_px <= COARSE_TOLERANCE * model_um_per_px:
+        return None
+    return (f"{um_per_px:.3g} µm per pixel is coarser than the model's {model_um_per_px:g}: cells are enlarged for it and "
+            "lose detail (BCCD frames shown at 0.33 / 0.42 µm per pixel kept 0.92 / 0.80 of their white cells); use a "
+            "higher-magnification objective (40x or more) or a finer camera mode")
 
 
 @dataclass(frozen=True)

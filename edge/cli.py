@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from edge.calibration import calibrate, drift, read_scale_file, write_scale_file, DRIFT_WARNING
+    from edge.calibration import calibrate, coarse_scale, drift, read_scale_file, write_scale_file, DRIFT_WARNING
     from edge.gate import FRAME_PROBLEMS
 
     names, frames, configured, what = _calibration_frames(args.source, args.frames)
@@ -119,6 +119,8 @@ def _calibrate(args: argparse.Namespace) -> int:
             f"{calibration.cv:.1%} (robust {calibration.robust_cv:.1%}); the scale itself ±{calibration.uncertainty:.1%}"
         print(f"{calibration.um_per_px:.4f} µm per pixel: {calibration.red_cells_used} red cells in {len(calibration.usable)} of "
               f"{len(frames)} frame(s); spread between frames (CV) {spread}")
+    if coarse := coarse_scale(calibration.um_per_px):
+        print(f"edge: warning: {coarse}", file=sys.stderr)
     if configured is not None and drift(calibration.um_per_px, configured) > DRIFT_WARNING:
         print(f"edge: warning: measured {calibration.um_per_px:.4f} µm per pixel is "
               f"{drift(calibration.um_per_px, configured):.0%} from the configured {configured} ({what}); "

@@ -56,6 +56,11 @@ def check(config_path: Path) -> int:
             print(f"ok   scale {_check_scale(config.segmentation.um_per_px, frames)}")
         except UserError as error:
             failures.append(f"scale: {error}")
+    if classifier is not None and config.segmentation.um_per_px is not None:
+        from edge.calibration import coarse_scale
+
+        if coarse := coarse_scale(config.segmentation.um_per_px, classifier.bundle.contract.um_per_px):
+            print(f"note scale: {coarse}")
     if config.pipeline.processes and classifier is not None:
         try:
             print(f"ok   worker processes {_check_workers(config, classifier, frame)}")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edge.agent import ScaleWatch, calibrated
-from edge.calibration import SCALE_FILE, Calibration, _red_cell_mask, calibrate, measure_frame
+from edge.calibration import SCALE_FILE, Calibration, _red_cell_mask, calibrate, coarse_scale, measure_frame
 from edge.cli import main
 from edge.config import parse_config
 from edge.errors import UserError
@@ -142,6 +142,21 @@ def test_red_cells_seen_through_a_round_field_stop_are_measured():
     frames = [through_field_stop(read_rgb(path)) for path in sorted((ROOT / "samples" / "frames").glob("bccd_*.jpg"))]
     scale = calibrate(iter(frames)).um_per_px
     assert scale is not None and abs(scale / 0.083 - 1) <= 0.1
+
+
+@needs_bccd
+def test_cli_warns_when_frames_are_coarser_than_the_model_s_input(tmp_path, capsys):
+    """BCCD frames shown at a quarter of their size (0.33 µm per pixel, as a 10-20x objective would show them): the
+    scale is measured, and one line says the cells are enlarged for the model's 0.25 µm per pixel and what to do.
+    At their own scale, nothing is said."""
+    for path in sorted((BCCD / "JPEGImages").glob("*.jpg"))[:12]:
+        image = cv2.imread(str(path))
+        cv2.imwrite(str(tmp_path / f"{path.stem}.png"), cv2.resize(image, None, fx=0.25, fy=0.25, interpolation=cv2.INTER_AREA))
+    assert main(["calibrate", "--source", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert float(out.split()[0]) > 0.3
+    assert "coarser than the model's 0.25" in err and "objective" in err and len(err.strip().splitlines()) == 1
+    assert coarse_scale(0.083) is None and coarse_scale(0.27) is None  # within the calibration's few per cent
 
 
 def test_cli_prints_scale_spread_and_per_image_estimates(tmp_path, capsys):

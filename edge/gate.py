@@ -112,7 +112,7 @@ def noise_in_focus(crop_rgb: np.ndarray, mask: np.ndarray, factor: float, green_
     with camera noise of sigma 4 per channel, cells blurred by 0.5 µm read as sharp, and the gate let 86 of 87
     through (5 without the noise). The kernel reads the finest detail, as white noise has it: noise that demosaicing
     or a camera's own processing has blurred over a pixel reads lower, and less is taken out than it adds (blurred
-    cells then pass as they did before; never a sharp cell set aside for it)."""
+    cells then pass as they did before, and no sharp cell is set aside for it)."""
     response = np.abs(cv2.filter2D(crop_rgb[..., 1].astype(np.float32), -1, NOISE_KERNEL)[1:-1, 1:-1])
     outside = ~mask[1:-1, 1:-1]
     values = response[outside] if np.count_nonzero(outside) >= 100 else response.ravel()

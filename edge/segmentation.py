@@ -319,21 +319,16 @@ def field_of_view(frame_rgb: np.ndarray, black_level: int, inscribed: bool = Tru
     # The circle x^2 + y^2 + D x + E y + F = 0 through the arc, by least squares (Kasa's fit).
     (d, e, f), *_ = np.linalg.lstsq(np.column_stack([arc, np.ones(len(arc))]), -(arc ** 2).sum(axis=1), rcond=None)
     cx, cy = -d / 2, -e / 2
-    radius = np.sqrt(max(cx * cx + cy * cy - f, 0.0)) * (1 - FIELD_STOP_MARGIN * inscribed)
-    if not inscribed:  # the circle's box, within the frame
-        full_h, full_w = frame_rgb.shape[:2]
-        x0, y0 = max(0, int((cx - radius) * step)), max(0, int((cy - radius) * step))
-        x1, y1 = min(full_w, int(np.ceil((cx + radius) * step))), min(full_h, int(np.ceil((cy + radius) * step)))
-        return (x0, y0, x1 - x0, y1 - y0) if x1 - x0 > 16 and y1 - y0 > 16 else None
-    # The largest rectangle centred on the field's centre within both the circle and the frame.
-    room_x, room_y = min(cx, width - cx), min(cy, height - cy)
-    if min(room_x, room_y, radius) <= 0:
-        return None
-    half_x = half_y = radius / np.sqrt(2)
-    if half_y > room_y:
-        half_y, half_x = room_y, np.sqrt(radius * radius - room_y * room_y)
-    if half_x > room_x:
-        half_x, half_y = room_x, min(room_y, np.sqrt(radius * radius - room_x * room_x))
+    radius = np.sqrt(max(cx * cx + cy * cy - f, 0.0))
+    half_x = half_y = radius  # the circle's box
+    if inscribed:  # the largest rectangle centred on the field's centre within both the circle and the frame
+        radius *= 1 - FIELD_STOP_MARGIN
+        room_x, room_y = max(min(cx, width - cx), 0.0), max(min(cy, height - cy), 0.0)
+        half_x = half_y = radius / np.sqrt(2)
+        if half_y > room_y:
+            half_y, half_x = room_y, np.sqrt(max(radius * radius - room_y * room_y, 0.0))
+        if half_x > room_x:
+            half_x, half_y = room_x, min(room_y, np.sqrt(max(radius * radius - room_x * room_x, 0.0)))
     full_h, full_w = frame_rgb.shape[:2]
     x0, y0 = max(0, int(np.ceil((cx - half_x) * step))), max(0, int(np.ceil((cy - half_y) * step)))
     x1, y1 = min(full_w, int((cx + half_x) * step)), min(full_h, int((cy + half_y) * step))

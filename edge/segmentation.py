@@ -280,9 +280,12 @@ def brightest(rgb: np.ndarray) -> np.ndarray:
 #: A frame with black beyond this share of it may be a smear seen through a round field stop (``field_of_view``).
 FIELD_STOP_BLACK = 0.03
 #: ... when its lit part covers at least this share of it (a round field in a 16:9 frame: 0.44; a cell cut onto black,
-#: C-NMC's layout, at most 0.24) and at least ``FIELD_STOP_GLASS`` of that is bare glass (within 20% of its brightest).
+#: C-NMC's layout, at most 0.24) and at least ``FIELD_STOP_GLASS`` of that is bare glass: within 20% of its brightest
+#: and about neutral (channels within ``FIELD_STOP_GLASS_CHROMA`` of the brightest). BCCD and PBC frames seen through a
+#: round stop: at least 0.73 and 0.51 of it; C-NMC's cells at most 0.09, stained cells being coloured.
 FIELD_STOP_LIT = 0.35
-FIELD_STOP_GLASS = 0.2
+FIELD_STOP_GLASS = 0.3
+FIELD_STOP_GLASS_CHROMA = 0.25
 #: The rectangle kept inside the field is this much smaller than the largest that fits: the field's edge is soft.
 FIELD_STOP_MARGIN = 0.03
 
@@ -296,7 +299,8 @@ def field_of_view(frame_rgb: np.ndarray, black_level: int, inscribed: bool = Tru
     and no red cell was measured in them. The field is the circle through the lit region's edge where that edge is not
     the frame's own (a least-squares fit), so a field wider than the frame is measured too."""
     step = 8
-    small = brightest(decimate(frame_rgb, step))
+    reduced = decimate(frame_rgb, step)
+    small = brightest(reduced)
     lit = (small > black_level).astype(np.uint8)
     if cv2.countNonZero(lit) > (1 - FIELD_STOP_BLACK) * lit.size:
         return None
@@ -307,8 +311,9 @@ def field_of_view(frame_rgb: np.ndarray, black_level: int, inscribed: bool = Tru
     if stats[largest, cv2.CC_STAT_AREA] < FIELD_STOP_LIT * lit.size:
         return None
     region = labels == largest
-    values = small[region]
-    if np.count_nonzero(values >= 0.8 * np.percentile(values, 99)) < FIELD_STOP_GLASS * values.size:
+    values, pixels = small[region].astype(np.float32), reduced[region].astype(np.float32)
+    neutral = pixels.max(axis=1) - pixels.min(axis=1) <= FIELD_STOP_GLASS_CHROMA * np.maximum(values, 1.0)
+    if np.count_nonzero((values >= 0.8 * np.percentile(values, 99)) & neutral) < FIELD_STOP_GLASS * values.size:
         return None
     contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     edge = max(contours, key=len).reshape(-1, 2).astype(np.float64)

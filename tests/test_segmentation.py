@@ -9,7 +9,7 @@ import pytest
 from edge.errors import UserError
 from edge.preprocessing import read_rgb
 from edge.segmentation import NOISY_ABOVE, SegmentationSettings, field_of_view, find_cells, frame_noise
-from tests.conftest import BCCD, CNMC, ROOT, needs_bccd, needs_cnmc, through_field_stop
+from tests.conftest import BCCD, CNMC, ROOT, cell_crop, needs_bccd, needs_cnmc, through_field_stop
 from trainer.crosslab import BCCD_UM_PER_PX
 
 #: BCCD's scale, measured by `edge calibrate` on its red cells (tests/test_calibration.py).
@@ -124,6 +124,16 @@ def test_a_smear_seen_through_a_round_field_stop_shows_its_cells(radius):
         for box in plain:
             assert any(_iou((box[0], box[1], box[0] + box[2], box[1] + box[3]), (b[0], b[1], b[0] + b[2], b[1] + b[3])) > 0.9
                        for b in found), f"{path.name}: {box} not found in {found}"
+
+
+def test_a_cell_filling_its_crop_on_black_is_not_taken_for_a_field_stop():
+    """A stained cell cut onto black and filling over a third of its crop (the tests' stand-in, a purple disc over 41%
+    of it) is no smear in a field stop: it shows no neutral glass. Taken for one, its cell was not found at all."""
+    rng = np.random.default_rng(0)
+    for blast in (True, False):
+        crop = cv2.cvtColor(cell_crop(rng, 96, blast), cv2.COLOR_BGR2RGB)
+        assert field_of_view(crop, BCCD_SETTINGS.black_level) is None
+        assert len(find_cells(crop, BCCD_SETTINGS)) == 1
 
 
 @needs_cnmc

@@ -134,7 +134,6 @@ def test_12_mp_frames_at_a_lower_magnification_measure_their_scale(shown):
     assert measured and abs(measured * shown / BCCD_UM_PER_PX - 1) < 0.08
 
 
-@needs_bccd
 def test_red_cells_seen_through_a_round_field_stop_are_measured():
     """A smear framed by the microscope's round field stop (black outside it, as an eyepiece or phone camera sees it):
     the red cells inside the field are measured, at the scale of the frame seen plainly (the bundled BCCD frames:
@@ -159,6 +158,7 @@ def test_cli_warns_when_frames_are_coarser_than_the_model_s_input(tmp_path, caps
     assert coarse_scale(0.083) is None and coarse_scale(0.27) is None  # within the calibration's few per cent
 
 
+@needs_bccd
 def test_cli_prints_scale_spread_and_per_image_estimates(tmp_path, capsys):
     folder = _bccd_frames(6, tmp_path)
     assert main(["calibrate", "--source", str(folder), "--json", "--write"]) == 0

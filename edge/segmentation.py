@@ -714,7 +714,8 @@ def frame_noise(frame_rgb: np.ndarray) -> float:
             left = (2 * column + 1) * width // (2 * NOISE_PATCHES) - side // 2
             red, _, blue = cv2.split(np.ascontiguousarray(frame_rgb[top:top + side, left:left + side]))
             excess = cv2.subtract(blue, red, dtype=cv2.CV_32F)
-            left_over.append((excess - cv2.GaussianBlur(excess, (0, 0), NOISE_SCALE_PX))[4:-4:2, 4:-4:2].ravel())  # every 2nd: plenty
+            fine = excess - cv2.GaussianBlur(excess, (0, 0), NOISE_SCALE_PX)
+            left_over.append(fine[4:-4:2, 4:-4:2].ravel())  # every second pixel each way: plenty
     patches = np.stack(left_over)
     deviation = np.abs(patches - np.median(patches, axis=1, keepdims=True))
     spreads = np.percentile(deviation, 25, axis=1) / 0.3186

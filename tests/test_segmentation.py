@@ -10,6 +10,7 @@ from edge.errors import UserError
 from edge.preprocessing import read_rgb
 from edge.segmentation import NOISY_ABOVE, SegmentationSettings, field_of_view, find_cells, frame_noise
 from tests.conftest import BCCD, CNMC, ROOT, cell_crop, needs_bccd, needs_cnmc, through_field_stop
+from trainer.clusters import box_iou
 from trainer.crosslab import BCCD_UM_PER_PX
 
 #: BCCD's scale, measured by `edge calibrate` on its red cells (tests/test_calibration.py).
@@ -101,8 +102,7 @@ def test_camera_noise_leaves_each_cell_s_outline_as_it_was(grain_px):
         assert frame_noise(noisy) >= 0.65 * 8 * np.sqrt(2), path.name  # blue minus red: 8 x sqrt(2), white
         found = find_cells(noisy, BCCD_SETTINGS)
         for cell in find_cells(frame, BCCD_SETTINGS):
-            x, y, w, h = cell.bbox
-            same = [c for c in found if _iou((x, y, x + w, y + h), (c.bbox[0], c.bbox[1], c.bbox[0] + c.bbox[2], c.bbox[1] + c.bbox[3])) > 0.5]
+            same = [c for c in found if box_iou(c.bbox, cell.bbox) > 0.5]
             assert same, f"{path.name}: the cell at {cell.bbox} was lost to the noise"
             assert abs(same[0].area / cell.area - 1) <= 0.05, f"{path.name}: {cell.area} px clean, {same[0].area} px noisy"
 
@@ -122,8 +122,7 @@ def test_a_smear_seen_through_a_round_field_stop_shows_its_cells(radius):
         found = [cell.bbox for cell in find_cells(framed, BCCD_SETTINGS)]
         assert len(found) == len(plain), path.name
         for box in plain:
-            assert any(_iou((box[0], box[1], box[0] + box[2], box[1] + box[3]), (b[0], b[1], b[0] + b[2], b[1] + b[3])) > 0.9
-                       for b in found), f"{path.name}: {box} not found in {found}"
+            assert any(box_iou(box, b) > 0.9 for b in found), f"{path.name}: {box} not found in {found}"
 
 
 def test_a_cell_filling_its_crop_on_black_is_not_taken_for_a_field_stop():
